@@ -1,0 +1,18 @@
+"""gradlab: gradient diagnostics for MNIST multilayer perceptrons."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("gradlab")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"
+
+
+def load(path, **kwargs):
+    """Load a results folder into tidy frames; see ``gradlab.store.load``."""
+    from .store import load as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,5 @@
+"""``python -m gradlab``: the same as the ``gradlab`` command."""
+
+from .cli import main
+
+main()
