@@ -1,0 +1,85 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradlab import data as gdata
+from gradlab.data import DEBIAN_FASHION, RAW_FILES, DataError, batch_order, load_data
+
+from .conftest import write_fake_mnist, write_idx
+
+
+def fresh_fake(tmp_path, **kw) -> Path:
+    gdata._load_uint8.cache_clear()
+    return write_fake_mnist(tmp_path / "d", **kw)
+
+
+def test_loads_scaled_flat_tensors(tmp_path):
+    root = fresh_fake(tmp_path, n_train=100, n_test=20)
+    d = load_data("mnist", root)
+    assert d.train.x.shape == (100, 784) and d.train.x.dtype == torch.float32
+    assert 0 <= d.train.x.min() and d.train.x.max() <= 1
+    assert len(d.test) == 20 and d.train.y.dtype == torch.int64
+    assert len(load_data("mnist", root, train_size=30).train) == 30
+    s = load_data("mnist", root, standardize=True).train.x
+    assert abs(s.mean().item()) < 1e-4 and abs(s.std().item() - 1) < 1e-3
+    with pytest.raises(DataError, match="train_size=101"):
+        load_data("mnist", root, train_size=101)
+
+
+def test_data_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADLAB_DATA", str(tmp_path))
+    assert gdata.resolve_data_dir() == tmp_path
+    assert gdata.resolve_data_dir("x") == Path("x")
+    monkeypatch.delenv("GRADLAB_DATA")
+    assert gdata.resolve_data_dir() == Path("data")
+
+
+def test_truncated_idx_file_is_one_clear_error(tmp_path):
+    root = fresh_fake(tmp_path)
+    f = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(DataError) as info:
+        load_data("mnist", root)
+    assert "truncated or not IDX" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_non_mnist_files_rejected(tmp_path):
+    root = fresh_fake(tmp_path)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", np.zeros((512, 32, 32)))
+    with pytest.raises(DataError, match="does not hold mnist"):
+        load_data("mnist", root)
+
+
+def test_missing_files_named_and_nothing_left_behind(tmp_path):
+    gdata._load_uint8.cache_clear()
+    root = tmp_path / "nothing"
+    with pytest.raises(DataError) as info:
+        gdata.ensure_raw("mnist", root, download=False)
+    message = str(info.value)
+    assert str(root / "MNIST" / "raw") in message
+    assert all(f in message for f in RAW_FILES)
+    assert not root.exists()
+
+
+def test_batch_order_seeded_and_complete():
+    a = batch_order(10, 4, torch.Generator().manual_seed(1))
+    b = batch_order(10, 4, torch.Generator().manual_seed(1))
+    assert [len(x) for x in a] == [4, 4, 2]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(torch.cat(a).tolist()) == list(range(10))
+    c = batch_order(10, 4, torch.Generator().manual_seed(2))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.skipif(not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_debian(tmp_path):
+    gdata._load_uint8.cache_clear()
+    d = load_data("fashion-mnist", tmp_path, train_size=1000)
+    assert len(d.train) == 1000 and len(d.test) == 10000
+    assert (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
+    shutil.rmtree(tmp_path / "FashionMNIST")
