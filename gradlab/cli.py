@@ -9,15 +9,26 @@ import sys
 
 import click
 
-from .options import grid_from_options, train_options
+from .options import grid_from_options, sweep_options, train_options
 
 # Errors the library raises for bad input; each message is one line. Imported lazily by name so
 # that this module stays light.
-USER_ERRORS = ("ConfigError", "DataError", "StoreError", "SpecError")
+USER_ERRORS = ("ConfigError", "DataError", "StoreError", "SpecError", "SweepError")
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click's own handler (which would print "Aborted!"
+    and exit 1) so that ``Group.main`` can exit 130."""
 
 
 class Group(click.Group):
     """A click group whose every error is one line on stderr: no usage block, no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
@@ -29,7 +40,7 @@ class Group(click.Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             click.echo("Interrupted: finished runs are kept; run the same command again to "
                        "resume.", err=True)
             sys.exit(130)
@@ -109,6 +120,90 @@ def train(out, data_dir, device, force, quiet, **options):
                      on_epoch=on_epoch)
     click.echo(summary_line(status, path))
     return 0 if status["status"] == "complete" else 1
+
+
+@cli.command()
+@sweep_options
+@click.option("--out", type=click.Path(), default="results/sweep", help="results folder")
+@click.option("--jobs", "-j", type=click.IntRange(1), default=1,
+              help="runs at once, each a process with cores/jobs torch threads (with --executor "
+                   "ray: tasks of cores/jobs CPUs each)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              help="local processes, or Ray tasks (pip install 'gradlab[ray]')")
+@click.option("--ray-address", default=None,
+              help="address of a running Ray cluster [default: start a local one]")
+@data_dir_option
+@device_option
+@click.option("--report", "make_report", is_flag=True,
+              help="write the HTML report of OUT when the sweep ends")
+def sweep(out, jobs, executor, ray_address, data_dir, device, make_report, **options):
+    """Train every combination of the comma-list options into OUT/runs/<run_id>/.
+
+    Runs already complete (or diverged) are skipped, unfinished and failed ones are trained
+    (again), so the same command resumes an interrupted sweep; a run that another gradlab
+    process is training is skipped as "running elsewhere". Ends with final test accuracy and
+    vanishing ratio (median over steps of |grad W| of layer 0 / last layer) per configuration,
+    mean ± sd over seeds. Exit status 0 when every run is complete, else 1.
+
+    \b
+    Example: gradlab sweep --depths 3,5,10 --activations sigmoid,relu --seeds 0,1,2 -j 2
+    """
+    from tqdm.auto import tqdm
+
+    from .config import expand_grid
+    from .sweep import format_summary, outcome_line, run_sweep, sweep_summary
+
+    configs = expand_grid(grid_from_options(options))
+    bar = None
+
+    def on_start(todo: int, skipped: int) -> None:
+        nonlocal bar
+        click.echo(f"sweep of {len(configs)} runs into {out}: {skipped} already finished, "
+                   f"{todo} to train", err=True)
+        if todo:
+            bar = tqdm(total=todo, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def on_run(config, outcome: dict) -> None:
+        bar.write(outcome_line(config, outcome, configs), file=sys.stderr)
+        bar.update(1)
+
+    try:
+        result = run_sweep(configs, out, jobs=jobs, executor=executor, ray_address=ray_address,
+                           data_dir=data_dir, device=device, on_start=on_start, on_run=on_run)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
+    problems = result.problems()
+    complete = len(configs) - len(problems)
+    click.echo(f"{complete} of {len(configs)} runs complete in {out}"
+               + (f"; {len(problems)} not:" if problems else ""))
+    for line in problems:
+        click.echo(f"  {line}")
+    if make_report:
+        try:
+            from .report import write_report
+        except ImportError as e:
+            raise click.ClickException(f"--report is not available: {e}") from None
+        click.echo(f"report: {write_report(out)}")
+    return 0 if result.ok else 1
+
+
+@cli.command(name="ls")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def ls(path):
+    """List the runs of a results folder: id, status, config, final test accuracy.
+
+    Damaged runs (unreadable config.json or Parquet) and unfinished ones (no status.json) are
+    named on stderr.
+    """
+    from .sweep import format_runs, list_runs
+
+    table, problems = list_runs(path)
+    for problem in problems:
+        click.echo(f"Warning: {problem}", err=True)
+    click.echo(format_runs(table) if len(table) else f"no runs in {path}")
+    return 0
 
 
 def describe(config) -> str:
