@@ -228,3 +228,59 @@ def summary_line(status: dict, path) -> str:
 
 def main() -> None:  # python -m gradlab
     cli(prog_name="gradlab")
+
+
+# -- figures and report (issue 5) ------------------------------------------------------------
+
+
+def echo_warnings(call):
+    """Run ``call()``; each warning it raises (e.g. a damaged run file that ``gradlab.load``
+    skipped) is printed as one line on stderr, and the command goes on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return call()
+        finally:
+            seen = set()
+            for w in caught:
+                line = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
+                if line and line not in seen:
+                    seen.add(line)
+                    click.echo(f"Warning: {line}", err=True)
+
+
+@cli.command()
+@click.argument("results", type=click.Path())
+@click.option("--format", "formats", default="png", metavar="LIST",
+              help="comma-separated file formats: png, pdf, svg")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="draw only this figure (repeatable, or comma-separated): grad_norm_by_layer, "
+                   "grad_norm_over_steps, vanishing_ratio, act_grad_by_layer, "
+                   "accuracy_by_epoch, saturation_over_steps")
+def plot(results, formats, only):
+    """Draw the figures of a results folder into RESULTS/figures/NAME.FORMAT and list them.
+
+    The same records give byte-identical files. Damaged or unfinished runs are named on stderr
+    and left out.
+    """
+    from .plots import write_figures
+
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()] or None
+    paths = echo_warnings(lambda: write_figures(results, formats=formats.split(","),
+                                                only=names))
+    for path in paths:
+        click.echo(str(path))
+    return 0
+
+
+@cli.command()
+@click.argument("results", type=click.Path())
+def report(results):
+    """Write RESULTS/report.html: one self-contained page with the figures, final test accuracy
+    and vanishing ratio per activation × depth, each run's status, and the provenance."""
+    from .report import write_report
+
+    click.echo(str(echo_warnings(lambda: write_report(results))))
+    return 0

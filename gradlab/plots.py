@@ -727,9 +727,9 @@ class Prepared:
 
 def prepare(results: Results) -> Prepared:
     """Sort the frames of ``gradlab.load`` and add the hue column; raises StoreError when
-    there is nothing to draw."""
-    if results.runs.empty or (results.grads.empty and results.epochs.empty):
-        raise StoreError("no finished runs with records in this results folder: nothing to draw")
+    there are no runs."""
+    if results.runs.empty:
+        raise StoreError("no runs in this results folder: nothing to draw")
     grads, epochs = results.grads, results.epochs
     if not grads.empty:
         grads = grads.sort_values(["run_id", "step", "layer"], kind="stable")
@@ -826,6 +826,8 @@ def write_figures(results_dir: str | os.PathLike, formats: Sequence[str] = ("png
     formats = check_formats(formats)
     check_names(only)
     data = prepare(load(results_dir))
+    if data.grads.empty and data.epochs.empty:
+        raise StoreError(f"{results_dir}: no finished run has records: nothing to draw")
     out = Path(results_dir) / "figures"
     out.mkdir(exist_ok=True)
     paths = []

@@ -1,0 +1,243 @@
+"""The HTML report of a results folder: one self-contained page with the figures (embedded PNG),
+final-accuracy and vanishing-ratio tables, each run's status, and the provenance."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .config import CONFIG_FIELDS
+from .plots import (
+    CAPTIONS,
+    SIGMOID_BOUND,
+    Prepared,
+    figures,
+    prepare,
+    render,
+    table_keys,
+    vanishing_table,
+)
+from .store import RUNS, _atomic, load
+
+PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
+                   "platform", "device", "threads", "argv")
+MAX_VALUES = 4  # distinct provenance values listed before "+N more"
+
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+tr.diverged td { background: #fdecea; } tr.failed td { background: #fff4e0; }
+tr.unfinished td { color: #888; }
+.note { color: #555; font-size: .92em; } .problems li { color: #a33; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: .92em; }
+code { font-size: .92em; }
+"""
+
+
+def write_report(results_dir: str | os.PathLike) -> Path:
+    """Write ``results_dir/report.html`` and return its path.
+
+    Args:
+        results_dir: a folder made by gradlab (``<dir>/runs/<run_id>/``) or one run folder.
+
+    Problems that ``gradlab.load`` reports (damaged files, unfinished runs) are warnings and
+    are listed in the page; a path that is not a results folder raises StoreError.
+    """
+    results_dir = Path(results_dir)
+    data = prepare(load(results_dir))
+    page = render_report(data, results_dir)
+    path = results_dir / "report.html"
+    _atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return path
+
+
+def render_report(data: Prepared, results_dir: Path) -> str:
+    """The report page of prepared results as one HTML string."""
+    esc = html.escape
+    sections = [
+        f"<h1>gradlab report: {esc(results_dir.resolve().name)}</h1>",
+        f"<p>{esc(summary(data.runs))} in <code>{esc(str(results_dir))}</code>.</p>",
+    ]
+    if data.problems:
+        items = "".join(f"<li>{esc(p)}</li>" for p in data.problems)
+        sections.append(f"<h2>Problems</h2><ul class='problems'>{items}</ul>")
+    sections += [accuracy_section(data), vanishing_section(data), figures_section(data),
+                 runs_section(data), provenance_section(data, results_dir)]
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>gradlab report: {esc(results_dir.resolve().name)}</title>"
+            f"<style>{STYLE}</style></head><body>\n"
+            + "\n".join(s for s in sections if s)
+            + f"\n<p class='note'>Made by gradlab {esc(__version__)} from the stored records."
+              "</p>\n</body></html>\n")
+
+
+def summary(runs: pd.DataFrame) -> str:
+    counts = Counter(runs["status"])
+    parts = [f"{counts[s]} {s}" for s in ("complete", "diverged", "failed", "unfinished")
+             if counts[s]]
+    return f"{len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(parts)}"
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def html_table(frame: pd.DataFrame, row_classes: list[str] | None = None) -> str:
+    """A plain HTML table of ``frame`` (cells escaped; NaN/None as an em dash)."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for i, values in enumerate(frame.itertuples(index=False)):
+        cells = "".join(f"<td>{html.escape(cell_text(v))}</td>" for v in values)
+        cls = f" class='{row_classes[i]}'" if row_classes and row_classes[i] else ""
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def cell_text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return str(value)
+
+
+def by_depth(table: pd.DataFrame, cell: pd.Series) -> pd.DataFrame:
+    """One row per setup (the table keys except depth), one column per depth."""
+    keys = [k for k in table_keys(table) if k != "depth" and k in table.columns]
+    wide = table.assign(cell=cell.to_numpy()).pivot(index=keys, columns="depth", values="cell")
+    wide.columns = [f"depth {d}" for d in wide.columns]
+    return wide.reset_index()
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def accuracy_cell(row) -> str:
+    if row.seeds == 0:
+        text = "no complete run"
+    elif row.seeds == 1 or math.isnan(row.sd):
+        text = f"{percent(row.mean)} % (n=1)"
+    else:
+        text = f"{percent(row.mean)} ± {percent(row.sd)} % (n={row.seeds})"
+    bad = [f"{int(getattr(row, s))} {s}" for s in ("diverged", "failed")
+           if int(getattr(row, s, 0) or 0)]
+    return text + (f"; {', '.join(bad)}" if bad else "")
+
+
+def accuracy_section(data: Prepared) -> str:
+    table = data.accuracy
+    if table.empty:
+        return "<h2>Final test accuracy</h2><p class='note'>No epoch records.</p>"
+    cells = pd.Series([accuracy_cell(r) for r in table.itertuples()])
+    return ("<h2>Final test accuracy</h2>"
+            "<p class='note'>Test accuracy after the last epoch: mean ± sd over the seeds of "
+            "complete runs (n of them). Diverged and failed runs have no final accuracy; they "
+            "are counted, not averaged.</p>" + html_table(by_depth(table, cells)))
+
+
+def ratio_text(value: float) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def vanishing_section(data: Prepared) -> str:
+    if data.ratios.empty:
+        return ""
+    table = vanishing_table(data.ratios)
+    cells = pd.Series([
+        f"{ratio_text(r.geo_mean)} [{ratio_text(r.min)}, {ratio_text(r.max)}] (n={r.runs})"
+        + (f"; {r.diverged} diverged" if getattr(r, "diverged", 0) else "")
+        for r in table.itertuples()])
+    wide = by_depth(table, cells).astype(object)  # the bound row below has no setup values
+    bound = {f"depth {d}": ratio_text(SIGMOID_BOUND ** (d - 1)) for d in table["depth"]}
+    first = wide.columns[0]
+    wide = pd.concat([wide, pd.DataFrame([{first: "0.25^(depth−1) bound", **bound}])],
+                     ignore_index=True)
+    return ("<h2>Vanishing ratio ‖g<sub>first</sub>‖ / ‖g<sub>last</sub>‖</h2>"
+            "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
+            "recorded step, then the median over steps. Shown: the geometric mean over seeds "
+            "[min, max] (n runs), and the tutorial's bound 0.25<sup>depth−1</sup> (σ′ ≤ 0.25 "
+            "per sigmoid layer). Far below 1: the input layers barely learn.</p>"
+            + html_table(wide))
+
+
+def figures_section(data: Prepared) -> str:
+    parts = ["<h2>Figures</h2>"]
+    for name, fig in figures(data):
+        png = base64.b64encode(render(fig, "png")).decode("ascii")
+        caption = html.escape(CAPTIONS.get(name, name))
+        parts.append(f"<figure id='{name}'><img alt='{caption}' "
+                     f"src='data:image/png;base64,{png}'>"
+                     f"<figcaption>{caption} (<code>{name}</code>)</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def runs_section(data: Prepared) -> str:
+    runs = data.runs
+    keys = [k for k in table_keys(runs) if k in runs.columns]
+    ratios = data.ratios.set_index("run_id")["vanishing_ratio"] if not data.ratios.empty \
+        else pd.Series(dtype=float)
+    frame = runs.sort_values([*keys, "seed", "run_id"], kind="stable")
+    table = frame[["run_id", *keys, "seed", "status"]].copy()
+    table["final test accuracy (%)"] = [
+        percent(a) if a is not None and not math.isnan(a) else None
+        for a in frame["final_test_accuracy"].astype(float)]
+    table["vanishing ratio"] = [ratio_text(ratios.get(r, math.nan)) for r in frame["run_id"]]
+    table["diverged at step"] = [None if s is None or s != s else str(int(s))
+                                 for s in frame["diverged_step"]]
+    table["error"] = frame["error"] if "error" in frame else None
+    classes = [s if s in ("diverged", "failed", "unfinished") else "" for s in frame["status"]]
+    return ("<h2>Runs</h2><p class='note'>One row per run; diverged and failed runs are marked "
+            "and their records end where the run stopped.</p>" + html_table(table, classes))
+
+
+def provenance_section(data: Prepared, results_dir: Path) -> str:
+    values: dict[str, Counter] = {k: Counter() for k in PROVENANCE_KEYS}
+    times: list[str] = []
+    for run_id in data.runs["run_id"]:
+        meta = read_config(results_dir, run_id)
+        prov = meta.get("provenance", {})
+        for key in PROVENANCE_KEYS:
+            value = prov.get(key)
+            values[key][" ".join(value) if isinstance(value, list) else str(value)] += 1
+        times += [prov[k] for k in ("started", "finished") if prov.get(k)]
+    rows = [{"": key, "value (runs)": listing(counter)} for key, counter in values.items()]
+    if times:
+        rows.append({"": "time", "value (runs)": f"{min(times)} … {max(times)}"})
+    config = []
+    for column in [c for c in CONFIG_FIELDS if c in data.runs.columns]:
+        counter = Counter(cell_text(v) for v in data.runs[column])
+        config.append({"field": column, "value (runs)": listing(counter)})
+    return ("<h2>Provenance</h2><p class='note'>From each run's <code>config.json</code>; "
+            "values that differ between runs are listed with their run counts.</p>"
+            + html_table(pd.DataFrame(rows)) + "<h3>Config</h3>"
+            + html_table(pd.DataFrame(config)))
+
+
+def read_config(results_dir: Path, run_id: str) -> dict:
+    for path in (results_dir / RUNS / run_id / "config.json", results_dir / "config.json"):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("run_id") == run_id:
+            return meta
+    return {}
+
+
+def listing(counter: Counter) -> str:
+    if len(counter) == 1:
+        return next(iter(counter))
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = "; ".join(f"{value} ({n})" for value, n in items[:MAX_VALUES])
+    return text + (f"; +{len(items) - MAX_VALUES} more" if len(items) > MAX_VALUES else "")
