@@ -14,6 +14,7 @@ import fcntl
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -151,11 +152,20 @@ def run_inline(tasks: list[Task]) -> Iterator[dict]:
             yield _failed(task, e)
 
 
+_in_run = False  # in a pool worker: whether run_one is running
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _in_run:  # unwind through the writers' cleanup; the run stays unfinished
+        raise KeyboardInterrupt
+    os._exit(128 + signum)
+
+
 def _worker_init() -> None:
-    """Pool workers leave Ctrl-C to the parent, and turn SIGTERM (the parent stopping them,
-    or the parent dying) into KeyboardInterrupt so that a run's temporary files are removed."""
+    """Pool workers leave Ctrl-C to the parent and stop on SIGTERM (sent by the parent when it
+    stops, or by the kernel when it dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     with contextlib.suppress(Exception):  # Linux only: die with the parent, even on SIGKILL
         import ctypes
 
@@ -165,10 +175,28 @@ def _worker_init() -> None:
 
 
 def _worker_run(*args) -> dict:
+    global _in_run
+    _in_run = True
     try:
         return run_one(*args)
-    except KeyboardInterrupt:  # stopped by the parent: the run stays unfinished
+    except KeyboardInterrupt:  # stopped by the parent
         os._exit(130)
+    finally:
+        _in_run = False
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C while workers are spawned, so that they start with it ignored (a Ctrl-C in
+    a terminal reaches the whole process group, and would break their imports)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop_children() -> None:
@@ -184,14 +212,16 @@ def _stop_children() -> None:
 
 
 def run_pool(tasks: list[Task], jobs: int) -> Iterator[dict]:
-    """``jobs`` runs at once, each in its own spawned process (torch does not survive fork)."""
+    """``jobs`` runs at once, each in its own spawned process (forking a process whose torch
+    thread pools have started can deadlock)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_worker_init,
                                mp_context=multiprocessing.get_context("spawn"))
     try:
-        pending = {pool.submit(_worker_run, *task.args()): task for task in tasks}
+        with _sigint_ignored():  # workers are spawned on submit
+            pending = {pool.submit(_worker_run, *task.args()): task for task in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

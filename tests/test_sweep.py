@@ -1,0 +1,365 @@
+"""``gradlab sweep``: the cross product into the results layout, skipping, resuming after Ctrl-C
+and SIGKILL, failures that do not stop it, the per-run lock, --jobs, Ray, and readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from click.testing import CliRunner
+
+from gradlab import store
+from gradlab.cli import cli
+from gradlab.config import make_config
+from gradlab.sweep import LOCKED, run_lock, run_one, summary_table, vanishing_ratios
+
+# 2 depths x 2 activations, tiny and fast
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "8", "--epochs", "1",
+        "--train-sizes", "128"]
+
+
+def sweep(data, out, *args, grid=GRID):
+    return CliRunner().invoke(cli, ["sweep", *grid, *map(str, args), "--data-dir", str(data),
+                                    "--out", str(out)], catch_exceptions=False)
+
+
+def records(out: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Each run's grads and epochs (without the wall-clock ``seconds``), by run_id."""
+    found = {}
+    for run in sorted((out / "runs").iterdir()):
+        if run.is_dir():
+            epochs = pd.read_parquet(run / "epochs.parquet").drop(columns="seconds")
+            found[run.name] = (pd.read_parquet(run / "grads.parquet"), epochs)
+    return found
+
+
+def assert_same_records(a: Path, b: Path) -> None:
+    ra, rb = records(a), records(b)
+    assert sorted(ra) == sorted(rb)
+    for run_id in ra:
+        for fa, fb in zip(ra[run_id], rb[run_id]):
+            pd.testing.assert_frame_equal(fa, fb)
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {p.parent.name: json.loads(p.read_text())["status"]
+            for p in (out / "runs").glob("*/status.json")}
+
+
+def no_temp_files(out: Path) -> bool:
+    return not list((out / "runs").glob("*/.*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def done(fake_mnist, tmp_path_factory) -> Path:
+    """The GRID swept once, uninterrupted; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("done") / "sweep"
+    r = sweep(fake_mnist, out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def copy(done: Path, tmp_path: Path) -> Path:
+    shutil.copytree(done, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_sweep_writes_the_cross_product(done):
+    runs = sorted(p for p in (done / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        assert sorted(p.name for p in run.iterdir()) == sorted(store.FILES)
+        config = json.loads((run / "config.json").read_text())["config"]
+        seen.add((config["depth"], config["activation"]))
+        assert config["widths"] == [8] * (config["depth"] - 1)
+    assert seen == {(d, a) for d in (2, 3) for a in ("sigmoid", "relu")}
+    assert set(statuses(done).values()) == {"complete"}
+
+
+def test_output_has_progress_lines_and_the_summary_table(fake_mnist, tmp_path):
+    r = sweep(fake_mnist, tmp_path / "o", grid=["--depths", "2", "--activations",
+                                                "sigmoid,relu", "--widths", "8", "--epochs",
+                                                "1", "--train-sizes", "64", "--seeds", "0,1"])
+    assert r.exit_code == 0, r.output
+    assert "4 to train" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "complete " in line]) == 4
+    lines = r.stdout.strip().splitlines()
+    assert "test accuracy" in lines[0] and "vanishing ratio" in lines[0]
+    assert len(lines) == 4 and " ± " in lines[1] and lines[-1].startswith("4 of 4 runs complete")
+
+
+def test_again_skips_all(done, fake_mnist, tmp_path):
+    out = copy(done, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*")}
+    r = sweep(fake_mnist, out)
+    assert r.exit_code == 0, r.output
+    assert "4 already finished, 0 to train" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*")} == before
+
+
+def test_unfinished_run_is_redone(done, fake_mnist, tmp_path):
+    out = copy(done, tmp_path)
+    run = sorted((out / "runs").glob("*/status.json"))[0].parent
+    (run / "status.json").unlink()
+    (run / "grads.parquet").write_bytes(b"half a file")  # as if killed mid-write
+    (run / ".epochs.parquet.123.tmp").write_bytes(b"left by a killed writer")
+    r = sweep(fake_mnist, out)
+    assert r.exit_code == 0, r.output
+    assert "3 already finished, 1 to train" in r.stderr
+    assert statuses(out)[run.name] == "complete" and no_temp_files(out)
+    assert_same_records(out, done)
+
+
+def test_a_failing_run_does_not_stop_the_others_and_is_rerun(done, fake_mnist, tmp_path,
+                                                            monkeypatch):
+    import gradlab.runner
+
+    real_train = gradlab.runner.train
+
+    def train(config, **kw):
+        if config.activation == "relu" and config.depth == 3:
+            raise RuntimeError("boom")
+        return real_train(config, **kw)
+
+    monkeypatch.setattr(gradlab.runner, "train", train)
+    out = tmp_path / "o"
+    r = sweep(fake_mnist, out)
+    assert r.exit_code == 1, r.output
+    failed = [k for k, v in statuses(out).items() if v == "failed"]
+    assert len(failed) == 1 and len(statuses(out)) == 4
+    assert (out / "runs" / failed[0] / "error.txt").is_file()
+    assert "3 of 4 runs complete" in r.stdout and "failed: RuntimeError: boom" in r.stdout
+    monkeypatch.setattr(gradlab.runner, "train", real_train)
+    again = sweep(fake_mnist, out)
+    assert again.exit_code == 0, again.output
+    assert "3 already finished, 1 to train" in again.stderr
+    assert_same_records(out, done)
+
+
+def test_a_diverging_run_is_recorded_and_not_retried(fake_mnist, tmp_path):
+    grid = ["--depths", "3,5", "--activations", "elu", "--inits", "normal:1", "--lrs", "10",
+            "--widths", "16", "--epochs", "1", "--train-sizes", "256"]
+    r = sweep(fake_mnist, tmp_path, grid=grid)
+    assert r.exit_code == 1, r.output
+    assert sorted(statuses(tmp_path).values()) == ["complete", "diverged"]
+    assert "1 of 2 runs complete" in r.stdout and "diverged at step" in r.stdout
+    again = sweep(fake_mnist, tmp_path, grid=grid)
+    assert again.exit_code == 1 and "2 already finished, 0 to train" in again.stderr
+
+
+def test_locked_run_is_skipped_as_running_elsewhere(done, fake_mnist, tmp_path):
+    out = tmp_path / "o"
+    run_id = sorted(p.name for p in (done / "runs").iterdir() if p.is_dir())[0]
+    store.ensure_out(out)
+    with run_lock(out, run_id) as mine:
+        assert mine
+        r = sweep(fake_mnist, out)
+        assert r.exit_code == 1, r.output
+        assert f"{run_id} " in r.stdout and "running elsewhere" in r.stdout
+        assert not (out / "runs" / run_id).exists()  # never touched
+        assert len(statuses(out)) == 3
+    assert sweep(fake_mnist, out).exit_code == 0
+    assert_same_records(out, done)
+
+
+def test_run_one_skips_a_run_finished_by_another_process(done):
+    meta = json.loads(next((done / "runs").glob("*/config.json")).read_text())
+    outcome = run_one(meta["config"], str(done), None, "cpu", 1)
+    assert outcome["status"] == "finished elsewhere"
+    with run_lock(done, meta["run_id"]):
+        assert run_one(meta["config"], str(done), None, "cpu", 1)["status"] == LOCKED
+
+
+def test_jobs_2_gives_the_same_records_as_jobs_1(done, fake_mnist, tmp_path):
+    r = sweep(fake_mnist, tmp_path, "--jobs", 2)
+    assert r.exit_code == 0, r.output
+    assert_same_records(tmp_path, done)
+
+
+def test_ray_executor_gives_the_same_records(done, fake_mnist, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        r = sweep(fake_mnist, tmp_path, "--executor", "ray", "--jobs", 2)
+    finally:
+        ray.shutdown()
+    assert r.exit_code == 0, r.output
+    assert_same_records(tmp_path, done)
+
+
+def test_missing_ray_is_one_line(fake_mnist, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    r = sweep(fake_mnist, tmp_path / "o", "--executor", "ray")
+    assert r.exit_code == 2
+    assert r.output.strip() == "Error: ray is not installed: pip install 'gradlab[ray]'"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--depths", "3", "--layer-widths", "8"], "widths"),
+    (["--activations", "sigmoid,swish"], "--activations"),
+    (["--lrs", "0.1,-1"], "--lrs"),
+    (["--jobs", "0"], "--jobs"),
+    (["--executor", "dask"], "--executor"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(fake_mnist, tmp_path, args, needle):
+    r = CliRunner().invoke(cli, ["sweep", *args, "--data-dir", str(fake_mnist), "--out",
+                                 str(tmp_path / "o")])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert needle in r.output and not (tmp_path / "o").exists()
+
+
+def test_missing_data_and_bad_out_write_nothing(fake_mnist, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = sweep(empty, tmp_path / "o")
+    assert r.exit_code == 2 and "MNIST" in r.output and not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("")
+    r = sweep(fake_mnist, tmp_path / "file")
+    assert r.exit_code == 2 and "is a file" in r.output.strip()
+
+
+# -- interrupted sweeps, in a real process ----------------------------------------------------
+
+SLOW_GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "16",
+             "--epochs", "2", "--train-sizes", "256"]
+
+
+def start(data: Path, out: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gradlab", "sweep", *SLOW_GRID, *args, "--data-dir", str(data),
+           "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_first_run(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / "runs").glob("*/status.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no run finished in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def slow_done(fake_mnist, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slow") / "sweep"
+    r = sweep(fake_mnist, out, grid=SLOW_GRID)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_sigkill_then_again_gives_the_records_of_an_uninterrupted_sweep(slow_done, fake_mnist,
+                                                                         tmp_path):
+    proc = start(fake_mnist, tmp_path)
+    wait_for_first_run(proc, tmp_path)
+    proc.kill()
+    proc.communicate()
+    assert len(statuses(tmp_path)) < 4  # killed mid-sweep
+    r = sweep(fake_mnist, tmp_path, grid=SLOW_GRID)
+    assert r.exit_code == 0, r.output
+    assert no_temp_files(tmp_path)
+    assert_same_records(tmp_path, slow_done)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_exits_130_keeps_finished_runs(fake_mnist, tmp_path, jobs):
+    proc = start(fake_mnist, tmp_path, "--jobs", jobs)
+    wait_for_first_run(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Interrupted: finished runs are kept"), err
+    assert "Traceback" not in err
+    finished = statuses(tmp_path)
+    assert 1 <= len(finished) < 4 and set(finished.values()) == {"complete"}
+    assert no_temp_files(tmp_path)
+    for run in finished:  # every finished run is whole
+        assert len(store.load(tmp_path / "runs" / run).grads) > 0
+    if jobs == "2":  # the workers are gone too
+        time.sleep(0.5)
+        ps = subprocess.run(["ps", "-o", "ppid=", "-A"], capture_output=True, text=True)
+        assert str(proc.pid) not in ps.stdout.split()
+
+
+# -- the summary table and other readers ------------------------------------------------------
+
+
+def test_summary_table_against_a_hand_computed_ratio():
+    rows = []
+    for seed, first in ((0, [1.0, 2.0, 3.0]), (1, [4.0, 4.0, 5.0])):
+        for step, g in enumerate(first):
+            rows.append(dict(run_id=f"r{seed}", step=step, layer=0, grad_weight_norm=g, depth=3))
+            rows.append(dict(run_id=f"r{seed}", step=step, layer=1, grad_weight_norm=7.0,
+                             depth=3))
+            rows.append(dict(run_id=f"r{seed}", step=step, layer=2, grad_weight_norm=10.0,
+                             depth=3))
+    grads = pd.DataFrame(rows)
+    runs = pd.DataFrame([dict(run_id="r0", depth=3, activation="sigmoid", seed=0,
+                              status="complete", final_test_accuracy=0.5),
+                         dict(run_id="r1", depth=3, activation="sigmoid", seed=1,
+                              status="complete", final_test_accuracy=0.7)])
+    ratios = vanishing_ratios(grads)
+    assert ratios.to_dict() == pytest.approx({"r0": 0.2, "r1": 0.4})
+    table = summary_table(store.Results(grads, pd.DataFrame(), runs))
+    assert len(table) == 1 and table["runs"].iloc[0] == 2
+    assert table["test_accuracy_mean"].iloc[0] == pytest.approx(0.6)
+    assert table["test_accuracy_sd"].iloc[0] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert table["vanishing_ratio_mean"].iloc[0] == pytest.approx(0.3)
+    assert table["vanishing_ratio_sd"].iloc[0] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+
+
+def test_summary_table_of_a_sweep(done):
+    table = summary_table(store.load(done))
+    assert list(table[["depth", "activation"]].itertuples(index=False, name=None)) == [
+        (2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
+    assert (table["runs"] == 1).all() and table["test_accuracy_sd"].isna().all()
+    assert (table["vanishing_ratio_mean"] > 0).all()
+
+
+def grads_files(out: Path) -> list[str]:
+    return sorted(str(p) for p in (out / "runs").glob("*/grads.parquet"))
+
+
+def test_grads_of_a_sweep_read_with_pyarrow_dataset(done):
+    expected = sum(len(pd.read_parquet(f)) for f in grads_files(done))
+    table = ds.dataset(grads_files(done), format="parquet").to_table()
+    assert table.num_rows == expected and set(table.column("run_id").to_pylist()) == set(
+        p.name for p in (done / "runs").iterdir() if p.is_dir())
+    # the whole runs/ folder as one dataset, picking the grads files by name
+    whole = ds.dataset(done / "runs", format="parquet", exclude_invalid_files=True)
+    picked = [f for f in whole.files if os.path.basename(f) == "grads.parquet"]
+    assert len(picked) == 4 and ds.dataset(picked, format="parquet").count_rows() == expected
+
+
+def test_grads_of_a_sweep_read_with_polars_and_duckdb(done):
+    pl = pytest.importorskip("polars")
+    duckdb = pytest.importorskip("duckdb")
+    pattern = str(done / "runs" / "*" / "grads.parquet")
+    frame = pl.read_parquet(pattern)
+    counts = duckdb.sql(f"select run_id, count(*) as n from read_parquet('{pattern}') "
+                        f"group by run_id order by run_id").fetchall()
+    assert sum(n for _, n in counts) == frame.height == sum(
+        len(pd.read_parquet(f)) for f in grads_files(done))
+    assert len(counts) == 4
+
+
+def test_vanishing_ratio_matches_the_records(done):
+    results = store.load(done)
+    run = results.runs.iloc[0]
+    g = results.grads[results.grads["run_id"] == run["run_id"]]
+    first = g[g["layer"] == 0].set_index("step")["grad_weight_norm"]
+    last = g[g["layer"] == run["depth"] - 1].set_index("step")["grad_weight_norm"]
+    assert vanishing_ratios(results.grads)[run["run_id"]] == pytest.approx(
+        float(np.median(first / last)))
+    assert make_config(depth=int(run["depth"]), width=8).depth == run["depth"]
