@@ -419,52 +419,34 @@ def outcome_line(config: RunConfig, outcome: dict, configs: list[RunConfig]) -> 
 # -- the summary table -------------------------------------------------------------------------
 
 
-def vanishing_ratios(grads: pd.DataFrame) -> pd.Series:
-    """Per run: the median over recorded steps of grad_weight_norm(layer 0) divided by
-    grad_weight_norm(layer depth-1), i.e. how much smaller the first layer's gradient is."""
-    if grads.empty:
-        return pd.Series(dtype=float, name="vanishing_ratio")
-    cols = ["run_id", "step", "grad_weight_norm"]
-    first = grads.loc[grads["layer"] == 0, cols]
-    last = grads.loc[grads["layer"] == grads["depth"] - 1, cols]
-    pair = first.merge(last, on=["run_id", "step"], suffixes=("_first", "_last"))
-    ratio = pair["grad_weight_norm_first"] / pair["grad_weight_norm_last"]
-    return ratio.groupby(pair["run_id"]).median().rename("vanishing_ratio")
-
-
 def summary_table(results: store.Results, by: list[str] | None = None) -> pd.DataFrame:
     """Final test accuracy and vanishing ratio per configuration, mean and sd over seeds.
 
-    Args:
-        results: ``store.load(out)``; runs that are not finished (complete or diverged) are
-            left out.
-        by: the config columns that make a configuration; default: those that vary across the
-            runs (seed excepted), else depth and activation.
+    The per-run numbers are those of the figures and the report (``gradlab.plots``): the final
+    test accuracy of complete runs, and the vanishing ratio, the median over recorded steps of
+    grad_weight_norm(layer 0) / grad_weight_norm(layer depth-1), of complete and diverged runs.
 
-    Returns one row per configuration: the ``by`` columns, ``runs`` (how many seeds),
-    ``test_accuracy_mean``, ``test_accuracy_sd``, ``vanishing_ratio_mean``,
-    ``vanishing_ratio_sd`` (sd is NaN for a single seed).
+    Args:
+        results: ``store.load(out)``.
+        by: the config columns that make a configuration; default: activation, depth, and
+            any other config (seed excepted) that varies across the runs.
+
+    Returns one row per configuration: the ``by`` columns, ``seeds`` (complete runs),
+    ``diverged``, ``failed``, ``test_accuracy_mean``, ``test_accuracy_sd``,
+    ``vanishing_ratio_mean``, ``vanishing_ratio_sd`` (an sd is NaN for a single seed).
     """
-    runs = results.runs
-    if runs.empty:
+    from .plots import final_accuracy_table, table_keys, vanishing_ratios
+
+    if results.runs.empty or results.epochs.empty:
         return pd.DataFrame()
-    runs = runs[runs["status"].isin(FINISHED)]
-    if by is None:
-        candidates = [c for c in CONFIG_FIELDS if c != "seed" and c in runs.columns]
-        by = [c for c in candidates if runs[c].astype(str).nunique() > 1] or ["depth",
-                                                                              "activation"]
-    runs = runs.merge(vanishing_ratios(results.grads), left_on="run_id", right_index=True,
-                      how="left")
-    runs["test_accuracy"] = runs["final_test_accuracy"].astype(float)
-    grouped = runs.groupby(by, sort=True, dropna=False)
-    table = grouped.agg(
-        runs=("run_id", "size"),
-        test_accuracy_mean=("test_accuracy", "mean"),
-        test_accuracy_sd=("test_accuracy", "std"),
-        vanishing_ratio_mean=("vanishing_ratio", "mean"),
-        vanishing_ratio_sd=("vanishing_ratio", "std"),
-    )
-    return table.reset_index()
+    by = list(by or table_keys(results.runs))
+    table = final_accuracy_table(results.epochs, results.runs, by=by).rename(
+        columns={"mean": "test_accuracy_mean", "sd": "test_accuracy_sd"})
+    if results.grads.empty:
+        return table.assign(vanishing_ratio_mean=math.nan, vanishing_ratio_sd=math.nan)
+    ratios = vanishing_ratios(results.grads).groupby(by, sort=True)["vanishing_ratio"].agg(
+        vanishing_ratio_mean="mean", vanishing_ratio_sd="std")
+    return table.merge(ratios.reset_index(), on=by, how="left")
 
 
 def format_summary(table: pd.DataFrame) -> str:
@@ -478,6 +460,9 @@ def format_summary(table: pd.DataFrame) -> str:
         return fmt(mean) if sd != sd else f"{fmt(mean)} ± {fmt(sd)}"
 
     text = table.drop(columns=[c for c in table.columns if c.endswith(("_mean", "_sd"))])
+    for column in ("diverged", "failed"):  # only worth a column when there are some
+        if column in text and not text[column].any():
+            text = text.drop(columns=column)
     text["test accuracy"] = [pm(m, s, lambda v: f"{v:.2%}") for m, s in
                              zip(table["test_accuracy_mean"], table["test_accuracy_sd"])]
     text["vanishing ratio"] = [pm(m, s, lambda v: f"{v:.3g}") for m, s in

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from gradlab import store
 from gradlab.cli import cli
-from gradlab.config import make_config
-from gradlab.sweep import LOCKED, run_lock, run_one, summary_table, vanishing_ratios
+from gradlab.sweep import LOCKED, run_lock, run_one, summary_table
 
 # 2 depths x 2 activations, tiny and fast
 GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "8", "--epochs", "1",
@@ -87,10 +87,19 @@ def test_sweep_writes_the_cross_product(done):
     assert set(statuses(done).values()) == {"complete"}
 
 
-def test_output_has_progress_lines_and_the_summary_table(fake_mnist, tmp_path):
-    r = sweep(fake_mnist, tmp_path / "o", grid=["--depths", "2", "--activations",
-                                                "sigmoid,relu", "--widths", "8", "--epochs",
-                                                "1", "--train-sizes", "64", "--seeds", "0,1"])
+SEEDS_GRID = ["--depths", "2", "--activations", "sigmoid,relu", "--widths", "8", "--epochs",
+              "2", "--train-sizes", "64", "--seeds", "0,1"]
+
+
+@pytest.fixture(scope="module")
+def seeds_sweep(fake_mnist, tmp_path_factory):
+    """Two activations x two seeds: the result of the CLI, and its folder."""
+    out = tmp_path_factory.mktemp("seeds") / "sweep"
+    return sweep(fake_mnist, out, grid=SEEDS_GRID), out
+
+
+def test_output_has_progress_lines_and_the_summary_table(seeds_sweep):
+    r, _ = seeds_sweep
     assert r.exit_code == 0, r.output
     assert "4 to train" in r.stderr
     assert len([line for line in r.stderr.splitlines() if "complete " in line]) == 4
@@ -295,35 +304,41 @@ def test_ctrl_c_exits_130_keeps_finished_runs(fake_mnist, tmp_path, jobs):
 # -- the summary table and other readers ------------------------------------------------------
 
 
-def test_summary_table_against_a_hand_computed_ratio():
-    rows = []
-    for seed, first in ((0, [1.0, 2.0, 3.0]), (1, [4.0, 4.0, 5.0])):
-        for step, g in enumerate(first):
-            rows.append(dict(run_id=f"r{seed}", step=step, layer=0, grad_weight_norm=g, depth=3))
-            rows.append(dict(run_id=f"r{seed}", step=step, layer=1, grad_weight_norm=7.0,
-                             depth=3))
-            rows.append(dict(run_id=f"r{seed}", step=step, layer=2, grad_weight_norm=10.0,
-                             depth=3))
-    grads = pd.DataFrame(rows)
-    runs = pd.DataFrame([dict(run_id="r0", depth=3, activation="sigmoid", seed=0,
-                              status="complete", final_test_accuracy=0.5),
-                         dict(run_id="r1", depth=3, activation="sigmoid", seed=1,
-                              status="complete", final_test_accuracy=0.7)])
-    ratios = vanishing_ratios(grads)
-    assert ratios.to_dict() == pytest.approx({"r0": 0.2, "r1": 0.4})
-    table = summary_table(store.Results(grads, pd.DataFrame(), runs))
-    assert len(table) == 1 and table["runs"].iloc[0] == 2
-    assert table["test_accuracy_mean"].iloc[0] == pytest.approx(0.6)
-    assert table["test_accuracy_sd"].iloc[0] == pytest.approx(np.std([0.5, 0.7], ddof=1))
-    assert table["vanishing_ratio_mean"].iloc[0] == pytest.approx(0.3)
-    assert table["vanishing_ratio_sd"].iloc[0] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+def test_summary_table_against_the_files(seeds_sweep):
+    _, out = seeds_sweep
+    per_run = {}  # activation -> [(final test accuracy, vanishing ratio)], computed by hand
+    for run in (out / "runs").iterdir():
+        if not run.is_dir():
+            continue
+        config = json.loads((run / "config.json").read_text())["config"]
+        grads = pq.read_table(run / "grads.parquet").to_pydict()
+        first, last = {}, {}
+        for step, layer, g in zip(grads["step"], grads["layer"], grads["grad_weight_norm"]):
+            if layer == 0:
+                first[step] = g
+            if layer == config["depth"] - 1:
+                last[step] = g
+        ratio = float(np.median([first[s] / last[s] for s in first]))
+        epochs = pq.read_table(run / "epochs.parquet").to_pydict()
+        acc = [a for a, split in zip(epochs["accuracy"], epochs["split"]) if split == "test"][-1]
+        per_run.setdefault(config["activation"], []).append((acc, ratio))
+    table = summary_table(store.load(out)).set_index("activation")
+    assert sorted(table.index) == ["relu", "sigmoid"]
+    for activation, values in per_run.items():
+        row = table.loc[activation]
+        acc, ratio = np.array(values).T
+        assert row["seeds"] == 2 and row["depth"] == 2
+        assert row["test_accuracy_mean"] == pytest.approx(acc.mean())
+        assert row["test_accuracy_sd"] == pytest.approx(acc.std(ddof=1))
+        assert row["vanishing_ratio_mean"] == pytest.approx(ratio.mean())
+        assert row["vanishing_ratio_sd"] == pytest.approx(ratio.std(ddof=1))
 
 
 def test_summary_table_of_a_sweep(done):
     table = summary_table(store.load(done))
-    assert list(table[["depth", "activation"]].itertuples(index=False, name=None)) == [
+    assert sorted(table[["depth", "activation"]].itertuples(index=False, name=None)) == [
         (2, "relu"), (2, "sigmoid"), (3, "relu"), (3, "sigmoid")]
-    assert (table["runs"] == 1).all() and table["test_accuracy_sd"].isna().all()
+    assert (table["seeds"] == 1).all() and table["test_accuracy_sd"].isna().all()
     assert (table["vanishing_ratio_mean"] > 0).all()
 
 
@@ -352,14 +367,3 @@ def test_grads_of_a_sweep_read_with_polars_and_duckdb(done):
     assert sum(n for _, n in counts) == frame.height == sum(
         len(pd.read_parquet(f)) for f in grads_files(done))
     assert len(counts) == 4
-
-
-def test_vanishing_ratio_matches_the_records(done):
-    results = store.load(done)
-    run = results.runs.iloc[0]
-    g = results.grads[results.grads["run_id"] == run["run_id"]]
-    first = g[g["layer"] == 0].set_index("step")["grad_weight_norm"]
-    last = g[g["layer"] == run["depth"] - 1].set_index("step")["grad_weight_norm"]
-    assert vanishing_ratios(results.grads)[run["run_id"]] == pytest.approx(
-        float(np.median(first / last)))
-    assert make_config(depth=int(run["depth"]), width=8).depth == run["depth"]
