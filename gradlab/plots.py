@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
 from .config import CONFIG_FIELDS, ConfigError
 from .store import Results, StoreError, _atomic, load
@@ -349,6 +349,7 @@ def fit(facet: Facets, handles: Sequence, legend_title: str, title_text=None) ->
     overlap), hence the legend's own subfigure.
     """
     fig = facet.fig
+    tidy_log_axes(fig)
     renderer = fig.canvas.get_renderer()
     need = 0.05
     for ncols in range(min(len(handles), 5), 0, -1):
@@ -402,6 +403,29 @@ def integer_ticks(ax: Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
 
 
+def layer_axis(ax: Axes, layers: pd.Series) -> None:
+    """Integer ticks over the layers drawn (each of a few), with room around a single one."""
+    values = sorted(layers.unique().tolist())
+    if not values:
+        return
+    if len(values) <= 6:
+        ax.set_xticks(values)
+    else:
+        integer_ticks(ax)
+    ax.set_xlim(values[0] - 0.4, values[-1] + 0.4)
+
+
+def tidy_log_axes(fig: Figure) -> None:
+    """Label only the decades of a log axis that shows one (matplotlib labels the minor ticks
+    of short ranges too, and they crowd a small panel)."""
+    for ax in fig.axes:
+        if ax.get_yscale() != "log":
+            continue
+        lo, hi = ax.get_ylim()
+        if lo > 0 and math.floor(math.log10(hi)) >= math.ceil(math.log10(lo)):
+            ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def check_columns(data: pd.DataFrame, *columns: str | None) -> None:
     missing = [c for c in columns if c and c not in data.columns]
     if missing:
@@ -435,7 +459,7 @@ def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, yla
             if bound is not None:
                 ax.axhline(bound, ls="--", lw=0.8, color="0.35", zorder=0)
             ax.set(xlabel="", ylabel="")
-            integer_ticks(ax)
+            layer_axis(ax, part[x])
         extra = [] if bound is None else [
             Line2D([], [], ls="--", lw=0.8, color="0.35", label=bound_label)]
         fig = finish(facet, title, [*run_notes(data), *notes], xlabel=LAYER_LABEL, ylabel=ylabel,
@@ -446,7 +470,8 @@ def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, yla
 
 def mean_text(log: bool, errorbar) -> str:
     ci = f", {errorbar[1]}% CI" if isinstance(errorbar, tuple) and errorbar[0] == "ci" else ""
-    return ("geometric mean" if log else "mean") + f" over seeds{ci}"
+    # a no-break space keeps "95% CI" on one line when the title is wrapped
+    return ("geometric mean" if log else "mean") + f" over seeds{ci}".replace("% CI", "%\u00a0CI")
 
 
 def grad_norm_by_layer(data: pd.DataFrame, *, x: str = "layer", y: str = "grad_weight_norm",
@@ -491,6 +516,14 @@ def act_grad_by_layer(data: pd.DataFrame, *, x: str = "layer", y: str = "act_gra
 # -- figures: over training steps ------------------------------------------------------------
 
 
+def over_seeds(data: pd.DataFrame, by: Sequence[str], y: str, log: bool) -> pd.DataFrame:
+    """Mean of ``y`` per ``by`` over runs (seeds): geometric where the axis is log, as seaborn
+    averages on a log axis."""
+    values = np.log(data[y]) if log else data[y]
+    means = values.groupby([data[c] for c in by], sort=True).mean()
+    return (np.exp(means) if log else means).rename(y).reset_index()
+
+
 def bin_steps(data: pd.DataFrame, x: str, bins: int | None) -> tuple[pd.DataFrame, int]:
     """Replace ``x`` (steps) by the centre of one of at most ``bins`` equal bins, so that long
     runs draw as readable curves; returns the frame and the bin width in steps."""
@@ -524,8 +557,11 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
             if log:
                 ax.set_yscale("log")
             if not part.empty:
-                sns.lineplot(part, x=x, y=y, hue=hue, hue_order=list(colors), palette=colors,
-                             errorbar=None, legend=False, lw=0.8, ax=ax)
+                # Averaged over seeds here, not by seaborn: its per-point groupby is slow for
+                # thousands of steps, and there is no CI to bootstrap.
+                sns.lineplot(over_seeds(part, [hue, x], y, log), x=x, y=y, hue=hue,
+                             hue_order=list(colors), palette=colors, estimator=None,
+                             legend=False, lw=0.8, ax=ax)
                 diverged |= mark_diverged(ax, part, x, y, last_of=[hue])
             ax.set(xlabel="", ylabel="")
             if ylim is not None:
@@ -725,11 +761,11 @@ class Prepared:
         return final_accuracy_table(self.epochs, self.runs)
 
 
-def prepare(results: Results) -> Prepared:
+def prepare(results: Results, where: str | os.PathLike = "this results folder") -> Prepared:
     """Sort the frames of ``gradlab.load`` and add the hue column; raises StoreError when
-    there are no runs."""
+    there are no runs (``where`` names the folder in the message)."""
     if results.runs.empty:
-        raise StoreError("no runs in this results folder: nothing to draw")
+        raise StoreError(f"{where} holds no runs: nothing to draw")
     grads, epochs = results.grads, results.epochs
     if not grads.empty:
         grads = grads.sort_values(["run_id", "step", "layer"], kind="stable")
@@ -795,10 +831,23 @@ def check_names(only: Sequence[str] | None) -> list[str]:
     return [n for n in FIGURES if n in only]
 
 
+def freeze_layout(fig: Figure) -> None:
+    """Lay the figure out once, then pin every Axes at its position rounded to 1e-6 of the
+    figure and turn the layout engine off. Constrained layout's solver can differ between two
+    runs in the last bits of a position, and SVG clip-path ids hash those bits."""
+    if fig.get_layout_engine() is None:
+        return
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        ax.set_position(np.round(ax.get_position().bounds, 6).tolist())
+    fig.set_layout_engine("none")
+
+
 def render(fig: Figure, fmt: str) -> bytes:
     """The figure's file in ``fmt`` (png, pdf, svg), without dates or versions in it."""
     buffer = io.BytesIO()
     with paper_style():  # svg.hashsalt is read while saving
+        freeze_layout(fig)
         fig.savefig(buffer, format=fmt, dpi=DPI, metadata=SAVE_METADATA[fmt])
     return buffer.getvalue()
 
@@ -825,7 +874,7 @@ def write_figures(results_dir: str | os.PathLike, formats: Sequence[str] = ("png
     """
     formats = check_formats(formats)
     check_names(only)
-    data = prepare(load(results_dir))
+    data = prepare(load(results_dir), results_dir)
     if data.grads.empty and data.epochs.empty:
         raise StoreError(f"{results_dir}: no finished run has records: nothing to draw")
     out = Path(results_dir) / "figures"

@@ -57,7 +57,7 @@ def write_report(results_dir: str | os.PathLike) -> Path:
     are listed in the page; a path that is not a results folder raises StoreError.
     """
     results_dir = Path(results_dir)
-    data = prepare(load(results_dir))
+    data = prepare(load(results_dir), results_dir)
     page = render_report(data, results_dir)
     path = results_dir / "report.html"
     _atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
