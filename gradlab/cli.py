@@ -6,6 +6,7 @@ Heavy imports (torch, pandas, seaborn) happen inside the commands so that ``--he
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -148,38 +149,16 @@ def sweep(out, jobs, executor, ray_address, data_dir, device, make_report, **opt
     \b
     Example: gradlab sweep --depths 3,5,10 --activations sigmoid,relu --seeds 0,1,2 -j 2
     """
-    from tqdm.auto import tqdm
-
     from .config import expand_grid
-    from .sweep import format_summary, outcome_line, run_sweep, sweep_summary
+    from .sweep import format_summary, run_sweep, sweep_summary
 
     configs = expand_grid(grid_from_options(options))
-    bar = None
-
-    def on_start(todo: int, skipped: int) -> None:
-        nonlocal bar
-        click.echo(f"sweep of {len(configs)} runs into {out}: {skipped} already finished, "
-                   f"{todo} to train", err=True)
-        if todo:
-            bar = tqdm(total=todo, unit="run", file=sys.stderr, dynamic_ncols=True)
-
-    def on_run(config, outcome: dict) -> None:
-        bar.write(outcome_line(config, outcome, configs), file=sys.stderr)
-        bar.update(1)
-
-    try:
+    with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, executor=executor, ray_address=ray_address,
-                           data_dir=data_dir, device=device, on_start=on_start, on_run=on_run)
-    finally:
-        if bar is not None:
-            bar.close()
+                           data_dir=data_dir, device=device, on_start=progress.on_start,
+                           on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
-    problems = result.problems()
-    complete = len(configs) - len(problems)
-    click.echo(f"{complete} of {len(configs)} runs complete in {out}"
-               + (f"; {len(problems)} not:" if problems else ""))
-    for line in problems:
-        click.echo(f"  {line}")
+    echo_problems(result, out)
     if make_report:
         try:
             from .report import write_report
@@ -187,6 +166,44 @@ def sweep(out, jobs, executor, ray_address, data_dir, device, make_report, **opt
             raise click.ClickException(f"--report is not available: {e}") from None
         click.echo(f"report: {write_report(out)}")
     return 0 if result.ok else 1
+
+
+class SweepProgress:
+    """A tqdm bar of runs on stderr, with one line per finished run (for sweep and figures)."""
+
+    def __init__(self, configs, out):
+        self.configs, self.out, self.bar = configs, out, None
+
+    def on_start(self, todo: int, skipped: int) -> None:
+        from tqdm.auto import tqdm
+
+        click.echo(f"{len(self.configs)} runs into {self.out}: {skipped} already finished, "
+                   f"{todo} to train", err=True)
+        if todo:
+            self.bar = tqdm(total=todo, unit="run", file=sys.stderr, dynamic_ncols=True)
+
+    def on_run(self, config, outcome: dict) -> None:
+        from .sweep import outcome_line
+
+        self.bar.write(outcome_line(config, outcome, self.configs), file=sys.stderr)
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def echo_problems(result, out) -> None:
+    """Say how many runs of a sweep are complete, and one line for each that is not."""
+    problems = result.problems()
+    complete = len(result.configs) - len(problems)
+    click.echo(f"{complete} of {len(result.configs)} runs complete in {out}"
+               + (f"; {len(problems)} not:" if problems else ""))
+    for line in problems:
+        click.echo(f"  {line}")
 
 
 @cli.command(name="ls")
@@ -284,3 +301,38 @@ def report(results):
 
     click.echo(str(echo_warnings(lambda: write_report(results))))
     return 0
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(), default=None,
+              help="results folder [default: results/<spec name>]")
+@click.option("--jobs", "-j", type=click.IntRange(1), default=1, help="runs at once")
+@data_dir_option
+@click.option("--device", default="cpu",
+              help="where missing runs train; the committed results were made on the CPU, "
+                   "whose runs are bit-for-bit reproducible")
+def figures(spec, out, jobs, data_dir, device):
+    """Rebuild an experiment's figures from its TOML SPEC (e.g. experiments/vanishing.toml).
+
+    Trains the runs that are missing (resumable, as a sweep), then writes figures/, summary.csv,
+    summary.md and manifest.json (run_ids, content hash of the records behind each figure,
+    versions, git SHA) to OUT. The same spec gives the same figure bytes and tables.
+    """
+    from .experiment import build, load_spec
+
+    experiment = load_spec(spec)
+    configs = experiment.configs()
+    out = out or f"results/{experiment.name}"
+    with SweepProgress(configs, out) as progress:
+        manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, data_dir=data_dir,
+                                               device=device, on_start=progress.on_start,
+                                               on_run=progress.on_run))
+    click.echo((Path(out) / "summary.md").read_text().split("```")[1].strip("\n"))
+    for name in manifest["figures"]:
+        click.echo(str(Path(out) / name))
+    bad = {k: v for k, v in manifest["statuses"].items() if v != "complete"}
+    for run_id, status in sorted(bad.items()):
+        click.echo(f"  {run_id}: {status}")
+    # a diverged run is a result (exploding.toml shows them); a failed one is an error
+    return 1 if "failed" in bad.values() else 0

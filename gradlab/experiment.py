@@ -1,0 +1,213 @@
+"""Experiment specs: TOML files of sweeps plus the figures and tables drawn from them.
+
+A spec (see ``experiments/*.toml``)::
+
+    description = "what it shows"
+    [[sweep]]                      # one or more; each key is a run option, a list sweeps it
+    depth = [3, 5, 10]
+    activation = ["sigmoid", "relu"]
+    seed = [0, 1, 2]
+    [figures]                      # optional
+    only = ["grad_by_layer"]       # default: every figure
+    formats = ["png"]              # png, pdf, svg
+
+``build(spec)`` runs what is missing (resumably, as a sweep), then writes to ``results/NAME/``:
+``figures/``, ``summary.csv``, ``summary.md`` and ``manifest.json`` (the run_ids and a content
+hash of the records behind each figure, versions, git SHA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import ConfigError, RunConfig, expand_grid, load_toml
+
+SPEC_KEYS = ("description", "sweep", "figures")
+FIGURE_KEYS = ("only", "formats")
+FORMATS = ("png", "pdf", "svg")
+
+
+class SpecError(ValueError):
+    """An experiment spec is invalid; the message is one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed spec. ``name`` is the file's stem; results go to ``results/<name>/``."""
+
+    name: str
+    path: Path
+    description: str
+    sweeps: tuple[dict[str, Any], ...]
+    only: tuple[str, ...] | None
+    formats: tuple[str, ...]
+
+    def configs(self) -> list[RunConfig]:
+        """Every run of every sweep, in spec order, without duplicates."""
+        seen: dict[str, RunConfig] = {}
+        for index, grid in enumerate(self.sweeps, 1):
+            try:
+                runs = expand_grid(grid)
+            except ConfigError as e:
+                raise SpecError(f"{self.path}: [[sweep]] {index}: {e}") from None
+            for config in runs:
+                seen.setdefault(config.run_id(), config)
+        return list(seen.values())
+
+
+def _string_list(path: Path, key: str, value: Any, allowed: tuple[str, ...] | None) -> tuple:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{path}: figures.{key} = {value!r} is invalid: a non-empty list of "
+                        f"strings")
+    if allowed is not None:
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise SpecError(f"{path}: figures.{key} has {bad[0]!r}: allowed are "
+                            f"{', '.join(allowed)}")
+    return tuple(value)
+
+
+def load_spec(path: str | os.PathLike) -> Experiment:
+    """Read and validate a spec; every problem is a one-line SpecError before anything runs."""
+    from .plots import FIGURES
+
+    path = Path(path)
+    if path.suffix != ".toml":
+        raise SpecError(f"{path}: an experiment spec is a .toml file")
+    try:
+        raw = load_toml(str(path))
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise SpecError(f"{path}: unknown key {unknown[0]!r}: allowed are "
+                        f"{', '.join(SPEC_KEYS)}")
+    sweeps = raw.get("sweep")
+    if not isinstance(sweeps, list) or not sweeps or not all(isinstance(s, dict)
+                                                             for s in sweeps):
+        raise SpecError(f"{path}: needs at least one [[sweep]] table of run options")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(f"{path}: description must be a string")
+    figures = raw.get("figures", {})
+    if not isinstance(figures, dict):
+        raise SpecError(f"{path}: [figures] must be a table with keys {', '.join(FIGURE_KEYS)}")
+    bad = sorted(set(figures) - set(FIGURE_KEYS))
+    if bad:
+        raise SpecError(f"{path}: unknown key figures.{bad[0]}: allowed are "
+                        f"{', '.join(FIGURE_KEYS)}")
+    only = (_string_list(path, "only", figures["only"], tuple(FIGURES))
+            if "only" in figures else None)
+    formats = _string_list(path, "formats", figures.get("formats", ["png"]), FORMATS)
+    experiment = Experiment(path.stem, path, description, tuple(sweeps), only, formats)
+    experiment.configs()  # validate every run now
+    return experiment
+
+
+def records_digest(frames: list[pd.DataFrame]) -> str:
+    """A content hash of records: sorted rows, timing columns left out (they vary by machine)."""
+    h = hashlib.sha256()
+    for frame in frames:
+        frame = frame.drop(columns=[c for c in ("seconds",) if c in frame.columns])
+        keys = [c for c in ("run_id", "step", "epoch", "split", "layer") if c in frame.columns]
+        frame = frame.sort_values(keys).reset_index(drop=True)
+        h.update(",".join(frame.columns).encode())
+        h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(
+    experiment: Experiment,
+    out: str | os.PathLike | None = None,
+    *,
+    jobs: int = 1,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    on_start=None,
+    on_run=None,
+) -> dict:
+    """Run what is missing of an experiment, then write its figures, summary and manifest.
+
+    Args:
+        experiment: from ``load_spec``.
+        out: the results folder; default ``results/<name>``.
+        jobs, data_dir, device, on_start, on_run: as for ``gradlab.sweep.run_sweep``. The
+            default device is the CPU, whose runs are bit-for-bit reproducible.
+
+    Returns the manifest (also written to ``out/manifest.json``).
+    """
+    from . import __version__
+    from .plots import write_figures
+    from .store import Results, _atomic, git_sha, load, write_json
+    from .sweep import format_summary, run_sweep, summary_table
+
+    out = Path(out) if out is not None else Path("results") / experiment.name
+    configs = experiment.configs()
+    sweep = run_sweep(configs, out, jobs=jobs, data_dir=data_dir, device=device,
+                      on_start=on_start, on_run=on_run)
+    ids = [c.run_id() for c in configs]
+    results = load(out)  # only this experiment's runs are drawn, even if the folder has more
+
+    def mine(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["run_id"].isin(ids)] if "run_id" in frame else frame
+
+    results = Results(mine(results.grads), mine(results.epochs), mine(results.runs),
+                      results.problems)
+    table = summary_table(results)
+    _atomic(out / "summary.csv",
+            lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g",
+                                     lineterminator="\n"))
+    _atomic(out / "summary.md", lambda tmp: tmp.write_text(markdown_summary(
+        experiment, format_summary(table))))
+    figures = write_figures(out, experiment.formats, experiment.only)
+    digest = records_digest([results.grads, results.epochs])
+    manifest = {
+        "experiment": experiment.name,
+        "spec": experiment.path.name,
+        "spec_sha256": file_digest(experiment.path),
+        "description": experiment.description,
+        "runs": sorted(ids),
+        "statuses": {c.run_id(): sweep.status(c.run_id()) for c in configs},
+        "records_sha256": digest,
+        "figures": {p.relative_to(out).as_posix(): {"sha256": file_digest(p),
+                                                    "records_sha256": digest,
+                                                    "runs": sorted(ids)}
+                    for p in sorted(figures)},
+        "tables": {name: file_digest(out / name) for name in ("summary.csv", "summary.md")},
+        "versions": _versions(__version__),
+        "git_sha": git_sha(),
+        "device": device,
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def markdown_summary(experiment: Experiment, text: str) -> str:
+    """The summary table as a Markdown page (a fenced block keeps the aligned columns)."""
+    return (f"# {experiment.name}\n\n{experiment.description}\n\n"
+            f"Final test accuracy and vanishing ratio (median over recorded steps of "
+            f"‖∂L/∂W_first‖ / ‖∂L/∂W_last‖), mean ± sd over seeds.\n\n```\n{text}\n```\n")
+
+
+def _versions(gradlab_version: str) -> dict[str, str]:
+    import platform
+
+    import matplotlib
+    import seaborn
+    import torch
+
+    return {"gradlab": gradlab_version, "torch": torch.__version__,
+            "pandas": pd.__version__, "matplotlib": matplotlib.__version__,
+            "seaborn": seaborn.__version__, "python": platform.python_version()}
