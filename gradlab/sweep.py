@@ -10,6 +10,7 @@ is interrupted is simply redone next time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import math
 import os
@@ -25,7 +26,6 @@ import pandas as pd
 from . import store
 from .config import CONFIG_FIELDS, RunConfig, make_config
 
-DEFAULT_OUT = "results/sweep"
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "ray is not installed: pip install 'gradlab[ray]'"
 # Outcomes of run_one besides the stored statuses (complete, diverged, failed).
@@ -109,7 +109,7 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
             return {"run_id": run_id, "status": LOCKED}
         status = store.read_status(store.run_dir(out, run_id))
         if status is not None and status.get("status") in FINISHED:
-            return {**status, "status": DONE_ELSEWHERE}
+            return {**status, "status": DONE_ELSEWHERE, "stored": status["status"]}
         _clear_temp_files(store.run_dir(out, run_id))
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -250,9 +250,12 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None) -> Iterator[dict]
             ray.init(num_cpus=cores(), include_dashboard=False, log_to_driver=False)
     try:
         uses_gpu = any(t.device.startswith("cuda") for t in tasks)
-        remote = ray.remote(run_one).options(
-            num_gpus=1 if uses_gpu else 0,
-            num_cpus=0 if uses_gpu else threads_per_job(jobs), max_retries=0)
+        # jobs runs at once: each task gets its share of the cluster's CPUs, and as many torch
+        # threads (a GPU task needs a CPU too, but asks for none, so that GPUs set the pace)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // jobs)
+        remote = ray.remote(run_one).options(num_gpus=1 if uses_gpu else 0,
+                                             num_cpus=0 if uses_gpu else cpus, max_retries=0)
+        tasks = [dataclasses.replace(t, threads=cpus) for t in tasks]
         pending = {remote.remote(*task.args()): task for task in tasks}
         try:
             while pending:
@@ -294,9 +297,6 @@ class SweepResult:
         """The run's status now: a skipped run's is the stored one."""
         o = self.outcomes[run_id]
         return o.get("stored", o["status"])
-
-    def count(self, status: str) -> int:
-        return sum(o["status"] == status for o in self.outcomes.values())
 
     @property
     def ok(self) -> bool:
@@ -358,7 +358,8 @@ def run_sweep(
     Args:
         configs: the grid (``expand_grid``).
         out: results folder; created if needed.
-        jobs: runs at once (local processes, or Ray tasks of ``cores // jobs`` CPUs each).
+        jobs: runs at once: local processes of ``cores // jobs`` torch threads each, or Ray
+            tasks of ``cluster CPUs // jobs`` CPUs each.
         executor: ``local`` or ``ray``.
         ray_address: an existing Ray cluster; a local Ray instance when None.
         data_dir, device: passed to each run.
@@ -369,9 +370,10 @@ def run_sweep(
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
     if executor == "ray":
         import_ray()
-    check_data(configs, data_dir)
+    todo, outcomes = plan(configs, out)  # reads only
+    if todo:  # nothing is written before the data are known to be there
+        check_data(todo, data_dir)
     out = store.ensure_out(out).resolve()
-    todo, outcomes = plan(configs, out)
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
@@ -386,7 +388,7 @@ def run_sweep(
         stream = run_inline(tasks)
     for outcome in stream:
         if outcome["status"] == DONE_ELSEWHERE:
-            outcome = {**outcome, "status": "skipped", "stored": outcome.get("stored", "complete")}
+            outcome = {**outcome, "status": "skipped"}
         outcomes[outcome["run_id"]] = outcome
         if on_run is not None:
             on_run(by_id[outcome["run_id"]], outcome)

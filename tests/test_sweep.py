@@ -108,13 +108,21 @@ def test_output_has_progress_lines_and_the_summary_table(seeds_sweep):
     assert len(lines) == 4 and " ± " in lines[1] and lines[-1].startswith("4 of 4 runs complete")
 
 
-def test_again_skips_all(done, fake_mnist, tmp_path):
+def test_again_skips_all_without_needing_the_data(done, tmp_path):
     out = copy(done, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*")}
-    r = sweep(fake_mnist, out)
+    (tmp_path / "no_data").mkdir()
+    r = sweep(tmp_path / "no_data", out)
     assert r.exit_code == 0, r.output
     assert "4 already finished, 0 to train" in r.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*")} == before
+
+
+def test_report_option_writes_the_report(done, fake_mnist, tmp_path):
+    out = copy(done, tmp_path)
+    r = sweep(fake_mnist, out, "--report")
+    assert r.exit_code == 0, r.output
+    assert (out / "report.html").is_file() and r.stdout.strip().endswith("report.html")
 
 
 def test_unfinished_run_is_redone(done, fake_mnist, tmp_path):
