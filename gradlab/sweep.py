@@ -392,6 +392,11 @@ def run_sweep(
         outcomes[outcome["run_id"]] = outcome
         if on_run is not None:
             on_run(by_id[outcome["run_id"]], outcome)
+    for run_id, outcome in outcomes.items():  # another process may have finished it since
+        if outcome["status"] == LOCKED:
+            status = store.read_status(store.run_dir(out, run_id))
+            if status is not None and status.get("status") in FINISHED:
+                outcomes[run_id] = {**status, "status": "skipped", "stored": status["status"]}
     return SweepResult(configs, {c.run_id(): outcomes[c.run_id()] for c in configs})
 
 
