@@ -123,12 +123,26 @@ def train(out, data_dir, device, force, quiet, **options):
     return 0 if status["status"] == "complete" else 1
 
 
+def jobs_options(f):
+    """``--jobs`` and ``--threads`` of the commands that train many runs."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    f = click.option("--threads", type=click.IntRange(1), default=1,
+                     help="torch threads per run, whatever --jobs is, so that records do not "
+                          "depend on how many runs train at once")(f)
+    return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,
+                        help="runs at once, each in its own process (or Ray task) "
+                             "[default: this machine's cores]")(f)
+
+
 @cli.command()
 @sweep_options
 @click.option("--out", type=click.Path(), default="results/sweep", help="results folder")
-@click.option("--jobs", "-j", type=click.IntRange(1), default=1,
-              help="runs at once, each a process with cores/jobs torch threads (with --executor "
-                   "ray: tasks of cores/jobs CPUs each)")
+@jobs_options
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               help="local processes, or Ray tasks (pip install 'gradlab[ray]')")
 @click.option("--ray-address", default=None,
@@ -137,7 +151,7 @@ def train(out, data_dir, device, force, quiet, **options):
 @device_option
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
-def sweep(out, jobs, executor, ray_address, data_dir, device, make_report, **options):
+def sweep(out, jobs, threads, executor, ray_address, data_dir, device, make_report, **options):
     """Train every combination of the comma-list options into OUT/runs/<run_id>/.
 
     Runs already complete (or diverged) are skipped, unfinished and failed ones are trained
@@ -154,9 +168,9 @@ def sweep(out, jobs, executor, ray_address, data_dir, device, make_report, **opt
 
     configs = expand_grid(grid_from_options(options))
     with SweepProgress(configs, out) as progress:
-        result = run_sweep(configs, out, jobs=jobs, executor=executor, ray_address=ray_address,
-                           data_dir=data_dir, device=device, on_start=progress.on_start,
-                           on_run=progress.on_run)
+        result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
+                           ray_address=ray_address, data_dir=data_dir, device=device,
+                           on_start=progress.on_start, on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
     echo_problems(result, out)
     if make_report:
@@ -307,12 +321,12 @@ def report(results):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(), default=None,
               help="results folder [default: results/<spec name>]")
-@click.option("--jobs", "-j", type=click.IntRange(1), default=1, help="runs at once")
+@jobs_options
 @data_dir_option
 @click.option("--device", default="cpu",
               help="where missing runs train; the committed results were made on the CPU, "
                    "whose runs are bit-for-bit reproducible")
-def figures(spec, out, jobs, data_dir, device):
+def figures(spec, out, jobs, threads, data_dir, device):
     """Rebuild an experiment's figures from its TOML SPEC (e.g. experiments/vanishing.toml).
 
     Trains the runs that are missing (resumable, as a sweep), then writes figures/, summary.csv,
@@ -325,8 +339,9 @@ def figures(spec, out, jobs, data_dir, device):
     configs = experiment.configs()
     out = out or f"results/{experiment.name}"
     with SweepProgress(configs, out) as progress:
-        manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, data_dir=data_dir,
-                                               device=device, on_start=progress.on_start,
+        manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, threads=threads,
+                                               data_dir=data_dir, device=device,
+                                               on_start=progress.on_start,
                                                on_run=progress.on_run))
     click.echo((Path(out) / "summary.md").read_text().split("```")[1].strip("\n"))
     for name in manifest["figures"]:

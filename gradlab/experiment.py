@@ -133,6 +133,7 @@ def build(
     out: str | os.PathLike | None = None,
     *,
     jobs: int = 1,
+    threads: int = 1,
     data_dir: str | None = None,
     device: str = "cpu",
     on_start=None,
@@ -143,7 +144,7 @@ def build(
     Args:
         experiment: from ``load_spec``.
         out: the results folder; default ``results/<name>``.
-        jobs, data_dir, device, on_start, on_run: as for ``gradlab.sweep.run_sweep``. The
+        jobs, threads, data_dir, device, on_start, on_run: as for ``gradlab.sweep.run_sweep``. The
             default device is the CPU, whose runs are bit-for-bit reproducible.
 
     Returns the manifest (also written to ``out/manifest.json``).
@@ -155,7 +156,7 @@ def build(
 
     out = Path(out) if out is not None else Path("results") / experiment.name
     configs = experiment.configs()
-    sweep = run_sweep(configs, out, jobs=jobs, data_dir=data_dir, device=device,
+    sweep = run_sweep(configs, out, jobs=jobs, threads=threads, data_dir=data_dir, device=device,
                       on_start=on_start, on_run=on_run)
     ids = [c.run_id() for c in configs]
     results = load(out)  # only this experiment's runs are drawn, even if the folder has more

@@ -10,7 +10,6 @@ is interrupted is simply redone next time.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import math
 import os
@@ -48,8 +47,10 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_job(jobs: int) -> int:
-    return max(1, cores() // max(1, jobs))
+# Every sweep run uses this many torch threads unless told otherwise, whatever ``jobs`` is: float32
+# matmuls can round differently at different thread counts, and a run's records must not depend on
+# how many other runs trained beside it (nor on the machine's core count, for `gradlab figures`).
+THREADS = 1
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -247,15 +248,16 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None) -> Iterator[dict]
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=cores(), include_dashboard=False, log_to_driver=False)
+            # a local instance sized so that ``jobs`` runs of ``threads`` CPUs fit at once
+            ray.init(num_cpus=jobs * tasks[0].threads, include_dashboard=False,
+                     log_to_driver=False)
     try:
         uses_gpu = any(t.device.startswith("cuda") for t in tasks)
-        # jobs runs at once: each task gets its share of the cluster's CPUs, and as many torch
-        # threads (a GPU task needs a CPU too, but asks for none, so that GPUs set the pace)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // jobs)
+        # each task asks for its torch threads' worth of CPUs (a GPU task for a GPU instead, so
+        # that GPUs set the pace); on a cluster, its capacity decides how many run at once
+        cpus = tasks[0].threads
         remote = ray.remote(run_one).options(num_gpus=1 if uses_gpu else 0,
                                              num_cpus=0 if uses_gpu else cpus, max_retries=0)
-        tasks = [dataclasses.replace(t, threads=cpus) for t in tasks]
         pending = {remote.remote(*task.args()): task for task in tasks}
         try:
             while pending:
@@ -352,19 +354,21 @@ def run_sweep(
     device: str = "auto",
     on_start: Callable[[int, int], None] | None = None,
     on_run: Callable[[RunConfig, dict], None] | None = None,
+    threads: int = THREADS,
 ) -> SweepResult:
     """Run every config of a grid into ``out``; finished runs are skipped.
 
     Args:
         configs: the grid (``expand_grid``).
         out: results folder; created if needed.
-        jobs: runs at once: local processes of ``cores // jobs`` torch threads each, or Ray
-            tasks of ``cluster CPUs // jobs`` CPUs each.
+        jobs: runs at once, as local processes or Ray tasks.
         executor: ``local`` or ``ray``.
         ray_address: an existing Ray cluster; a local Ray instance when None.
         data_dir, device: passed to each run.
         on_start: called with (runs to train, runs skipped) before the first run.
         on_run: called with each run's config and outcome as it finishes.
+        threads: torch threads (and Ray CPUs) per run; fixed, so that records do not depend
+            on ``jobs``.
     """
     if executor not in EXECUTORS:
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
@@ -377,7 +381,7 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
-    tasks = [Task(c, str(out), data_dir, device, threads_per_job(jobs)) for c in todo]
+    tasks = [Task(c, str(out), data_dir, device, threads) for c in todo]
     if not tasks:
         stream: Iterator[dict] = iter(())
     elif executor == "ray":

@@ -28,8 +28,14 @@ GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "8", "--
         "--train-sizes", "128"]
 
 
+def one_job(args) -> list[str]:
+    """Run in this process (``--jobs 1``) unless the test says otherwise: monkeypatches reach it."""
+    args = [str(a) for a in args]
+    return args if "--jobs" in args else [*args, "--jobs", "1"]
+
+
 def sweep(data, out, *args, grid=GRID):
-    return CliRunner().invoke(cli, ["sweep", *grid, *map(str, args), "--data-dir", str(data),
+    return CliRunner().invoke(cli, ["sweep", *grid, *one_job(args), "--data-dir", str(data),
                                     "--out", str(out)], catch_exceptions=False)
 
 
@@ -254,8 +260,8 @@ SLOW_GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "16
 
 
 def start(data: Path, out: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gradlab", "sweep", *SLOW_GRID, *args, "--data-dir", str(data),
-           "--out", str(out)]
+    cmd = [sys.executable, "-m", "gradlab", "sweep", *SLOW_GRID, *one_job(args), "--data-dir",
+           str(data), "--out", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
