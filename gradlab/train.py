@@ -15,7 +15,8 @@ from torch import nn
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
 from .models import build_mlp
-from .record import GradientRecorder, empty_frame, recorded_steps
+from .record import empty_frame, recorded_steps
+from .stacked import StackedMLP
 
 EVAL_BATCH = 10_000
 EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
@@ -59,14 +60,6 @@ class RunResult:
     def final_test_accuracy(self) -> float:
         test = self.epochs[self.epochs["split"] == "test"]
         return float(test["accuracy"].iloc[-1]) if len(test) else math.nan
-
-
-def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                foreach=True)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, foreach=True)
 
 
 @torch.no_grad()
@@ -121,20 +114,42 @@ def train(
     if data is None:
         data = load_data(config.dataset, data_dir, device=device, train_size=config.train_size,
                          standardize=config.standardize)
-    model = _seeded_model(config, device)
-    optimizer = make_optimizer(config, model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
+    return train_members([config], data, device, progress=progress, on_epoch=on_epoch)[0]
+
+
+def train_members(
+    configs: list[RunConfig],
+    data: Data,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[RunResult]:
+    """Train configurations that differ only in ``seed`` together, as one ``StackedMLP``.
+
+    Each member has its own initialisation and its own batch order from its seed, exactly as
+    when trained alone; a member that diverges stops being recorded and evaluated at the end of
+    that epoch (its arithmetic goes on, unseen, until all members are done). ``seconds`` is the
+    wall time of the joint epoch.
+    """
+    config = configs[0]
+    models = [_seeded_model(c, device) for c in configs]
     n = len(data.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     schedule = recorded_steps(total, config.log_every, config.log_spaced)
-    generator = torch.Generator().manual_seed(config.seed)
-    result = RunResult(config, str(device), epochs=pd.DataFrame(columns=list(EPOCH_COLUMNS)),
-                       grads=empty_frame())
-    epoch_rows: list[dict] = []
-    grad_frames: list[pd.DataFrame] = []
-    step_loss = torch.zeros(steps_per_epoch, device=device)
-    step_correct = torch.zeros(steps_per_epoch, dtype=torch.int64, device=device)
+    per_epoch = np.bincount(schedule // steps_per_epoch, minlength=config.epochs)
+    engine = StackedMLP(models, config.activation, batch_size=config.batch_size,
+                        optimizer=config.optimizer, lr=config.lr,
+                        momentum=config.momentum, weight_decay=config.weight_decay,
+                        clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()))
+    recorded = set(schedule.tolist())
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    results = [RunResult(c, str(device), epochs=pd.DataFrame(columns=list(EPOCH_COLUMNS)),
+                         grads=empty_frame()) for c in configs]
+    epoch_rows: list[list[dict]] = [[] for _ in configs]
+    grad_frames: list[list[pd.DataFrame]] = [[] for _ in configs]
+    running = list(range(len(configs)))  # members neither diverged nor failed
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -142,72 +157,80 @@ def train(
         bar = tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
     step = 0
     t_run = time.perf_counter()
+    train_x, train_y = data.train.x, data.train.y
     try:
-        with GradientRecorder(model, config.activation, schedule) as recorder:
-            model.train()
-            for epoch in range(1, config.epochs + 1):
-                t0 = time.perf_counter()
-                batches = batch_order(n, config.batch_size, generator, device)
-                for i, index in enumerate(batches):
-                    x, y = data.train.x[index], data.train.y[index]
-                    recording = recorder.begin_step(step)
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if recording:
-                        recorder.after_backward(loss)
-                    if config.clip_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm,
-                                                 foreach=True)
-                    optimizer.step()
-                    if recording:
-                        recorder.after_update()
-                    step_loss[i] = loss.detach()
-                    torch.sum(logits.detach().argmax(1) == y, dim=0, out=step_correct[i])
-                    step += 1
-                    if bar is not None and i % 50 == 49:
-                        bar.update(50)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t0
-                grads = recorder.flush(epoch)
-                losses = step_loss[: len(batches)].cpu().numpy()
-                bad = np.flatnonzero(~np.isfinite(losses))
+        for epoch in range(1, config.epochs + 1):
+            t0 = time.perf_counter()
+            orders = [batch_order(n, config.batch_size, g, device) for g in generators]
+            first_step = step
+            step_losses, predictions, labels, steps = [], [], [], []
+            for i in range(len(orders[0])):
+                index = orders[0][i] if len(orders) == 1 else torch.stack([o[i] for o in orders])
+                flat = index.view(-1)
+                x = train_x.index_select(0, flat).view(*index.shape, -1)
+                y = train_y.index_select(0, flat).view(index.shape)
+                if len(orders) == 1:
+                    x, y = x.unsqueeze(0), y.unsqueeze(0)
+                record = step in recorded
+                losses, logits = engine.step(x, y, record)
+                if record:
+                    steps.append(step)
+                step_losses.append(losses)
+                predictions.append(logits.argmax(-1))
+                labels.append(y)
+                step += 1
+                if bar is not None and step % 50 == 0:
+                    bar.update(50)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            frames = engine.flush(steps, epoch)
+            losses = torch.stack(step_losses).cpu().numpy()  # (steps, members)
+            correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
+            sizes = np.array([len(b) for b in orders[0]], dtype=np.float64)
+            for m in list(running):
+                bad = np.flatnonzero(~np.isfinite(losses[:, m]))
                 if len(bad):
-                    first = (step - len(batches)) + int(bad[0])
-                    grad_frames.append(grads[grads["step"] <= first])
-                    result.status, result.diverged_step = "diverged", first
-                    break
-                grad_frames.append(grads)
-                sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
-                train_loss = float((torch.from_numpy(losses).double() * sizes).sum() / n)
-                train_acc = step_correct[: len(batches)].sum().item() / n
+                    first = first_step + int(bad[0])
+                    grad_frames[m].append(frames[m][frames[m]["step"] <= first])
+                    results[m].status, results[m].diverged_step = "diverged", first
+                    results[m].steps = step
+                    running.remove(m)
+                    continue
+                grad_frames[m].append(frames[m])
+                train_loss = float((losses[:, m].astype(np.float64) * sizes).sum() / n)
+                train_acc = int(correct[m]) / n
                 t1 = time.perf_counter()
-                test_loss, test_acc = evaluate(model, data.test)
+                test_loss, test_acc = evaluate(models[m], data.test)
                 eval_seconds = time.perf_counter() - t1
-                rows = [
+                epoch_rows[m] += [
                     dict(epoch=epoch, split="train", step=step, loss=train_loss,
                          accuracy=train_acc, seconds=seconds),
                     dict(epoch=epoch, split="test", step=step, loss=test_loss,
                          accuracy=test_acc, seconds=eval_seconds),
                 ]
-                epoch_rows += rows
-                if bar is not None:
-                    bar.update(step - bar.n)
                 if on_epoch is not None:
                     on_epoch({"epoch": epoch, "epochs": config.epochs, "train_loss": train_loss,
                               "train_accuracy": train_acc, "test_loss": test_loss,
                               "test_accuracy": test_acc, "seconds": seconds})
+            if bar is not None:
+                bar.update(step - bar.n)
+            if not running:
+                break
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
-        result.status = "failed"
-        result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        for m in running:
+            results[m].status = "failed"
+            results[m].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
         if bar is not None:
             bar.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - t_run
-    result.epochs = pd.DataFrame(epoch_rows, columns=list(EPOCH_COLUMNS))
-    if grad_frames:
-        result.grads = pd.concat(grad_frames, ignore_index=True)
-    return result
+    for m, result in enumerate(results):
+        if result.status != "diverged":
+            result.steps = step
+        result.seconds = time.perf_counter() - t_run
+        result.epochs = pd.DataFrame(epoch_rows[m], columns=list(EPOCH_COLUMNS))
+        if grad_frames[m]:
+            result.grads = pd.concat(grad_frames[m], ignore_index=True)
+        if len(configs) > 1:
+            result.extra["ensemble_size"] = len(configs)
+    return results

@@ -1,0 +1,99 @@
+"""Recorder overhead: ``gradlab.train.train`` with ``log_every`` 1 and 10 against the same loop with
+recording off (``log_every=0``), tutorial net (784-128-256-10, sigmoid, batch 64) on MNIST.
+
+Each measurement is one whole ``train()`` call of ``--steps`` steps (one epoch of a training
+subset),
+including the recorder's setup and its flush to a DataFrame; the test split is cut to one batch so
+that evaluation costs nothing. Overhead = time(log_every=N) / time(log_every=0) - 1, per repetition.
+
+    python benchmarks/bench_recorder.py --data-dir ../shared/data [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import common
+import torch
+
+from gradlab.config import make_config
+from gradlab.data import Data, Split, load_data
+from gradlab.train import resolve_device, train
+
+SCHEDULES = (0, 1, 10)
+
+
+def bench_data(data_dir: str, steps: int, batch: int, device: torch.device) -> Data:
+    data = load_data("mnist", data_dir, device=device, train_size=steps * batch)
+    return Data(train=data.train, test=Split(data.test.x[:batch], data.test.y[:batch]))
+
+
+def run(args) -> str:
+    threads = common.set_threads(args.threads)
+    device = resolve_device(args.device)
+    facts = common.machine()
+    facts["device"] = str(device)
+    data = bench_data(args.data_dir, args.steps, 64, device)
+
+    def variant(log_every: int):
+        config = make_config(depth=3, widths=(128, 256), activation=args.activation, lr=0.01,
+                             batch_size=64, epochs=1, log_every=log_every,
+                             train_size=args.steps * 64)
+
+        def measure() -> common.Timing:
+            timing, result = common.timed(lambda: train(config, data=data, device=device))
+            assert result.status == "complete", result.error
+            return timing
+        return measure
+
+    variants = {f"log_every={n}": variant(n) for n in SCHEDULES}
+    for measure in variants.values():  # warm up: allocator, first-call dispatch
+        measure()
+    print(f"threads {threads}, device {device}, {args.steps} steps per measurement")
+    times = common.interleaved(variants, args.reps)
+    base = times["log_every=0"]
+    rows = []
+    for name, ts in times.items():
+        row = [name,
+               common.summary([t.wall / args.steps * 1e6 for t in ts], "{:.0f}"),
+               common.summary([t.cpu / args.steps * 1e6 for t in ts], "{:.0f}")]
+        if name == "log_every=0":
+            row += ["—", "—"]
+        else:
+            row += [common.summary([100 * (r - 1) for r in common.ratios(ts, base, k)], "{:+.1f}")
+                    for k in ("wall", "cpu")]
+        rows.append(row)
+    table = common.markdown_table(
+        ["schedule", "µs/step wall", "µs/step CPU", "overhead % (wall)", "overhead % (CPU)"],
+        rows)
+    targets = {1: 3.0, 10: 1.0}
+    verdicts = []
+    for n, target in targets.items():
+        med = statistics.median(common.ratios(times[f"log_every={n}"], base, "cpu"))
+        verdicts.append(f"log_every={n}: {100 * (med - 1):+.1f} % CPU time (target <= "
+                        f"{target:.0f} %: {'met' if med - 1 <= target / 100 else 'missed'})")
+    body = (f"Tutorial net 784-128-256-10, {args.activation}, batch 64, {args.steps} steps per "
+            f"measurement, {args.reps} interleaved repetitions, median (min–max).\n\n{table}\n\n"
+            + "\n".join(f"- {v}" for v in verdicts))
+    return common.section("Recorder overhead (issue 3)", common.command_line(), facts, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--activation", default="sigmoid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write", action="store_true", help="write the section to RESULTS.md")
+    args = parser.parse_args()
+    text = run(args)
+    print(text)
+    if args.write:
+        common.write_section("bench_recorder", text)
+
+
+if __name__ == "__main__":
+    main()

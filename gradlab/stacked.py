@@ -1,0 +1,402 @@
+"""``StackedMLP``: one or more copies ("members") of a ``build_mlp`` network trained in lockstep by
+hand-written backpropagation on stacked parameters, recording the grads columns as it goes.
+
+Why not autograd with the hook recorder (``record.GradientRecorder``): for the tutorial's net at
+batch 64 on a CPU the matrix products are only two thirds of a step; the rest is per-op cost
+(autograd's graph and engine, module calls, Python hooks), and hooks and one norm call per tensor
+made recording every step cost ~40 % more. Here a step is 20-odd tensor ops, the same for one
+member or many (their products are batched with ``bmm``), and what the recorder needs is at hand:
+
+* weights, gradients and the backward pass's dL/dz live in one flat buffer, each (member, tensor)
+  block starting at a multiple of ``SEGMENT`` floats with zeros between blocks, so the squared
+  norms of all of them are per-row norms of the buffer seen as (rows, SEGMENT) followed by a
+  cumulative sum and a difference at the block boundaries: six ops for every norm of a step;
+* SGD's update is known without a snapshot of the weights (``-lr * grad``, or the momentum
+  buffer); Adam's is the difference to a snapshot;
+* f' of the hidden layers is taken from the activations, a chunk of recorded steps at a time
+  (``record.activation_stats``).
+
+The backward pass uses autograd's own kernels for each activation (``sigmoid_backward`` etc.);
+the tests check the gradients and every recorded value against autograd and against
+``GradientRecorder``. Each member keeps its ``nn.Sequential``, whose parameters become views of
+the stacked buffer, for evaluation and inspection. Column semantics: see ``record``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
+from .record import (
+    CHUNK_BYTES,
+    activation_stats,
+    derivative_into,
+    grads_frame,
+    hidden_segments,
+)
+
+aten = torch.ops.aten
+SEGMENT = 256  # floats per row of the norm view; every block starts at a multiple of it
+
+# dL/dz from dL/da = g, written to ``out``, and whether the activation's backward reads its
+# output a ("output") or its input z ("input"); the kernels are those of autograd's formulas.
+BACKWARD = {
+    "sigmoid": ("output", lambda g, a, out: aten.sigmoid_backward.grad_input(g, a, grad_input=out)),
+    "tanh": ("output", lambda g, a, out: aten.tanh_backward.grad_input(g, a, grad_input=out)),
+    "relu": ("output",
+             lambda g, a, out: aten.threshold_backward.grad_input(g, a, 0, grad_input=out)),
+    "leaky_relu": ("output", lambda g, a, out: aten.leaky_relu_backward.grad_input(
+        g, a, LEAKY_SLOPE, True, grad_input=out)),
+    "elu": ("output", lambda g, a, out: aten.elu_backward.grad_input(
+        g, 1.0, 1, 1, True, a, grad_input=out)),
+    "gelu": ("input", lambda g, z, out: aten.gelu_backward.grad_input(g, z, grad_input=out)),
+    "silu": ("input", lambda g, z, out: aten.silu_backward.grad_input(g, z, grad_input=out)),
+    "softsign": ("input",
+                 lambda g, z, out: torch.mul(g, ACTIVATIONS["softsign"].derivative(z), out=out)),
+}
+
+
+def _padded(numel: int) -> int:
+    return -(-numel // SEGMENT) * SEGMENT
+
+
+class _Layout:
+    """Blocks of a flat buffer: each (member, tensor) block starts at a multiple of SEGMENT."""
+
+    def __init__(self, members: int, start: int = 0):
+        self.members, self.end = members, start
+        self.blocks: list[tuple[int, int, tuple[int, ...]]] = []  # offset, member stride, shape
+
+    def add(self, shape: tuple[int, ...]) -> int:
+        stride = _padded(math.prod(shape))
+        self.blocks.append((self.end, stride, shape))
+        self.end += self.members * stride
+        return len(self.blocks) - 1
+
+    def view(self, buffer: torch.Tensor, block: int) -> torch.Tensor:
+        """The (members, *shape) view of ``block`` in ``buffer``."""
+        offset, stride, shape = self.blocks[block]
+        strides = [stride] + [math.prod(shape[k + 1:]) for k in range(len(shape))]
+        return buffer.as_strided((self.members, *shape), strides,
+                                 buffer.storage_offset() + offset)
+
+    def rows(self, block: int, member: int) -> tuple[int, int]:
+        """The [first, last) rows of the norm view that one member's block occupies."""
+        offset, stride, shape = self.blocks[block]
+        first = (offset + member * stride) // SEGMENT
+        return first, first + _padded(math.prod(shape)) // SEGMENT
+
+
+class _BlockNorms:
+    """Squared norms of chosen blocks of a flat buffer made of ``regions`` (layouts laid end to
+    end from its start), with one norm pass: every row of the (rows, SEGMENT) view belongs to
+    one (block, member), so per-row norms summed per block (``bincount``) are the blocks'
+    squared norms, and a block's inf or nan stays in that block."""
+
+    def __init__(self, regions: list[_Layout], wanted: list[tuple[int, int, int]], device):
+        index, lengths, owners = {}, [], []
+        for r, layout in enumerate(regions):
+            for block in range(len(layout.blocks)):
+                for member in range(layout.members):
+                    first, last = layout.rows(block, member)
+                    index[(r, block, member)] = len(index)
+                    lengths.append(last - first)
+                    owners.append(member)
+        self.rows, self.count = sum(lengths), len(index)
+        lengths = torch.tensor(lengths)
+        self.ids = torch.repeat_interleave(torch.arange(self.count), lengths).to(device)
+        self.owner = torch.repeat_interleave(torch.tensor(owners), lengths).to(device)
+        self.order = torch.tensor([index[w] for w in wanted], device=device)
+
+    def __call__(self, buffer: torch.Tensor, out: torch.Tensor) -> None:
+        view = buffer[: self.rows * SEGMENT].view(self.rows, SEGMENT)
+        squares = torch.linalg.vector_norm(view, dim=1).double().square_()
+        sums = torch.bincount(self.ids, weights=squares, minlength=self.count)
+        torch.index_select(sums, 0, self.order, out=out)
+
+
+class StackedMLP:
+    """Train ``models`` (``build_mlp`` networks of one architecture) together, step by step.
+
+    Args:
+        models: the members, already initialised; their parameters become views of the stacked
+            buffer (so the modules keep reflecting training).
+        activation: the activation name of the hidden layers.
+        batch_size: the largest batch a step gets.
+        optimizer: ``sgd`` or ``adam``; ``lr``, ``momentum``, ``weight_decay`` as in RunConfig
+            (SGD: PyTorch's semantics, dampening 0, no nesterov; Adam: ``torch.optim.Adam``).
+        clip_grad_norm: scale each member's gradient to at most this total norm, as
+            ``nn.utils.clip_grad_norm_`` would for that member alone, after it is recorded.
+        max_rows: the most steps recorded between two ``flush`` calls.
+    """
+
+    def __init__(self, models: list[nn.Module], activation: str, *, batch_size: int,
+                 optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
+                 weight_decay: float = 0.0, clip_grad_norm: float | None = None,
+                 max_rows: int = 0):
+        members = [linear_layers(m) for m in models]
+        self.size = len(models)
+        self.depth = n = len(members[0])
+        ref = members[0][0].weight
+        self.device, self.dtype = ref.device, ref.dtype
+        shapes = [(lin.out_features, lin.in_features) for lin in members[0]]
+        self.widths = np.array([o for o, _ in shapes], dtype=np.float64)
+        self.classes = shapes[-1][0]
+        self.batch_size = batch_size
+        # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer
+        self._params = _Layout(self.size)
+        for o, i in shapes:
+            self._params.add((o, i))
+            self._params.add((o,))
+        size = self._params.end
+        self._flat = torch.zeros(2 * size + self._delta_layout(batch_size).end,
+                                 device=self.device, dtype=self.dtype)
+        self.params, self.grads = self._flat[:size], self._flat[size:2 * size]
+        blocks = [self._params.view(self.params, k) for k in range(2 * n)]
+        gblocks = [self._params.view(self.grads, k) for k in range(2 * n)]
+        self.W, self.b, self.gW, self.gb = blocks[0::2], blocks[1::2], gblocks[0::2], gblocks[1::2]
+        with torch.no_grad():
+            for m, linears in enumerate(members):
+                for layer, lin in enumerate(linears):
+                    self.W[layer][m].copy_(lin.weight)
+                    self.b[layer][m].copy_(lin.bias)
+                    lin.weight.data = self.W[layer][m]  # the member's module now reads the stack
+                    lin.bias.data = self.b[layer][m]
+        self._Wt = [w.transpose(1, 2) for w in self.W]
+        self._b3 = [b.unsqueeze(1) for b in self.b]
+        self.activation = ACTIVATIONS[activation]
+        self._act = self.activation.module()
+        self._saves, self._backward = BACKWARD[activation]
+        self._derivative = derivative_into(activation, self._saves == "output")
+        self._segments = hidden_segments([int(w) for w in self.widths[:-1]], self.device)
+        self._per_batch: dict[int, tuple] = {}
+        self._current_batch = batch_size
+        self._minus_one: dict[int, torch.Tensor] = {}
+        # the norms of the update's source buffer (weights; see _record_update) and of each
+        # member's gradient (for clipping)
+        self._update_norms = _BlockNorms(
+            [self._params], [(0, 2 * k, m) for m in range(self.size) for k in range(n)],
+            self.device)
+        self._grad_norms = _BlockNorms(
+            [self._params], [(0, k, m) for m in range(self.size) for k in range(2 * n)],
+            self.device)
+        self._setup_optimizer(optimizer, lr, momentum, weight_decay)
+        self.clip = clip_grad_norm
+        self._buffers(max(max_rows, 1))
+
+    def _delta_layout(self, batch: int) -> _Layout:
+        layout = _Layout(self.size)
+        for width in self.widths:
+            layout.add((batch, int(width)))
+        return layout
+
+    def _batch_views(self, batch: int) -> tuple[list[torch.Tensor], _BlockNorms]:
+        """dL/dz views for this batch size and the norms a recorded step takes."""
+        cached = self._per_batch.get(batch)
+        if cached is None:
+            layout = self._delta_layout(batch)
+            base = 2 * self._params.end
+            deltas = [layout.view(self._flat[base:], k) for k in range(self.depth)]
+            n = self.depth
+            wanted = []  # per member: dL/dz, grad W, grad b, W (the recorder's column order)
+            for m in range(self.size):
+                wanted += [(2, k, m) for k in range(n)]
+                wanted += [(1, 2 * k, m) for k in range(n)]
+                wanted += [(1, 2 * k + 1, m) for k in range(n)]
+                wanted += [(0, 2 * k, m) for k in range(n)]
+            norms = _BlockNorms([self._params, self._params, layout], wanted, self.device)
+            cached = self._per_batch[batch] = (deltas, norms)
+        if batch != self._current_batch:
+            # blocks move with the batch size: clear stale values between them
+            self._flat[2 * self._params.end:].zero_()
+            self._current_batch = batch
+        return cached
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self._adam = None
+        self._momentum_buffer = self._decayed = self._snapshot = None
+        if name == "adam":
+            param = nn.Parameter(self.params)  # shares the storage: Adam updates the stack
+            param.grad = self.grads
+            self._adam = torch.optim.Adam([param], lr=lr, weight_decay=weight_decay,
+                                          foreach=True)
+            self._snapshot = self._update_source = torch.empty_like(self.params)
+            return
+        if weight_decay != 0:
+            self._decayed = self._update_source = torch.empty_like(self.params)
+        else:
+            self._update_source = None  # the update is -lr * grad
+        if momentum != 0:
+            self._momentum_buffer = self._update_source = torch.empty_like(self.params)
+            self._momentum_started = False
+
+    def _optimizer_step(self) -> None:
+        """SGD exactly as ``torch.optim.SGD`` computes it (dampening 0, no nesterov), on the
+        flat buffer; or ``torch.optim.Adam``."""
+        if self._adam is not None:
+            self._adam.step()
+            return
+        grad = self.grads
+        if self._decayed is not None:
+            grad = torch.add(grad, self.params, alpha=self.weight_decay, out=self._decayed)
+        if self._momentum_buffer is not None:
+            if self._momentum_started:
+                self._momentum_buffer.mul_(self.momentum).add_(grad)
+            else:  # SGD's first step: the buffer is a copy of the gradient
+                self._momentum_buffer.copy_(grad)
+                self._momentum_started = True
+            grad = self._momentum_buffer
+        self.params.add_(grad, alpha=-self.lr)
+
+    def _clip(self) -> torch.Tensor:
+        """Scale each member's gradient as ``clip_grad_norm_`` would; returns the factors."""
+        rows = self._params.end // SEGMENT
+        squares = self._clip_squares
+        self._grad_norms(self.grads, squares)
+        total = squares.view(self.size, -1).sum(1).sqrt().to(self.dtype)
+        coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
+        self.grads.view(rows, SEGMENT).mul_(coef.index_select(0, self._grad_norms.owner)[:, None])
+        return coef
+
+    # -- the step ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                 list[torch.Tensor]]:
+        """Logits (M, B, classes), each layer's input, and what each hidden layer's backward
+        needs, for x (M, B, features)."""
+        inputs, saved = [x], []
+        z = torch.baddbmm(self._b3[0], x, self._Wt[0])
+        for layer in range(1, self.depth):
+            h = self._act(z)
+            inputs.append(h)
+            saved.append(h if self._saves == "output" else z)
+            z = torch.baddbmm(self._b3[layer], h, self._Wt[layer])
+        return z, inputs, saved
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of every member on its batch: x (M, B, features), y (M, B).
+
+        Returns each member's mean cross-entropy loss (M,) and the logits (M, B, classes).
+        ``record``: record this step (call ``flush`` at an epoch end).
+        """
+        m_count, batch = y.shape
+        deltas, norms = self._batch_views(batch)
+        logits, inputs, saved = self.forward(x)
+        logp = torch.log_softmax(logits, -1)
+        losses = F.nll_loss(logp.view(-1, self.classes), y.view(-1),
+                            reduction="none").view(m_count, batch).mean(1)
+        minus_one = self._minus_one.get(batch)
+        if minus_one is None:
+            minus_one = self._minus_one[batch] = x.new_full((m_count, batch, 1), -1.0)
+        last = self.depth - 1
+        delta = torch.exp(logp, out=deltas[last])  # dL/dlogits = (softmax - onehot) / B
+        delta.scatter_add_(-1, y.unsqueeze(-1), minus_one).mul_(1.0 / batch)
+        for layer in range(last, -1, -1):
+            torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
+            torch.sum(delta, 1, out=self.gb[layer])
+            if layer > 0:
+                delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
+                                       deltas[layer - 1])
+        if record:
+            self._record(losses, saved, batch, norms)
+        coef = self._clip() if self.clip is not None else None
+        if record and self._snapshot is not None:
+            self._snapshot.copy_(self.params)
+        self._optimizer_step()
+        if record:
+            self._record_update(coef)
+        return losses, logits
+
+    # -- recording -----------------------------------------------------------------------------
+    def _buffers(self, rows: int) -> None:
+        m_count, n = self.size, self.depth
+        f64 = dict(device=self.device, dtype=torch.float64)
+        self._norms = torch.full((rows, m_count, 4 * n), math.nan, **f64)  # squared
+        self._update = torch.full((rows, m_count, n), math.nan, **f64)  # squared
+        self._loss = torch.full((rows, m_count), math.nan, device=self.device, dtype=self.dtype)
+        self._coef = torch.ones((rows, m_count), device=self.device, dtype=self.dtype)
+        self._act_stats = torch.full((rows, m_count, n, 3), math.nan, device=self.device,
+                                     dtype=self.dtype)
+        self._clip_squares = torch.empty(self._grad_norms.order.shape[0], **f64)
+        self._batches: list[int] = []
+        self._chunk: torch.Tensor | None = None
+        self._chunk_rows = self._chunk_start = 0
+
+    def _record(self, losses, saved, batch: int, norms: _BlockNorms) -> None:
+        row = len(self._batches)
+        if row == self._norms.shape[0]:
+            raise RuntimeError(f"more than max_rows={row} recorded steps before flush()")
+        self._batches.append(batch)
+        norms(self._flat, self._norms[row].view(-1))
+        self._loss[row].copy_(losses)
+        if saved:
+            self._store_hidden(saved, row, batch)
+
+    def _record_update(self, coef: torch.Tensor | None) -> None:
+        """‖ΔW‖² of the update just made: for plain SGD it is lr² ‖grad‖² (times the clip
+        factor², applied at flush); else the norm of what was applied."""
+        row = len(self._batches) - 1
+        if self._update_source is None:
+            if coef is not None:
+                self._coef[row].copy_(coef)
+            return
+        if self._snapshot is not None:
+            torch.sub(self.params, self._snapshot, out=self._snapshot)
+        self._update_norms(self._update_source, self._update[row].view(-1))
+
+    def _store_hidden(self, saved: list[torch.Tensor], row: int, batch: int) -> None:
+        """Copy the hidden layers' a (or z) to the chunk buffer; stats are taken per chunk."""
+        chunk = self._chunk
+        if chunk is not None and (chunk.shape[2] != batch or self._chunk_rows == chunk.shape[0]):
+            self._process_chunk()
+        if self._chunk is None or self._chunk.shape[2] != batch:
+            width = self._segments.shape[0]
+            rows = max(1, CHUNK_BYTES // (self.size * batch * width * saved[0].element_size()))
+            self._chunk = saved[0].new_empty((rows, self.size, batch, width))
+            self._work = torch.empty_like(self._chunk)
+        if self._chunk_rows == 0:
+            self._chunk_start = row
+        torch.cat(saved, dim=-1, out=self._chunk[self._chunk_rows])
+        self._chunk_rows += 1
+
+    def _process_chunk(self) -> None:
+        rows, start = self._chunk_rows, self._chunk_start
+        if rows:
+            stats = activation_stats(self._chunk[:rows], self._derivative, self.activation,
+                                     self._segments, self._work[:rows])
+            self._act_stats[start:start + rows, :, : stats.shape[2]] = stats
+        self._chunk_rows = 0
+
+    def flush(self, steps: list[int], epoch: int) -> list[pd.DataFrame]:
+        """The grads frame of each member for the steps recorded since the last flush (given
+        as ``steps``, in order), and clear the buffers."""
+        self._process_chunk()
+        rows = len(self._batches)
+        if len(steps) != rows:
+            raise ValueError(f"{len(steps)} steps given for {rows} recorded")
+        norms, update, loss, coef, act = (
+            t[:rows].double().cpu().numpy()
+            for t in (self._norms, self._update, self._loss, self._coef, self._act_stats))
+        norms = np.sqrt(norms)
+        n = self.depth
+        if self._update_source is None:
+            update = norms[:, :, n:2 * n] * coef[:, :, None] * self.lr
+        else:
+            update = np.sqrt(update) * (self.lr if self._adam is None else 1.0)
+        frames = [grads_frame(steps, epoch, norms[:, m], loss[:, m], update[:, m], act[:, m],
+                              self._batches, self.widths, self.activation)
+                  for m in range(self.size)]
+        for t in (self._norms, self._update, self._loss, self._act_stats):
+            t.fill_(math.nan)
+        self._coef.fill_(1.0)
+        self._batches = []
+        return frames

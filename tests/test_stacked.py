@@ -1,0 +1,156 @@
+"""The stacked engine against independent computations: autograd on each member's own module,
+torch.optim and clip_grad_norm_, and the hook recorder's records."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradlab.config import ACTIVATIONS as ACT_NAMES
+from gradlab.models import build_mlp, linear_layers
+from gradlab.record import COLUMNS, GradientRecorder
+from gradlab.stacked import StackedMLP
+from tests.test_record import reference
+
+
+def members(activation, sizes, seeds, init="default"):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(build_mlp(sizes, activation, init))
+    return out
+
+
+def clones(models, activation, sizes):
+    copies = []
+    for model in models:
+        copy = build_mlp(sizes, activation)
+        copy.load_state_dict(model.state_dict())
+        copies.append(copy)
+    return copies
+
+
+def assert_frame_matches(frame, expected, rel=1e-5):
+    for layer, row in enumerate(expected):
+        got = frame.iloc[layer]
+        for column, value in row.items():
+            if np.isnan(value):
+                assert np.isnan(got[column]), (column, layer)
+            else:
+                assert got[column] == pytest.approx(value, rel=rel, abs=1e-7), (column, layer)
+
+
+@pytest.mark.parametrize("activation", ACT_NAMES)
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_gradients_and_records_match_autograd(activation, depth):
+    torch.manual_seed(depth)
+    sizes = (784,) + tuple(int(w) for w in torch.randint(5, 40, (depth - 1,))) + (10,)
+    models = members(activation, sizes, [0, 1])
+    before = [[m.weight.detach().clone() for m in linear_layers(model)] for model in models]
+    x, y = torch.rand(2, 33, 784), torch.randint(0, 10, (2, 33))
+    expected = [reference(model, activation, x[i], y[i]) for i, model in enumerate(models)]
+    grads = []
+    for i, model in enumerate(models):
+        loss = F.cross_entropy(model(x[i]), y[i])
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    engine = StackedMLP(models, activation, batch_size=33, lr=0.5, max_rows=1)
+    losses, _ = engine.step(x, y, record=True)
+    frames = engine.flush([0], epoch=1)
+    for i, model in enumerate(models):
+        assert list(frames[i].columns) == ["step", "epoch", "layer", *COLUMNS]
+        assert losses[i].item() == pytest.approx(expected[i][0]["loss"], rel=1e-6)
+        for layer in range(depth):
+            for k, stacked in enumerate((engine.gW[layer][i], engine.gb[layer][i])):
+                torch.testing.assert_close(stacked, grads[i][2 * layer + k], rtol=1e-5,
+                                           atol=1e-7)
+        assert_frame_matches(frames[i], expected[i])
+        for layer, lin in enumerate(linear_layers(model)):  # the module sees the update
+            delta = (lin.weight.detach() - before[i][layer]).norm() / before[i][layer].norm()
+            assert frames[i].iloc[layer]["update_ratio"] == pytest.approx(delta.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(optimizer="sgd", momentum=0.9), dict(optimizer="sgd", weight_decay=0.01),
+    dict(optimizer="sgd", momentum=0.5, weight_decay=0.1), dict(optimizer="adam", lr=0.01),
+    dict(optimizer="sgd", clip_grad_norm=0.05), dict(optimizer="adam", lr=0.01,
+                                                     clip_grad_norm=0.05),
+])
+def test_optimizers_and_clipping_match_torch(options):
+    options = {"lr": 0.2, **options}
+    models = members("tanh", (784, 20, 15, 10), [3, 4])
+    twins = clones(models, "tanh", (784, 20, 15, 10))
+    engine = StackedMLP(models, "tanh", batch_size=16, max_rows=4, **options)
+    optimizers = []
+    for twin in twins:
+        if options["optimizer"] == "adam":
+            optimizers.append(torch.optim.Adam(twin.parameters(), lr=options["lr"],
+                                               weight_decay=options.get("weight_decay", 0)))
+        else:
+            optimizers.append(torch.optim.SGD(twin.parameters(), lr=options["lr"],
+                                              momentum=options.get("momentum", 0),
+                                              weight_decay=options.get("weight_decay", 0)))
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x, y = torch.rand(2, 16, 784, generator=g), torch.randint(0, 10, (2, 16), generator=g)
+        before = [[m.weight.detach().clone() for m in linear_layers(t)] for t in twins]
+        engine.step(x, y, record=True)
+        for i, (twin, opt) in enumerate(zip(twins, optimizers, strict=True)):
+            opt.zero_grad()
+            F.cross_entropy(twin(x[i]), y[i]).backward()
+            if "clip_grad_norm" in options:
+                nn.utils.clip_grad_norm_(twin.parameters(), options["clip_grad_norm"])
+            opt.step()
+            # Adam divides by sqrt(v): where a gradient is ~0, float noise moves it by ~lr*1e-3
+            atol = 1e-5 if options["optimizer"] == "adam" else 1e-6
+            for mine, theirs in zip(models[i].parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=atol)
+        if step == 3:
+            frames = engine.flush(list(range(4)), epoch=1)
+            for i, twin in enumerate(twins):
+                for layer, lin in enumerate(linear_layers(twin)):
+                    delta = (lin.weight.detach() - before[i][layer]).norm()
+                    ratio = (delta / before[i][layer].norm()).item()
+                    got = frames[i][frames[i]["step"] == 3].iloc[layer]["update_ratio"]
+                    assert got == pytest.approx(ratio, rel=1e-3)
+
+
+def test_batch_size_change_and_chunks_match_the_hook_recorder(monkeypatch):
+    """Records of a run with a smaller last batch and several activation chunks equal the hook
+    recorder's on the same module trained with torch.optim."""
+    monkeypatch.setattr("gradlab.stacked.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
+    monkeypatch.setattr("gradlab.record.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
+    activation = "sigmoid"
+    (model,) = members(activation, (784, 30, 20, 10), [5])
+    (twin,) = clones([model], activation, (784, 30, 20, 10))
+    engine = StackedMLP([model], activation, batch_size=40, lr=0.3, max_rows=10)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.3)
+    g = torch.Generator().manual_seed(1)
+    batches = [40, 40, 40, 40, 40, 40, 40, 13, 40, 13]
+    with GradientRecorder(twin, activation, np.arange(len(batches)), optimizer=opt) as rec:
+        for step, batch in enumerate(batches):
+            x, y = torch.rand(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
+            engine.step(x[None], y[None], record=True)
+            rec.begin_step(step)
+            loss = F.cross_entropy(twin(x), y)
+            opt.zero_grad()
+            loss.backward()
+            rec.after_backward(loss)
+            opt.step()
+            rec.after_update()
+        theirs = rec.flush(epoch=1)
+    (mine,) = engine.flush(list(range(len(batches))), epoch=1)
+    assert len(mine) == len(theirs) == 3 * len(batches)
+    for column in COLUMNS:
+        np.testing.assert_allclose(mine[column], theirs[column], rtol=1e-4, atol=1e-8,
+                                   err_msg=column)
+
+
+def test_flush_checks_the_step_count():
+    (model,) = members("relu", (784, 8, 10), [0])
+    engine = StackedMLP([model], "relu", batch_size=4, max_rows=1)
+    engine.step(torch.rand(1, 4, 784), torch.randint(0, 10, (1, 4)), record=True)
+    with pytest.raises(ValueError):
+        engine.flush([0, 1], epoch=1)
+    with pytest.raises(RuntimeError):
+        engine.step(torch.rand(1, 4, 784), torch.randint(0, 10, (1, 4)), record=True)
