@@ -74,8 +74,41 @@ def data_dir_option(f):
                         help="dataset root [default: $GRADLAB_DATA, else ./data]")(f)
 
 
+class Device(click.ParamType):
+    """A torch device name: auto, cpu, cuda, cuda:N or mps."""
+
+    name = "device"
+    PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        if not re.fullmatch(self.PATTERN, str(value)):
+            self.fail(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or mps", param, ctx)
+        return str(value)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that this machine lacks, before anything is written (``auto`` and
+    ``cpu`` always work)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device == "mps":
+        ok = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        count = "no MPS device"
+    else:
+        index = int(device.partition(":")[2] or 0)
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ok, count = index < n, f"{n} CUDA device{'s' if n != 1 else ''}"
+    if not ok:
+        raise click.BadParameter(f"{device} is not available here (torch sees {count}): use "
+                                 f"auto or cpu", param_hint="'--device'")
+
+
 def device_option(f):
-    return click.option("--device", default="auto",
+    return click.option("--device", type=Device(), default="auto",
                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")(f)
 
 
@@ -95,12 +128,13 @@ def train(out, data_dir, device, force, quiet, **options):
     epochs.parquet and status.json.
     """
     from .config import make_config
-    from .data import ensure_raw, resolve_data_dir
+    from .data import ensure_data, resolve_data_dir
     from .runner import execute
     from .store import ensure_out, is_complete, read_status, run_dir
 
     config = make_config(**grid_from_options(options))
-    ensure_raw(config.dataset, resolve_data_dir(data_dir))
+    check_device(device)
+    ensure_data(config.dataset, resolve_data_dir(data_dir), config.train_size)
     ensure_out(out)
     path = run_dir(out, config.run_id())
     if is_complete(out, config.run_id()) and not force:
@@ -167,6 +201,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, make_repo
     from .sweep import format_summary, run_sweep, sweep_summary
 
     configs = expand_grid(grid_from_options(options))
+    if executor == "local":  # Ray workers may have devices that this machine lacks
+        check_device(device)
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
@@ -323,7 +359,7 @@ def report(results):
               help="results folder [default: results/<spec name>]")
 @jobs_options
 @data_dir_option
-@click.option("--device", default="cpu",
+@click.option("--device", type=Device(), default="cpu",
               help="where missing runs train; the committed results were made on the CPU, "
                    "whose runs are bit-for-bit reproducible")
 def figures(spec, out, jobs, threads, data_dir, device):
@@ -336,6 +372,7 @@ def figures(spec, out, jobs, threads, data_dir, device):
     from .experiment import build, load_spec
 
     experiment = load_spec(spec)
+    check_device(device)
     configs = experiment.configs()
     out = out or f"results/{experiment.name}"
     with SweepProgress(configs, out) as progress:

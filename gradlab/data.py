@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import shutil
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,55 @@ def ensure_raw(name: str, root: Path, *, download: bool = True) -> Path:
     return folder
 
 
+def _idx_shape(path: Path, ndim: int) -> tuple[int, ...]:
+    """The shape in an uint8 IDX file's header, checked against the file's size (a truncated
+    file, or one that is not IDX, raises ValueError)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, 0x08, ndim)):
+        raise ValueError(f"{path.name} has no uint8 IDX header with {ndim} dimension(s)")
+    shape = struct.unpack(f">{ndim}I", header[4:])
+    expected = len(header) + math.prod(shape)
+    if size != expected:
+        raise ValueError(f"{path.name} has {size} bytes, its header says {expected}")
+    return shape
+
+
+def check_raw(name: str, folder: Path) -> int:
+    """Check the four raw files without loading the images: IDX headers that match the file
+    sizes, 28x28 images, as many labels 0-9. Returns the number of training examples."""
+    counts = {}
+    for prefix in ("train", "t10k"):
+        try:
+            images = _idx_shape(folder / f"{prefix}-images-idx3-ubyte", 3)
+            labels = _idx_shape(folder / f"{prefix}-labels-idx1-ubyte", 1)
+        except (OSError, ValueError) as e:
+            raise DataError(f"could not read {name} files in {folder}: they are truncated or "
+                            f"not IDX files ({e}); expected {', '.join(RAW_FILES)}") from None
+        values = (folder / f"{prefix}-labels-idx1-ubyte").read_bytes()[8:]
+        if images[1:] != (28, 28) or labels[0] != images[0] or not images[0] or max(values) > 9:
+            raise DataError(f"{folder} does not hold {name}: expected 28x28 uint8 images with "
+                            f"as many labels 0-9, got {prefix} images {images} and "
+                            f"{labels[0]} labels up to {max(values, default=0)}")
+        counts[prefix] = images[0]
+    return counts["train"]
+
+
+def check_train_size(name: str, train_size: int | None, available: int) -> None:
+    if train_size is not None and train_size > available:
+        raise DataError(f"train_size={train_size} is larger than the {available} training "
+                        f"examples of {name}: give at most {available}, or leave it out")
+
+
+def ensure_data(name: str, root: Path, train_size: int | None = None) -> Path:
+    """Everything a run needs of its data, checked before anything is written: the raw files
+    (downloaded if missing), whole and of the right shape, and ``train_size`` examples."""
+    folder = ensure_raw(name, root)
+    check_train_size(name, train_size, check_raw(name, folder))
+    return folder
+
+
 @functools.lru_cache(maxsize=4)
 def _load_uint8(name: str, root: str) -> tuple[torch.Tensor, ...]:
     """Read the raw files once per process (torchvision parses the IDX format)."""
@@ -153,9 +204,7 @@ def load_data(
     root = resolve_data_dir(data_dir)
     x_tr, y_tr, x_te, y_te = _load_uint8(name, str(root))
     if train_size is not None:
-        if train_size > len(x_tr):
-            raise DataError(f"train_size={train_size} is larger than the {len(x_tr)} "
-                            f"training examples of {name}")
+        check_train_size(name, train_size, len(x_tr))
         x_tr, y_tr = x_tr[:train_size], y_tr[:train_size]
     x_tr = x_tr.reshape(len(x_tr), -1).float().div_(255)
     x_te = x_te.reshape(len(x_te), -1).float().div_(255)

@@ -94,6 +94,10 @@ def load_spec(path: str | os.PathLike) -> Experiment:
     if not isinstance(sweeps, list) or not sweeps or not all(isinstance(s, dict)
                                                              for s in sweeps):
         raise SpecError(f"{path}: needs at least one [[sweep]] table of run options")
+    for index, grid in enumerate(sweeps, 1):
+        if not grid:  # would train the defaults: 10 epochs of full MNIST, surely not meant
+            raise SpecError(f"{path}: [[sweep]] {index} is empty: give run options such as "
+                            f"depth = [3, 5] and activation = [\"sigmoid\", \"relu\"]")
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise SpecError(f"{path}: description must be a string")

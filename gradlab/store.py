@@ -121,9 +121,11 @@ def ensure_out(out: str | os.PathLike) -> Path:
     try:
         (out / RUNS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StoreError(f"cannot create output folder {out / RUNS}: {e.strerror}") from None
+        raise StoreError(f"cannot create output folder {out / RUNS}: {e.strerror}: give a "
+                         f"folder path that can be written") from None
     if not os.access(out / RUNS, os.W_OK):
-        raise StoreError(f"output folder {out / RUNS} is not writable")
+        raise StoreError(f"output folder {out / RUNS} is not writable: give a folder path "
+                         f"that can be written")
     return out
 
 

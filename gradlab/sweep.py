@@ -336,11 +336,16 @@ def plan(configs: list[RunConfig], out: str | os.PathLike) -> tuple[list[RunConf
 
 
 def check_data(configs: Iterable[RunConfig], data_dir: str | None) -> None:
-    """Make sure every dataset of the grid is there before any run starts (raises DataError)."""
-    from .data import ensure_raw, resolve_data_dir
+    """Make sure every dataset of the grid is there, whole and large enough for every
+    ``train_size``, before any run starts (raises DataError)."""
+    from .data import ensure_data, resolve_data_dir
 
-    for dataset in sorted({c.dataset for c in configs}):
-        ensure_raw(dataset, resolve_data_dir(data_dir))
+    largest: dict[str, int | None] = {}  # the largest train_size per dataset (None: all)
+    for c in configs:
+        sizes = [v for v in (largest.get(c.dataset), c.train_size) if v is not None]
+        largest[c.dataset] = max(sizes, default=None)
+    for dataset in sorted(largest):
+        ensure_data(dataset, resolve_data_dir(data_dir), largest[dataset])
 
 
 def run_sweep(
