@@ -9,11 +9,12 @@ member or many (their products are batched with ``bmm``), and what the recorder 
 
 * weights, gradients and the backward pass's dL/dz live in one flat buffer, each (member, tensor)
   block starting at a multiple of ``SEGMENT`` floats with zeros between blocks, so the squared
-  norms of all of them are per-row norms of the buffer seen as (rows, SEGMENT) followed by a
-  cumulative sum and a difference at the block boundaries: six ops for every norm of a step;
+  norms of all of them are per-row norms of the buffer seen as (rows, SEGMENT) summed per block:
+  four ops for every norm of a step, whatever the depth and the number of members;
 * SGD's update is known without a snapshot of the weights (``-lr * grad``, or the momentum
   buffer); Adam's is the difference to a snapshot;
-* f' of the hidden layers is taken from the activations, a chunk of recorded steps at a time
+* the hidden layers' outputs (or, where f' needs it, their inputs z) are written side by side
+  into one buffer, whether the step is recorded or not, so f' statistics are a few ops on it
   (``record.activation_stats``).
 
 The backward pass uses autograd's own kernels for each activation (``sigmoid_backward`` etc.);
@@ -25,6 +26,7 @@ the stacked buffer, for evaluation and inspection. Column semantics: see ``recor
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,7 +36,6 @@ from torch.nn import functional as F
 
 from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
 from .record import (
-    CHUNK_BYTES,
     activation_stats,
     derivative_into,
     grads_frame,
@@ -44,20 +45,26 @@ from .record import (
 aten = torch.ops.aten
 SEGMENT = 256  # floats per row of the norm view; every block starts at a multiple of it
 
-# dL/dz from dL/da = g, written to ``out``, and whether the activation's backward reads its
-# output a ("output") or its input z ("input"); the kernels are those of autograd's formulas.
-BACKWARD = {
-    "sigmoid": ("output", lambda g, a, out: aten.sigmoid_backward.grad_input(g, a, grad_input=out)),
-    "tanh": ("output", lambda g, a, out: aten.tanh_backward.grad_input(g, a, grad_input=out)),
-    "relu": ("output",
+# For each activation: whether its backward reads its output a ("output") or its input z
+# ("input"); for "output", f(z) written into ``out``; dL/dz from dL/da = g written into ``out``.
+# The kernels are those of the nn modules and of autograd's formulas.
+ACTIVATION_KERNELS = {
+    "sigmoid": ("output", lambda z, out: torch.sigmoid(z, out=out),
+                lambda g, a, out: aten.sigmoid_backward.grad_input(g, a, grad_input=out)),
+    "tanh": ("output", lambda z, out: torch.tanh(z, out=out),
+             lambda g, a, out: aten.tanh_backward.grad_input(g, a, grad_input=out)),
+    "relu": ("output", lambda z, out: aten.relu.out(z, out=out),
              lambda g, a, out: aten.threshold_backward.grad_input(g, a, 0, grad_input=out)),
-    "leaky_relu": ("output", lambda g, a, out: aten.leaky_relu_backward.grad_input(
-        g, a, LEAKY_SLOPE, True, grad_input=out)),
-    "elu": ("output", lambda g, a, out: aten.elu_backward.grad_input(
-        g, 1.0, 1, 1, True, a, grad_input=out)),
-    "gelu": ("input", lambda g, z, out: aten.gelu_backward.grad_input(g, z, grad_input=out)),
-    "silu": ("input", lambda g, z, out: aten.silu_backward.grad_input(g, z, grad_input=out)),
-    "softsign": ("input",
+    "leaky_relu": ("output", lambda z, out: aten.leaky_relu.out(z, LEAKY_SLOPE, out=out),
+                   lambda g, a, out: aten.leaky_relu_backward.grad_input(
+                       g, a, LEAKY_SLOPE, True, grad_input=out)),
+    "elu": ("output", lambda z, out: aten.elu.out(z, 1.0, 1, 1, out=out),
+            lambda g, a, out: aten.elu_backward.grad_input(g, 1.0, 1, 1, True, a,
+                                                           grad_input=out)),
+    "gelu": ("input", None,
+             lambda g, z, out: aten.gelu_backward.grad_input(g, z, grad_input=out)),
+    "silu": ("input", None, lambda g, z, out: aten.silu_backward.grad_input(g, z, grad_input=out)),
+    "softsign": ("input", None,
                  lambda g, z, out: torch.mul(g, ACTIVATIONS["softsign"].derivative(z), out=out)),
 }
 
@@ -96,8 +103,8 @@ class _Layout:
 class _BlockNorms:
     """Squared norms of chosen blocks of a flat buffer made of ``regions`` (layouts laid end to
     end from its start), with one norm pass: every row of the (rows, SEGMENT) view belongs to
-    one (block, member), so per-row norms summed per block (``bincount``) are the blocks'
-    squared norms, and a block's inf or nan stays in that block."""
+    one (block, member), so per-row norms summed per block (``segment_reduce``) are the
+    blocks' squared norms, and a block's inf or nan stays in that block."""
 
     def __init__(self, regions: list[_Layout], wanted: list[tuple[int, int, int]], device):
         index, lengths, owners = {}, [], []
@@ -110,15 +117,23 @@ class _BlockNorms:
                     owners.append(member)
         self.rows, self.count = sum(lengths), len(index)
         lengths = torch.tensor(lengths)
-        self.ids = torch.repeat_interleave(torch.arange(self.count), lengths).to(device)
+        self.lengths = lengths.to(device)
         self.owner = torch.repeat_interleave(torch.tensor(owners), lengths).to(device)
         self.order = torch.tensor([index[w] for w in wanted], device=device)
 
     def __call__(self, buffer: torch.Tensor, out: torch.Tensor) -> None:
         view = buffer[: self.rows * SEGMENT].view(self.rows, SEGMENT)
-        squares = torch.linalg.vector_norm(view, dim=1).double().square_()
-        sums = torch.bincount(self.ids, weights=squares, minlength=self.count)
+        squares = torch.linalg.vector_norm(view, dim=1).square_()
+        sums = torch.segment_reduce(squares, "sum", lengths=self.lengths, unsafe=True)
         torch.index_select(sums, 0, self.order, out=out)
+
+
+class _BatchViews(NamedTuple):
+    deltas: list[torch.Tensor]  # dL/dz per layer, (M, B, width) views of the flat buffer
+    norms: _BlockNorms  # the norms of a recorded step
+    hidden: torch.Tensor  # (M, B, sum of hidden widths): the hidden layers' a (or z)
+    slices: list[torch.Tensor]  # its per-layer views
+    work: torch.Tensor  # scratch of hidden's shape
 
 
 class StackedMLP:
@@ -172,7 +187,7 @@ class StackedMLP:
         self._b3 = [b.unsqueeze(1) for b in self.b]
         self.activation = ACTIVATIONS[activation]
         self._act = self.activation.module()
-        self._saves, self._backward = BACKWARD[activation]
+        self._saves, self._act_into, self._backward = ACTIVATION_KERNELS[activation]
         self._derivative = derivative_into(activation, self._saves == "output")
         self._segments = hidden_segments([int(w) for w in self.widths[:-1]], self.device)
         self._per_batch: dict[int, tuple] = {}
@@ -196,27 +211,36 @@ class StackedMLP:
             layout.add((batch, int(width)))
         return layout
 
-    def _batch_views(self, batch: int) -> tuple[list[torch.Tensor], _BlockNorms]:
-        """dL/dz views for this batch size and the norms a recorded step takes."""
-        cached = self._per_batch.get(batch)
-        if cached is None:
-            layout = self._delta_layout(batch)
-            base = 2 * self._params.end
-            deltas = [layout.view(self._flat[base:], k) for k in range(self.depth)]
-            n = self.depth
-            wanted = []  # per member: dL/dz, grad W, grad b, W (the recorder's column order)
-            for m in range(self.size):
-                wanted += [(2, k, m) for k in range(n)]
-                wanted += [(1, 2 * k, m) for k in range(n)]
-                wanted += [(1, 2 * k + 1, m) for k in range(n)]
-                wanted += [(0, 2 * k, m) for k in range(n)]
-            norms = _BlockNorms([self._params, self._params, layout], wanted, self.device)
-            cached = self._per_batch[batch] = (deltas, norms)
+    def _batch_views(self, batch: int) -> _BatchViews:
+        """The buffers for this batch size (made once per size)."""
+        views = self._per_batch.get(batch)
+        if views is None:
+            views = self._per_batch[batch] = self._make_batch_views(batch)
         if batch != self._current_batch:
-            # blocks move with the batch size: clear stale values between them
+            # dL/dz blocks move with the batch size: clear stale values between them
             self._flat[2 * self._params.end:].zero_()
             self._current_batch = batch
-        return cached
+        return views
+
+    def _make_batch_views(self, batch: int) -> _BatchViews:
+        layout = self._delta_layout(batch)
+        base = 2 * self._params.end
+        deltas = [layout.view(self._flat[base:], k) for k in range(self.depth)]
+        n = self.depth
+        wanted = []  # per member: dL/dz, grad W, grad b, W (the recorder's column order)
+        for m in range(self.size):
+            wanted += [(2, k, m) for k in range(n)]
+            wanted += [(1, 2 * k, m) for k in range(n)]
+            wanted += [(1, 2 * k + 1, m) for k in range(n)]
+            wanted += [(0, 2 * k, m) for k in range(n)]
+        norms = _BlockNorms([self._params, self._params, layout], wanted, self.device)
+        # every hidden layer's a (or z) side by side: the activation statistics read them in
+        # place. Recorded or not, a step computes the same products on the same buffer.
+        width = self._segments.shape[0]
+        hidden = self._flat.new_empty((self.size, batch, width))
+        starts = np.cumsum([0, *self.widths[:-1]]).astype(int)
+        slices = [hidden[..., starts[k]:starts[k + 1]] for k in range(n - 1)]
+        return _BatchViews(deltas, norms, hidden, slices, torch.empty_like(hidden))
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -261,23 +285,29 @@ class StackedMLP:
         rows = self._params.end // SEGMENT
         squares = self._clip_squares
         self._grad_norms(self.grads, squares)
-        total = squares.view(self.size, -1).sum(1).sqrt().to(self.dtype)
+        total = squares.view(self.size, -1).sum(1).sqrt_()
         coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
         self.grads.view(rows, SEGMENT).mul_(coef.index_select(0, self._grad_norms.owner)[:, None])
         return coef
 
     # -- the step ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                 list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits (M, B, classes), each layer's input, and what each hidden layer's backward
-        needs, for x (M, B, features)."""
+        needs, for x (M, B, features); ``hidden``: where each hidden layer's a (or z) goes."""
         inputs, saved = [x], []
-        z = torch.baddbmm(self._b3[0], x, self._Wt[0])
+        z = torch.baddbmm(self._b3[0], x, self._Wt[0],
+                          out=hidden[0] if self._saves == "input" and hidden else None)
         for layer in range(1, self.depth):
-            h = self._act(z)
+            if self._saves == "output":
+                h = self._act_into(z, hidden[layer - 1])
+                saved.append(h)
+            else:
+                h = self._act(z)
+                saved.append(z)
             inputs.append(h)
-            saved.append(h if self._saves == "output" else z)
-            z = torch.baddbmm(self._b3[layer], h, self._Wt[layer])
+            out = hidden[layer] if self._saves == "input" and layer < self.depth - 1 else None
+            z = torch.baddbmm(self._b3[layer], h, self._Wt[layer], out=out)
         return z, inputs, saved
 
     @torch.no_grad()
@@ -289,8 +319,9 @@ class StackedMLP:
         ``record``: record this step (call ``flush`` at an epoch end).
         """
         m_count, batch = y.shape
-        deltas, norms = self._batch_views(batch)
-        logits, inputs, saved = self.forward(x)
+        views = self._batch_views(batch)
+        deltas = views.deltas
+        logits, inputs, saved = self.forward(x, views.slices)
         logp = torch.log_softmax(logits, -1)
         losses = F.nll_loss(logp.view(-1, self.classes), y.view(-1),
                             reduction="none").view(m_count, batch).mean(1)
@@ -307,7 +338,7 @@ class StackedMLP:
                 delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
                                        deltas[layer - 1])
         if record:
-            self._record(losses, saved, batch, norms)
+            self._record(losses, views)
         coef = self._clip() if self.clip is not None else None
         if record and self._snapshot is not None:
             self._snapshot.copy_(self.params)
@@ -319,27 +350,27 @@ class StackedMLP:
     # -- recording -----------------------------------------------------------------------------
     def _buffers(self, rows: int) -> None:
         m_count, n = self.size, self.depth
-        f64 = dict(device=self.device, dtype=torch.float64)
-        self._norms = torch.full((rows, m_count, 4 * n), math.nan, **f64)  # squared
-        self._update = torch.full((rows, m_count, n), math.nan, **f64)  # squared
-        self._loss = torch.full((rows, m_count), math.nan, device=self.device, dtype=self.dtype)
+        f32 = dict(device=self.device, dtype=self.dtype)
+        self._norms = torch.full((rows, m_count, 4 * n), math.nan, **f32)  # squared
+        self._update = torch.full((rows, m_count, n), math.nan, **f32)  # squared
+        self._losses: list[torch.Tensor] = []  # of the recorded steps, stacked at flush
         self._coef = torch.ones((rows, m_count), device=self.device, dtype=self.dtype)
         self._act_stats = torch.full((rows, m_count, n, 3), math.nan, device=self.device,
                                      dtype=self.dtype)
-        self._clip_squares = torch.empty(self._grad_norms.order.shape[0], **f64)
+        self._clip_squares = torch.empty(self._grad_norms.order.shape[0], **f32)
         self._batches: list[int] = []
-        self._chunk: torch.Tensor | None = None
-        self._chunk_rows = self._chunk_start = 0
 
-    def _record(self, losses, saved, batch: int, norms: _BlockNorms) -> None:
+    def _record(self, losses: torch.Tensor, views: _BatchViews) -> None:
         row = len(self._batches)
         if row == self._norms.shape[0]:
             raise RuntimeError(f"more than max_rows={row} recorded steps before flush()")
-        self._batches.append(batch)
-        norms(self._flat, self._norms[row].view(-1))
-        self._loss[row].copy_(losses)
-        if saved:
-            self._store_hidden(saved, row, batch)
+        self._batches.append(views.hidden.shape[1])
+        views.norms(self._flat, self._norms[row].view(-1))
+        self._losses.append(losses)
+        if self.depth > 1:
+            stats = activation_stats(views.hidden, self._derivative, self.activation,
+                                     self._segments, views.work)
+            self._act_stats[row, :, : self.depth - 1] = stats
 
     def _record_update(self, coef: torch.Tensor | None) -> None:
         """‖ΔW‖² of the update just made: for plain SGD it is lr² ‖grad‖² (times the clip
@@ -353,39 +384,16 @@ class StackedMLP:
             torch.sub(self.params, self._snapshot, out=self._snapshot)
         self._update_norms(self._update_source, self._update[row].view(-1))
 
-    def _store_hidden(self, saved: list[torch.Tensor], row: int, batch: int) -> None:
-        """Copy the hidden layers' a (or z) to the chunk buffer; stats are taken per chunk."""
-        chunk = self._chunk
-        if chunk is not None and (chunk.shape[2] != batch or self._chunk_rows == chunk.shape[0]):
-            self._process_chunk()
-        if self._chunk is None or self._chunk.shape[2] != batch:
-            width = self._segments.shape[0]
-            rows = max(1, CHUNK_BYTES // (self.size * batch * width * saved[0].element_size()))
-            self._chunk = saved[0].new_empty((rows, self.size, batch, width))
-            self._work = torch.empty_like(self._chunk)
-        if self._chunk_rows == 0:
-            self._chunk_start = row
-        torch.cat(saved, dim=-1, out=self._chunk[self._chunk_rows])
-        self._chunk_rows += 1
-
-    def _process_chunk(self) -> None:
-        rows, start = self._chunk_rows, self._chunk_start
-        if rows:
-            stats = activation_stats(self._chunk[:rows], self._derivative, self.activation,
-                                     self._segments, self._work[:rows])
-            self._act_stats[start:start + rows, :, : stats.shape[2]] = stats
-        self._chunk_rows = 0
-
     def flush(self, steps: list[int], epoch: int) -> list[pd.DataFrame]:
         """The grads frame of each member for the steps recorded since the last flush (given
         as ``steps``, in order), and clear the buffers."""
-        self._process_chunk()
         rows = len(self._batches)
         if len(steps) != rows:
             raise ValueError(f"{len(steps)} steps given for {rows} recorded")
+        losses = torch.stack(self._losses) if rows else self._coef[:0]
         norms, update, loss, coef, act = (
             t[:rows].double().cpu().numpy()
-            for t in (self._norms, self._update, self._loss, self._coef, self._act_stats))
+            for t in (self._norms, self._update, losses, self._coef, self._act_stats))
         norms = np.sqrt(norms)
         n = self.depth
         if self._update_source is None:
@@ -395,8 +403,8 @@ class StackedMLP:
         frames = [grads_frame(steps, epoch, norms[:, m], loss[:, m], update[:, m], act[:, m],
                               self._batches, self.widths, self.activation)
                   for m in range(self.size)]
-        for t in (self._norms, self._update, self._loss, self._act_stats):
+        for t in (self._norms, self._update, self._act_stats):
             t.fill_(math.nan)
         self._coef.fill_(1.0)
-        self._batches = []
+        self._batches, self._losses = [], []
         return frames

@@ -115,10 +115,9 @@ def test_optimizers_and_clipping_match_torch(options):
                     assert got == pytest.approx(ratio, rel=1e-3)
 
 
-def test_batch_size_change_and_chunks_match_the_hook_recorder(monkeypatch):
-    """Records of a run with a smaller last batch and several activation chunks equal the hook
-    recorder's on the same module trained with torch.optim."""
-    monkeypatch.setattr("gradlab.stacked.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
+def test_batch_size_changes_match_the_hook_recorder(monkeypatch):
+    """Records of a run with a smaller batch now and then equal the hook recorder's (with
+    several activation chunks) on the same module trained with torch.optim."""
     monkeypatch.setattr("gradlab.record.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
     activation = "sigmoid"
     (model,) = members(activation, (784, 30, 20, 10), [5])
