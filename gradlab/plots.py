@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
 from .config import CONFIG_FIELDS, ConfigError
-from .store import Results, StoreError, _atomic, load
+from .store import Results, StoreError, _atomic, load, make_folder
 
 LAYER_LABEL = "layer (input → output)"
 SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
@@ -154,16 +154,19 @@ def run_notes(data: pd.DataFrame) -> list[str]:
     return notes
 
 
-def finite(data: pd.DataFrame, y: str, *, log: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def finite(data: pd.DataFrame, y: str, *, log: bool = False,
+           label: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Rows of ``data`` whose ``y`` can be drawn, and a note of how many were left out: NaN/inf
-    (e.g. from a diverged run), and zeros or negatives on a log axis."""
+    (e.g. from a diverged run), and zeros or negatives on a log axis. ``label`` names ``y`` in
+    the note."""
     values = data[y].to_numpy(dtype=float)
     bad = ~np.isfinite(values)
-    notes = [f"{int(bad.sum())} non-finite {y} values dropped"] if bad.any() else []
+    label = label or y
+    notes = [f"{int(bad.sum())} non-finite {label} values dropped"] if bad.any() else []
     if log:
         nonpositive = np.isfinite(values) & (values <= 0)
         if nonpositive.any():
-            notes.append(f"{int(nonpositive.sum())} zero {y} values not on the log axis")
+            notes.append(f"{int(nonpositive.sum())} zero {label} values not on the log axis")
         bad |= nonpositive
     return data[~bad], notes
 
@@ -693,7 +696,7 @@ def accuracy_by_epoch(data: pd.DataFrame, *, x: str = "epoch",
         rows = data[data["split"] == split]
         ids = [c for c in dict.fromkeys(["run_id", x, hue, col, "status"]) if c in data]
         long = rows.melt(id_vars=ids, value_vars=y, var_name="metric", value_name="value")
-        long, notes = finite(long, "value")
+        long, notes = finite(long, "value", label=f"{split} {'/'.join(y)}")
         if long.empty:
             raise ValueError(f"no finite {split} {', '.join(y)} values to draw")
         colors = palette(hue_order or levels(long, hue))
@@ -877,8 +880,7 @@ def write_figures(results_dir: str | os.PathLike, formats: Sequence[str] = ("png
     data = prepare(load(results_dir), results_dir)
     if data.grads.empty and data.epochs.empty:
         raise StoreError(f"{results_dir}: no finished run has records: nothing to draw")
-    out = Path(results_dir) / "figures"
-    out.mkdir(exist_ok=True)
+    out = make_folder(Path(results_dir) / "figures")
     paths = []
     for name, fig in figures(data, only):
         for fmt in formats:

@@ -189,9 +189,11 @@ def runs_section(data: Prepared) -> str:
         else pd.Series(dtype=float)
     frame = runs.sort_values([*keys, "seed", "run_id"], kind="stable")
     table = frame[["run_id", *keys, "seed", "status"]].copy()
+    # only a complete run has a final accuracy (a diverged one may have stored the accuracy of
+    # an epoch before it diverged; the accuracy table leaves such runs out too)
     table["final test accuracy (%)"] = [
-        percent(a) if a is not None and not math.isnan(a) else None
-        for a in frame["final_test_accuracy"].astype(float)]
+        percent(a) if status == "complete" and a is not None and not math.isnan(a) else None
+        for a, status in zip(frame["final_test_accuracy"].astype(float), frame["status"])]
     table["vanishing ratio"] = [ratio_text(ratios.get(r, math.nan)) for r in frame["run_id"]]
     table["diverged at step"] = [None if s is None or s != s else str(int(s))
                                  for s in frame["diverged_step"]]

@@ -43,14 +43,30 @@ def now() -> str:
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name in the same folder, then rename."""
+    """Write through ``write(tmp_path)`` to a temporary name in the same folder, then rename;
+    a path that cannot be written is a one-line StoreError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror or type(e).__name__}: give a "
+                         f"folder where files can be written") from None
     finally:
-        if tmp.exists():
+        if tmp.is_file():
             tmp.unlink()
+
+
+def make_folder(path: Path) -> Path:
+    """``mkdir -p``, or a one-line StoreError (e.g. when ``path`` or a parent is a file)."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"output folder {path} is a file: give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create output folder {path}: {e.strerror}: give a folder "
+                         f"path that can be written") from None
+    return path
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -118,11 +134,7 @@ def ensure_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StoreError(f"output folder {out} is a file: give a folder path")
-    try:
-        (out / RUNS).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot create output folder {out / RUNS}: {e.strerror}: give a "
-                         f"folder path that can be written") from None
+    make_folder(out / RUNS)
     if not os.access(out / RUNS, os.W_OK):
         raise StoreError(f"output folder {out / RUNS} is not writable: give a folder path "
                          f"that can be written")

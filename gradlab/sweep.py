@@ -550,7 +550,10 @@ def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
             note = f"diverged at step {meta['diverged_step']}"
         elif meta["status"] == "failed":
             note = str(meta.get("error") or "")
-        rows.append({**{k: meta.get(k) for k in LS_COLUMNS}, "note": note})
+        row = {**{k: meta.get(k) for k in LS_COLUMNS}, "note": note}
+        if meta["status"] != "complete":  # e.g. the accuracy of an epoch before it diverged
+            row["final_test_accuracy"] = None
+        rows.append(row)
     table = pd.DataFrame(rows, columns=list(LS_COLUMNS))
     if not table.empty:
         table = table.sort_values(["depth", "widths", "activation", "init", "lr", "seed",
