@@ -14,8 +14,8 @@ member or many (their products are batched with ``bmm``), and what the recorder 
 * SGD's update is known without a snapshot of the weights (``-lr * grad``, or the momentum
   buffer); Adam's is the difference to a snapshot;
 * the hidden layers' outputs (or, where f' needs it, their inputs z) are written side by side
-  into one buffer, whether the step is recorded or not, so f' statistics are a few ops on it
-  (``record.activation_stats``).
+  into a row of a chunk buffer, recorded step or not, so a recorded step leaves them in place
+  and the f' statistics are taken for a chunk of steps at once (``record.activation_stats``).
 
 The backward pass uses autograd's own kernels for each activation (``sigmoid_backward`` etc.);
 the tests check the gradients and every recorded value against autograd and against
@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
 from .record import (
+    CHUNK_BYTES,
     activation_stats,
     derivative_into,
     grads_frame,
@@ -120,20 +121,26 @@ class _BlockNorms:
         self.lengths = lengths.to(device)
         self.owner = torch.repeat_interleave(torch.tensor(owners), lengths).to(device)
         self.order = torch.tensor([index[w] for w in wanted], device=device)
+        # segment_reduce exists for cpu and cuda; elsewhere (mps) a float32 index_add_
+        self._ids = (None if torch.device(device).type in ("cpu", "cuda") else
+                     torch.repeat_interleave(torch.arange(self.count), lengths).to(device))
 
     def __call__(self, buffer: torch.Tensor, out: torch.Tensor) -> None:
         view = buffer[: self.rows * SEGMENT].view(self.rows, SEGMENT)
         squares = torch.linalg.vector_norm(view, dim=1).square_()
-        sums = torch.segment_reduce(squares, "sum", lengths=self.lengths, unsafe=True)
+        if self._ids is None:  # unsafe: no check of the lengths, which would wait for the device
+            sums = torch.segment_reduce(squares, "sum", lengths=self.lengths, unsafe=True)
+        else:
+            sums = squares.new_zeros(self.count).index_add_(0, self._ids, squares)
         torch.index_select(sums, 0, self.order, out=out)
 
 
 class _BatchViews(NamedTuple):
     deltas: list[torch.Tensor]  # dL/dz per layer, (M, B, width) views of the flat buffer
     norms: _BlockNorms  # the norms of a recorded step
-    hidden: torch.Tensor  # (M, B, sum of hidden widths): the hidden layers' a (or z)
-    slices: list[torch.Tensor]  # its per-layer views
-    work: torch.Tensor  # scratch of hidden's shape
+    chunk: torch.Tensor  # (rows, M, B, sum of hidden widths): hidden a (or z) of several steps
+    slices: list[list[torch.Tensor]]  # per chunk row, its per-layer views
+    work: torch.Tensor  # scratch of chunk's shape
 
 
 class StackedMLP:
@@ -190,8 +197,10 @@ class StackedMLP:
         self._saves, self._act_into, self._backward = ACTIVATION_KERNELS[activation]
         self._derivative = derivative_into(activation, self._saves == "output")
         self._segments = hidden_segments([int(w) for w in self.widths[:-1]], self.device)
-        self._per_batch: dict[int, tuple] = {}
+        self._kw = dict(device=self.device, dtype=self.dtype)
+        self._per_batch: dict[int, _BatchViews] = {}
         self._current_batch = batch_size
+        self._chunk_rows = 0
         self._minus_one: dict[int, torch.Tensor] = {}
         # the norms of the update's source buffer (weights; see _record_update) and of each
         # member's gradient (for clipping)
@@ -217,9 +226,11 @@ class StackedMLP:
         if views is None:
             views = self._per_batch[batch] = self._make_batch_views(batch)
         if batch != self._current_batch:
+            self._process_chunk()  # the other batch size's
             # dL/dz blocks move with the batch size: clear stale values between them
             self._flat[2 * self._params.end:].zero_()
             self._current_batch = batch
+        self._views = views
         return views
 
     def _make_batch_views(self, batch: int) -> _BatchViews:
@@ -234,13 +245,20 @@ class StackedMLP:
             wanted += [(1, 2 * k + 1, m) for k in range(n)]
             wanted += [(0, 2 * k, m) for k in range(n)]
         norms = _BlockNorms([self._params, self._params, layout], wanted, self.device)
-        # every hidden layer's a (or z) side by side: the activation statistics read them in
-        # place. Recorded or not, a step computes the same products on the same buffer.
+        # Every hidden layer's a (or z) goes side by side into a row of a chunk: the row after
+        # the recorded ones, so a recorded step leaves them there, and the f' statistics are
+        # taken for a chunk of steps at once. Rows start at multiples of 16 floats (64 bytes),
+        # so recorded or not, a step computes the same products on equally laid out operands.
         width = self._segments.shape[0]
-        hidden = self._flat.new_empty((self.size, batch, width))
+        row = -(-self.size * batch * width // 16) * 16
+        rows = max(1, CHUNK_BYTES // (row * self._flat.element_size())) if n > 1 else 1
+        storage = self._flat.new_zeros(rows * row)
+        chunk = storage.as_strided((rows, self.size, batch, width),
+                                   (row, batch * width, width, 1))
         starts = np.cumsum([0, *self.widths[:-1]]).astype(int)
-        slices = [hidden[..., starts[k]:starts[k + 1]] for k in range(n - 1)]
-        return _BatchViews(deltas, norms, hidden, slices, torch.empty_like(hidden))
+        slices = [[chunk[r, ..., starts[k]:starts[k + 1]] for k in range(n - 1)]
+                  for r in range(rows)]
+        return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw))
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -321,7 +339,7 @@ class StackedMLP:
         m_count, batch = y.shape
         views = self._batch_views(batch)
         deltas = views.deltas
-        logits, inputs, saved = self.forward(x, views.slices)
+        logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows])
         logp = torch.log_softmax(logits, -1)
         losses = F.nll_loss(logp.view(-1, self.classes), y.view(-1),
                             reduction="none").view(m_count, batch).mean(1)
@@ -359,18 +377,32 @@ class StackedMLP:
                                      dtype=self.dtype)
         self._clip_squares = torch.empty(self._grad_norms.order.shape[0], **f32)
         self._batches: list[int] = []
+        self._chunk_rows = self._chunk_start = 0
 
     def _record(self, losses: torch.Tensor, views: _BatchViews) -> None:
         row = len(self._batches)
         if row == self._norms.shape[0]:
             raise RuntimeError(f"more than max_rows={row} recorded steps before flush()")
-        self._batches.append(views.hidden.shape[1])
+        self._batches.append(views.chunk.shape[2])
         views.norms(self._flat, self._norms[row].view(-1))
         self._losses.append(losses)
         if self.depth > 1:
-            stats = activation_stats(views.hidden, self._derivative, self.activation,
-                                     self._segments, views.work)
-            self._act_stats[row, :, : self.depth - 1] = stats
+            if self._chunk_rows == 0:
+                self._chunk_start = row
+            self._chunk_rows += 1
+            if self._chunk_rows == views.chunk.shape[0]:
+                self._process_chunk()
+
+    def _process_chunk(self) -> None:
+        """The f' statistics of the recorded steps whose hidden outputs are in the chunk."""
+        rows, start = self._chunk_rows, self._chunk_start
+        if not rows:
+            return
+        views = self._views
+        stats = activation_stats(views.chunk[:rows], self._derivative, self.activation,
+                                 self._segments, views.work[:rows])
+        self._act_stats[start:start + rows, :, : self.depth - 1] = stats
+        self._chunk_rows = 0
 
     def _record_update(self, coef: torch.Tensor | None) -> None:
         """‖ΔW‖² of the update just made: for plain SGD it is lr² ‖grad‖² (times the clip
@@ -387,6 +419,7 @@ class StackedMLP:
     def flush(self, steps: list[int], epoch: int) -> list[pd.DataFrame]:
         """The grads frame of each member for the steps recorded since the last flush (given
         as ``steps``, in order), and clear the buffers."""
+        self._process_chunk()
         rows = len(self._batches)
         if len(steps) != rows:
             raise ValueError(f"{len(steps)} steps given for {rows} recorded")
