@@ -11,8 +11,10 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -56,8 +58,13 @@ def _dataset_class(name: str):
     return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[name]
 
 
+# torchvision's folder for each dataset (its class name), known without importing torchvision:
+# checking the files before a sweep imports neither torch nor torchvision.
+FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
 def _raw_folder(name: str, root: Path) -> Path:
-    return root / _dataset_class(name).__name__ / "raw"
+    return root / FOLDERS[name] / "raw"
 
 
 def _has_raw(folder: Path) -> bool:
@@ -83,7 +90,7 @@ def _missing_message(name: str, root: Path, reason: str) -> str:
     hint = " (or `apt-get install dataset-fashion-mnist`)" if name == "fashion-mnist" else ""
     return (f"{name} not found in {folder} and {reason}: put {', '.join(RAW_FILES)} there, "
             f"or point --data-dir / $GRADLAB_DATA at a folder holding "
-            f"{_dataset_class(name).__name__}/raw/{hint}")
+            f"{FOLDERS[name]}/raw/{hint}")
 
 
 def ensure_raw(name: str, root: Path, *, download: bool = True) -> Path:
@@ -164,6 +171,8 @@ def ensure_data(name: str, root: Path, train_size: int | None = None) -> Path:
 @functools.lru_cache(maxsize=4)
 def _load_uint8(name: str, root: str) -> tuple[torch.Tensor, ...]:
     """Read the raw files once per process (torchvision parses the IDX format)."""
+    import torch
+
     folder = ensure_raw(name, Path(root))
     cls = _dataset_class(name)
     out = []
@@ -220,5 +229,7 @@ def load_data(
 def batch_order(n: int, batch_size: int, generator: torch.Generator, device=None):
     """One epoch's shuffled index batches from a seeded CPU generator (always shuffled), moved
     to ``device`` in one copy so the step loop does no host-to-device transfer."""
+    import torch
+
     perm = torch.randperm(n, generator=generator)
     return perm.to(device).split(batch_size)

@@ -76,7 +76,17 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic(path, write)
 
 
+# Types of record columns that a frame without rows cannot tell (all others are floats): a run
+# that diverged in its first epoch has no epoch rows, and its file must still have the schema of
+# the others, or readers of the whole folder (pyarrow datasets, gradlab.load) fail or fall back
+# to objects.
+COLUMN_DTYPES = {"epoch": "int64", "step": "int64", "layer": "int64", "split": "str"}
+
+
 def write_parquet(path: Path, frame: pd.DataFrame, run_id: str) -> None:
+    if frame.empty:
+        frame = frame.astype({c: COLUMN_DTYPES.get(c, "float64") for c in frame.columns
+                              if frame[c].dtype == object})
     frame = frame.copy()
     frame.insert(0, "run_id", run_id)
     table = pa.Table.from_pandas(frame, preserve_index=False)

@@ -282,3 +282,11 @@ def test_bad_input_in_a_real_process(case, places, tmp_path):
     assert r.stdout == ""
     check_one_line(r.stderr, [n.format_map(places) for n in case.needles])
     assert snapshot(tmp_path) == before
+
+
+def test_data_folder_names_are_torchvisions():
+    """The data check names torchvision's folders without importing it; they must agree."""
+    from gradlab.config import DATASETS
+    from gradlab.data import FOLDERS, _dataset_class
+
+    assert {name: _dataset_class(name).__name__ for name in DATASETS} == FOLDERS

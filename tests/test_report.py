@@ -69,7 +69,7 @@ def test_accuracy_table_holds_mean_and_sd_of_the_records(results, page):
     stats = complete.groupby(["activation", "depth"])["accuracy"].agg(["mean", "std", "count"])
     assert len(stats) == 4
     for (activation, depth), row in stats.iterrows():
-        cell = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} % (n={row['count']})"
+        cell = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f} % (n={int(row['count'])})"
         assert cell in page, (activation, depth, cell)
     assert "no complete run; 1 diverged" in page  # the lr=1e30 run: counted, not averaged
 
