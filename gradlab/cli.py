@@ -201,8 +201,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, make_repo
     from .sweep import format_summary, run_sweep, sweep_summary
 
     configs = expand_grid(grid_from_options(options))
-    if executor == "local":  # Ray workers may have devices that this machine lacks
-        check_device(device)
+    if executor == "local" or ray_address is None:  # a Ray cluster may have devices that
+        check_device(device)                          # this machine lacks
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
