@@ -8,8 +8,10 @@ epoch of MNIST recording every step (and, for reference, with recording off); it
 whole ``train()`` call (setup, step loop, flush of the records) minus the test-set evaluation,
 which the tutorial's figure excludes too. Speed-up = tutorial seconds / gradlab seconds, per
 repetition. With a CUDA device, gradlab also runs there (samples/s, GPU-vs-CPU ratio).
+``--baseline-tree`` adds gradlab from another checkout (e.g. the seed commit, via ``git worktree
+add``), run the same way in a subprocess, for a before/after in the same repetitions.
 
-    python benchmarks/bench_epoch.py --data-dir ../shared/data [--write]
+    python benchmarks/bench_epoch.py --data-dir ../shared/data [--baseline-tree DIR] [--write]
 """
 
 from __future__ import annotations
@@ -59,6 +61,38 @@ def tutorial_epoch(script: Path, data_dir: str, threads: int) -> common.Timing:
     return common.Timing(wall, cpu)
 
 
+# One epoch of another checkout's gradlab, timed like gradlab_epoch below.
+OTHER_TREE = """
+import sys, time, torch
+tree, data_dir, log_every, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, tree)
+torch.set_num_threads(threads)
+import gradlab
+assert gradlab.__file__.startswith(tree), gradlab.__file__
+from gradlab.config import make_config
+from gradlab.data import load_data
+from gradlab.train import train
+data = load_data("mnist", data_dir, device="cpu")
+config = make_config(depth=3, widths=(128, 256), activation="sigmoid", lr=0.01, batch_size=64,
+                     epochs=1, log_every=log_every)
+train(config, data=data, device="cpu")  # warm up
+w, c = time.perf_counter(), time.process_time()
+result = train(config, data=data, device="cpu")
+w, c = time.perf_counter() - w, time.process_time() - c
+test = float(result.epochs.loc[result.epochs["split"] == "test", "seconds"].iloc[0])
+print(f"wall_s {w - test:.4f} cpu_s {c - test:.4f}")
+"""
+
+
+def other_tree_epoch(tree: str, data_dir: str, log_every: int, threads: int) -> common.Timing:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", OTHER_TREE, str(Path(tree).resolve()), data_dir,
+                          str(log_every), str(threads)], capture_output=True, text=True,
+                         env=env, check=True, cwd=tree).stdout
+    found = re.search(r"wall_s ([0-9.]+) cpu_s ([0-9.]+)", out)
+    return common.Timing(float(found.group(1)), float(found.group(2)))
+
+
 def gradlab_epoch(data, log_every: int, device: torch.device) -> common.Timing:
     config = make_config(depth=3, widths=(128, 256), activation="sigmoid", lr=0.01,
                          batch_size=64, epochs=1, log_every=log_every)
@@ -79,6 +113,11 @@ def run(args) -> str:
         "gradlab, log_every=1": lambda: gradlab_epoch(data, 1, cpu),
         "gradlab, log_every=0": lambda: gradlab_epoch(data, 0, cpu),
     }
+    if args.baseline_tree:
+        for log_every in (1, 0):
+            variants[f"baseline tree, log_every={log_every}"] = (
+                lambda n=log_every: other_tree_epoch(args.baseline_tree, args.data_dir, n,
+                                                     threads))
     gpu = torch.cuda.is_available() and not args.no_gpu
     if gpu:
         cuda = torch.device("cuda")
@@ -95,6 +134,8 @@ def run(args) -> str:
         speedup = ("—" if name == "tutorial loop" else
                    common.summary(common.ratios(base, ts, "wall"), "{:.2f}x") + " / "
                    + common.summary(common.ratios(base, ts, "cpu"), "{:.2f}x"))
+        if name.startswith("baseline tree") and args.baseline_tree:
+            name = f"{name} ({args.baseline_label})"
         rows.append([name, common.summary([t.wall for t in ts], "{:.3f}"),
                      common.summary([t.cpu for t in ts], "{:.3f}"),
                      common.summary([n / t.wall for t in ts], "{:.0f}"), speedup])
@@ -127,6 +168,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--baseline-tree", help="another gradlab checkout to time alongside")
+    parser.add_argument("--baseline-label", default="baseline",
+                        help="what the baseline tree is, for the table")
     parser.add_argument("--write", action="store_true", help="write the section to RESULTS.md")
     args = parser.parse_args()
     text = run(args)

@@ -231,6 +231,4 @@ def train_members(
         result.epochs = pd.DataFrame(epoch_rows[m], columns=list(EPOCH_COLUMNS))
         if grad_frames[m]:
             result.grads = pd.concat(grad_frames[m], ignore_index=True)
-        if len(configs) > 1:
-            result.extra["ensemble_size"] = len(configs)
     return results

@@ -43,7 +43,7 @@ def test_each_member_matches_its_solo_run(tiny_data, options):
     results = train_ensemble(runs, data=tiny_data, device="cpu")
     assert [r.config for r in results] == runs
     for config, result in zip(runs, results, strict=True):
-        assert result.extra["ensemble_size"] == 3
+        assert result.extra["ensemble_size"] == 3  # tiny nets: one group
         assert_matches_solo(result, train(config, data=tiny_data, device="cpu"))
     # each member has its own initialisation and batch order
     assert not np.allclose(results[0].epochs["loss"], results[1].epochs["loss"])
@@ -63,6 +63,17 @@ def test_a_diverging_member_does_not_disturb_the_others(tiny_data):
             assert result.grads["step"].max() == result.diverged_step
             pd.testing.assert_frame_equal(result.epochs.drop(columns="seconds"),
                                           solo.epochs.drop(columns="seconds"), rtol=1e-4)
+
+
+def test_groups_on_cpu(tiny_data, monkeypatch):
+    """Runs too large to stack in one cache-sized group are trained in groups, in order."""
+    monkeypatch.setattr("gradlab.ensemble.CPU_GROUP_BYTES", 2 * 8 * 26_506)  # two members
+    runs = configs([0, 1, 2, 3, 4], epochs=1)
+    results = train_ensemble(runs, data=tiny_data, device="cpu")
+    assert [r.extra["ensemble_size"] for r in results] == [2, 2, 2, 2, 1]
+    for config, result in zip(runs, results, strict=True):
+        assert result.config == config
+        assert_matches_solo(result, train(config, data=tiny_data, device="cpu"))
 
 
 def test_a_single_member_is_a_solo_run(tiny_data):
