@@ -77,15 +77,14 @@ def _padded(numel: int) -> int:
 class _Layout:
     """Blocks of a flat buffer: each (member, tensor) block starts at a multiple of SEGMENT."""
 
-    def __init__(self, members: int, start: int = 0):
-        self.members, self.end = members, start
+    def __init__(self, members: int):
+        self.members, self.end = members, 0
         self.blocks: list[tuple[int, int, tuple[int, ...]]] = []  # offset, member stride, shape
 
-    def add(self, shape: tuple[int, ...]) -> int:
+    def add(self, shape: tuple[int, ...]) -> None:
         stride = _padded(math.prod(shape))
         self.blocks.append((self.end, stride, shape))
         self.end += self.members * stride
-        return len(self.blocks) - 1
 
     def view(self, buffer: torch.Tensor, block: int) -> torch.Tensor:
         """The (members, *shape) view of ``block`` in ``buffer``."""
