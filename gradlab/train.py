@@ -15,7 +15,7 @@ from torch import nn
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
 from .models import build_mlp
-from .record import empty_frame, recorded_steps
+from .record import GradientRecorder, empty_frame, recorded_steps
 from .stacked import StackedMLP
 
 EVAL_BATCH = 10_000
@@ -114,7 +114,151 @@ def train(
     if data is None:
         data = load_data(config.dataset, data_dir, device=device, train_size=config.train_size,
                          standardize=config.standardize)
-    return train_members([config], data, device, progress=progress, on_epoch=on_epoch)[0]
+    return _train_with_hooks(config, data, device, progress=progress, on_epoch=on_epoch)
+
+
+def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
+                                foreach=True)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, foreach=True)
+
+
+def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
+                      progress: bool, on_epoch: Callable[[dict], None] | None) -> RunResult:
+    """The reference path: ``nn.Sequential``, autograd, ``torch.optim`` and the hook recorder.
+
+    ``train_members`` (the stacked engine, for ensembles) computes the same records by its own
+    backward pass; the tests hold the two to float tolerance.
+    """
+    model = _seeded_model(config, device)
+    optimizer = make_optimizer(config, model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(data.train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = recorded_steps(total, config.log_every, config.log_spaced)
+    generator = torch.Generator().manual_seed(config.seed)
+    book = _Bookkeeping([config], [model], data, on_epoch)
+    step_loss = torch.zeros(steps_per_epoch, device=device)
+    step_correct = torch.zeros(steps_per_epoch, dtype=torch.int64, device=device)
+    bar = _progress_bar(progress, total)
+    step = 0
+    try:
+        with GradientRecorder(model, config.activation, schedule,
+                              optimizer=optimizer) as recorder:
+            model.train()
+            for epoch in range(1, config.epochs + 1):
+                t0 = time.perf_counter()
+                batches = batch_order(n, config.batch_size, generator, device)
+                first_step = step
+                for i, index in enumerate(batches):
+                    x, y = data.train.x[index], data.train.y[index]
+                    recording = recorder.begin_step(step)
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if recording:
+                        recorder.after_backward(loss)
+                    if config.clip_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm,
+                                                 foreach=True)
+                    optimizer.step()
+                    if recording:
+                        recorder.after_update()
+                    step_loss[i] = loss.detach()
+                    torch.sum(logits.detach().argmax(1) == y, dim=0, out=step_correct[i])
+                    step += 1
+                    if bar is not None and step % 50 == 0:
+                        bar.update(50)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+                losses = step_loss[: len(batches)].cpu().numpy()[:, None]
+                correct = step_correct[: len(batches)].sum().cpu().numpy()[None]
+                sizes = np.array([len(b) for b in batches], dtype=np.float64)
+                book.epoch(epoch, first_step, step, [recorder.flush(epoch)], losses, correct,
+                           sizes, seconds)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                if not book.running:
+                    break
+    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
+        book.fail(e)
+    finally:
+        if bar is not None:
+            bar.close()
+    return book.results(step)[0]
+
+
+def _progress_bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+
+
+class _Bookkeeping:
+    """Epoch-end bookkeeping shared by both training paths: divergence, evaluation, rows."""
+
+    def __init__(self, configs, models, data, on_epoch):
+        self.configs, self.models, self.data, self.on_epoch = configs, models, data, on_epoch
+        self.rows: list[list[dict]] = [[] for _ in configs]
+        self.frames: list[list[pd.DataFrame]] = [[] for _ in configs]
+        self.out = [RunResult(c, "", epochs=pd.DataFrame(columns=list(EPOCH_COLUMNS)),
+                              grads=empty_frame()) for c in configs]
+        self.running = list(range(len(configs)))  # members neither diverged nor failed
+        self.t_run = time.perf_counter()
+
+    def epoch(self, epoch, first_step, step, frames, losses, correct, sizes, seconds) -> None:
+        """Close an epoch: ``losses`` is (steps, members), ``correct`` per member."""
+        n = len(self.data.train)
+        config = self.configs[0]
+        for m in list(self.running):
+            bad = np.flatnonzero(~np.isfinite(losses[:, m]))
+            if len(bad):
+                first = first_step + int(bad[0])
+                self.frames[m].append(frames[m][frames[m]["step"] <= first])
+                self.out[m].status, self.out[m].diverged_step = "diverged", first
+                self.out[m].steps = step
+                self.running.remove(m)
+                continue
+            self.frames[m].append(frames[m])
+            train_loss = float((losses[:, m].astype(np.float64) * sizes).sum() / n)
+            train_acc = int(correct[m]) / n
+            t1 = time.perf_counter()
+            test_loss, test_acc = evaluate(self.models[m], self.data.test)
+            eval_seconds = time.perf_counter() - t1
+            self.rows[m] += [
+                dict(epoch=epoch, split="train", step=step, loss=train_loss,
+                     accuracy=train_acc, seconds=seconds),
+                dict(epoch=epoch, split="test", step=step, loss=test_loss,
+                     accuracy=test_acc, seconds=eval_seconds),
+            ]
+            if self.on_epoch is not None:
+                self.on_epoch({"epoch": epoch, "epochs": config.epochs,
+                               "train_loss": train_loss, "train_accuracy": train_acc,
+                               "test_loss": test_loss, "test_accuracy": test_acc,
+                               "seconds": seconds})
+
+    def fail(self, e: BaseException) -> None:
+        for m in self.running:
+            self.out[m].status = "failed"
+            self.out[m].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def results(self, step: int) -> list[RunResult]:
+        for m, result in enumerate(self.out):
+            result.device = str(self.data.train.x.device)
+            if result.status != "diverged":
+                result.steps = step
+            result.seconds = time.perf_counter() - self.t_run
+            result.epochs = pd.DataFrame(self.rows[m], columns=list(EPOCH_COLUMNS))
+            if self.frames[m]:
+                result.grads = pd.concat(self.frames[m], ignore_index=True)
+        return self.out
 
 
 def train_members(
@@ -145,18 +289,9 @@ def train_members(
                         clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()))
     recorded = set(schedule.tolist())
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
-    results = [RunResult(c, str(device), epochs=pd.DataFrame(columns=list(EPOCH_COLUMNS)),
-                         grads=empty_frame()) for c in configs]
-    epoch_rows: list[list[dict]] = [[] for _ in configs]
-    grad_frames: list[list[pd.DataFrame]] = [[] for _ in configs]
-    running = list(range(len(configs)))  # members neither diverged nor failed
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+    book = _Bookkeeping(configs, models, data, on_epoch)
+    bar = _progress_bar(progress, total)
     step = 0
-    t_run = time.perf_counter()
     train_x, train_y = data.train.x, data.train.y
     try:
         for epoch in range(1, config.epochs + 1):
@@ -188,47 +323,14 @@ def train_members(
             losses = torch.stack(step_losses).cpu().numpy()  # (steps, members)
             correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
             sizes = np.array([len(b) for b in orders[0]], dtype=np.float64)
-            for m in list(running):
-                bad = np.flatnonzero(~np.isfinite(losses[:, m]))
-                if len(bad):
-                    first = first_step + int(bad[0])
-                    grad_frames[m].append(frames[m][frames[m]["step"] <= first])
-                    results[m].status, results[m].diverged_step = "diverged", first
-                    results[m].steps = step
-                    running.remove(m)
-                    continue
-                grad_frames[m].append(frames[m])
-                train_loss = float((losses[:, m].astype(np.float64) * sizes).sum() / n)
-                train_acc = int(correct[m]) / n
-                t1 = time.perf_counter()
-                test_loss, test_acc = evaluate(models[m], data.test)
-                eval_seconds = time.perf_counter() - t1
-                epoch_rows[m] += [
-                    dict(epoch=epoch, split="train", step=step, loss=train_loss,
-                         accuracy=train_acc, seconds=seconds),
-                    dict(epoch=epoch, split="test", step=step, loss=test_loss,
-                         accuracy=test_acc, seconds=eval_seconds),
-                ]
-                if on_epoch is not None:
-                    on_epoch({"epoch": epoch, "epochs": config.epochs, "train_loss": train_loss,
-                              "train_accuracy": train_acc, "test_loss": test_loss,
-                              "test_accuracy": test_acc, "seconds": seconds})
+            book.epoch(epoch, first_step, step, frames, losses, correct, sizes, seconds)
             if bar is not None:
                 bar.update(step - bar.n)
-            if not running:
+            if not book.running:
                 break
     except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
-        for m in running:
-            results[m].status = "failed"
-            results[m].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        book.fail(e)
     finally:
         if bar is not None:
             bar.close()
-    for m, result in enumerate(results):
-        if result.status != "diverged":
-            result.steps = step
-        result.seconds = time.perf_counter() - t_run
-        result.epochs = pd.DataFrame(epoch_rows[m], columns=list(EPOCH_COLUMNS))
-        if grad_frames[m]:
-            result.grads = pd.concat(grad_frames[m], ignore_index=True)
-    return results
+    return book.results(step)
