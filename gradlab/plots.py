@@ -93,14 +93,14 @@ def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
 
 def per_run(data: pd.DataFrame, by: Sequence[str], y: str, *extra: str | None) -> pd.DataFrame:
     """Mean of ``y`` per run and ``by`` (e.g. layer), with the run's config columns joined in."""
-    means = data.groupby(["run_id", *by], sort=True)[y].mean().reset_index()
+    means = data.groupby(["run_id", *by], sort=True, dropna=False)[y].mean().reset_index()
     return means.merge(run_info(data, *extra), on="run_id", how="left")
 
 
 def varying_config(frame: pd.DataFrame) -> list[str]:
     """Config columns other than ``seed`` that take more than one value in ``frame``."""
     columns = [c for c in (*CONFIG_FIELDS, "width") if c != "seed" and c in frame.columns
-               and frame[c].astype(str).nunique() > 1]
+               and frame[c].astype(str).nunique(dropna=False) > 1]
     if "widths" in columns and "width" in frame.columns and frame["width"].notna().all():
         columns.remove("widths")  # one width per run: widths follow from depth and width
     elif "widths" in columns and "width" in columns:
@@ -222,7 +222,7 @@ def vanishing_table(ratios: pd.DataFrame, *, by: Sequence[str] | None = None) ->
     (what ``vanishing_ratio_plot`` draws), min and max, the 0.25^(depth−1) bound, and how many
     runs there are and how many diverged."""
     by = list(by or table_keys(ratios))
-    grouped = ratios.groupby(by, sort=True)
+    grouped = ratios.groupby(by, sort=True, dropna=False)
     table = grouped.agg(runs=("run_id", "count"), min=("vanishing_ratio", "min"),
                         max=("vanishing_ratio", "max"))
     table.insert(1, "geo_mean", grouped["vanishing_ratio"].apply(geometric_mean))
@@ -248,10 +248,12 @@ def final_accuracy_table(epochs: pd.DataFrame, runs: pd.DataFrame | None = None,
     finals = final_accuracy(epochs, split=split)
     by = list(by or table_keys(runs if runs is not None and not runs.empty else finals))
     complete = finals[finals["status"] == "complete"] if "status" in finals else finals
-    table = complete.groupby(by, sort=True)["accuracy"].agg(seeds="count", mean="mean", sd="std")
+    table = complete.groupby(by, sort=True, dropna=False)["accuracy"].agg(
+        seeds="count", mean="mean", sd="std")
     source = runs if runs is not None and not runs.empty else finals
     if "status" in source.columns:
-        counts = source.groupby(by, sort=True)["status"].value_counts().unstack(fill_value=0)
+        counts = source.groupby(by, sort=True, dropna=False)["status"].value_counts()
+        counts = counts.unstack(fill_value=0)
         for status in ("diverged", "failed"):
             column = counts[status] if status in counts else 0 * counts.iloc[:, 0]
             table = table.join(column.rename(status), how="outer")
@@ -523,7 +525,7 @@ def over_seeds(data: pd.DataFrame, by: Sequence[str], y: str, log: bool) -> pd.D
     """Mean of ``y`` per ``by`` over runs (seeds): geometric where the axis is log, as seaborn
     averages on a log axis."""
     values = np.log(data[y]) if log else data[y]
-    means = values.groupby([data[c] for c in by], sort=True).mean()
+    means = values.groupby([data[c] for c in by], sort=True, dropna=False).mean()
     return (np.exp(means) if log else means).rename(y).reset_index()
 
 

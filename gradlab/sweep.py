@@ -460,8 +460,8 @@ def summary_table(results: store.Results, by: list[str] | None = None) -> pd.Dat
         columns={"mean": "test_accuracy_mean", "sd": "test_accuracy_sd"})
     if results.grads.empty:
         return table.assign(vanishing_ratio_mean=math.nan, vanishing_ratio_sd=math.nan)
-    ratios = vanishing_ratios(results.grads).groupby(by, sort=True)["vanishing_ratio"].agg(
-        vanishing_ratio_mean="mean", vanishing_ratio_sd="std")
+    ratios = vanishing_ratios(results.grads).groupby(by, sort=True, dropna=False)
+    ratios = ratios["vanishing_ratio"].agg(vanishing_ratio_mean="mean", vanishing_ratio_sd="std")
     return table.merge(ratios.reset_index(), on=by, how="left")
 
 
