@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
@@ -133,16 +134,16 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
     backward pass; the tests hold the two to float tolerance.
     """
     model = _seeded_model(config, device)
-    optimizer = make_optimizer(config, model.parameters())
-    loss_fn = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    optimizer = make_optimizer(config, params)
     n = len(data.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     schedule = recorded_steps(total, config.log_every, config.log_spaced)
     generator = torch.Generator().manual_seed(config.seed)
     book = _Bookkeeping([config], [model], data, on_epoch)
-    step_loss = torch.zeros(steps_per_epoch, device=device)
-    step_correct = torch.zeros(steps_per_epoch, dtype=torch.int64, device=device)
+    train_x, train_y = data.train.x, data.train.y
+    predicted = torch.empty(n, dtype=torch.int64, device=device)
     bar = _progress_bar(progress, total)
     step = 0
     try:
@@ -153,31 +154,37 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
                 t0 = time.perf_counter()
                 batches = batch_order(n, config.batch_size, generator, device)
                 first_step = step
-                for i, index in enumerate(batches):
-                    x, y = data.train.x[index], data.train.y[index]
+                step_losses = []
+                start = 0
+                for index in batches:
+                    # index_select: the same rows as x[index], several times faster on CPU
+                    x, y = train_x.index_select(0, index), train_y.index_select(0, index)
                     recording = recorder.begin_step(step)
                     logits = model(x)
-                    loss = loss_fn(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(logits, y)
+                    for p in params:  # zero_grad(set_to_none=True), without its per-call wrapper
+                        p.grad = None
                     loss.backward()
                     if recording:
                         recorder.after_backward(loss)
                     if config.clip_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm,
-                                                 foreach=True)
+                        nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
                     optimizer.step()
                     if recording:
                         recorder.after_update()
-                    step_loss[i] = loss.detach()
-                    torch.sum(logits.detach().argmax(1) == y, dim=0, out=step_correct[i])
+                    # per-step results stay on the device; reduced once per epoch
+                    step_losses.append(loss.detach())
+                    stop = start + index.shape[0]
+                    torch.argmax(logits, 1, out=predicted[start:stop])
+                    start = stop
                     step += 1
                     if bar is not None and step % 50 == 0:
                         bar.update(50)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
-                losses = step_loss[: len(batches)].cpu().numpy()[:, None]
-                correct = step_correct[: len(batches)].sum().cpu().numpy()[None]
+                losses = torch.stack(step_losses).cpu().numpy()[:, None]
+                correct = (predicted == train_y[torch.cat(batches)]).sum().cpu().numpy()[None]
                 sizes = np.array([len(b) for b in batches], dtype=np.float64)
                 book.epoch(epoch, first_step, step, [recorder.flush(epoch)], losses, correct,
                            sizes, seconds)
