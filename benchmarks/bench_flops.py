@@ -22,7 +22,6 @@ import torch
 
 from gradlab.config import make_config
 from gradlab.data import load_data
-from gradlab.train import train
 
 NETS = {  # name: (widths, steps per measurement, target fraction of peak)
     "tutorial 784-128-256-10": ((128, 256), 300, 0.50),
@@ -51,13 +50,14 @@ def peak(device: torch.device, reps: int = 8) -> common.Timing:
     return common.Timing(flops / timing.wall / 1e9, flops / timing.cpu / 1e9)  # GFLOP/s
 
 
-def training(data_dir: str, widths, steps: int, log_every: int, device: torch.device):
+def training(data_dir: str, widths, steps: int, log_every: int, device: torch.device,
+             path: str):
     config = make_config(depth=len(widths) + 1, widths=widths, activation="sigmoid", lr=0.01,
                          batch_size=64, epochs=1, log_every=log_every, train_size=steps * 64)
     data = load_data("mnist", data_dir, device=device, train_size=steps * 64)
 
     def measure() -> common.Timing:
-        timing, result = common.timed(lambda: train(config, data=data, device=device))
+        timing, result = common.timed(lambda: common.train_path(path, config, data, device))
         assert result.status == "complete", result.error
         loop = float(result.epochs.loc[result.epochs["split"] == "train", "seconds"].iloc[0])
         examples = steps * 64
@@ -79,9 +79,10 @@ def run(args) -> str:
     for device in devices:
         variants = {"peak (mm)": lambda d=device: peak(d)}
         for name, (widths, steps, _) in NETS.items():
-            for log_every in (0, 1):
-                variants[f"{name}, log_every={log_every}"] = training(
-                    args.data_dir, widths, steps, log_every, device)
+            for path in common.PATHS:
+                for log_every in (0, 1):
+                    variants[f"{name}, {path}, log_every={log_every}"] = training(
+                        args.data_dir, widths, steps, log_every, device, path)
         for measure in variants.values():  # warm up
             measure()
         print(f"{device}: threads {threads}")
@@ -90,27 +91,28 @@ def run(args) -> str:
         rows = [["fp32 peak: 2048² torch.mm", common.summary(peaks, "{:.1f}"), "—", "—"]]
         for name, (widths, _, target) in NETS.items():
             n, executed = parameters(widths)
-            for log_every in (0, 1):
-                achieved = [t.wall for t in times[f"{name}, log_every={log_every}"]]
-                fraction = [a / p for a, p in zip(achieved, peaks, strict=True)]
-                rows.append([f"{name}, log_every={log_every}",
-                             common.summary(achieved, "{:.1f}"),
-                             common.summary([100 * f for f in fraction], "{:.0f} %"),
-                             common.summary([100 * f * executed / (6 * n) for f in fraction],
-                                            "{:.0f} %")])
-                if log_every == 0:
-                    med = statistics.median(fraction)
-                    verdict = "met" if med >= target else "missed"
-                    verdicts.append(f"{device}, {name}: {100 * med:.0f} % of peak (target >= "
-                                    f"{100 * target:.0f} %: {verdict})")
+            for path in common.PATHS:
+                for log_every in (0, 1):
+                    label = f"{name}, {path}, log_every={log_every}"
+                    achieved = [t.wall for t in times[label]]
+                    fraction = [a / p for a, p in zip(achieved, peaks, strict=True)]
+                    rows.append([label, common.summary(achieved, "{:.1f}"),
+                                 common.summary([100 * f for f in fraction], "{:.0f} %"),
+                                 common.summary([100 * f * executed / (6 * n) for f in fraction],
+                                                "{:.0f} %")])
+                    if log_every == 0:
+                        med = statistics.median(fraction)
+                        verdict = "met" if med >= target else "missed"
+                        verdicts.append(f"{device}, {name}, {path}: {100 * med:.0f} % of peak "
+                                        f"(target >= {100 * target:.0f} %: {verdict})")
         table = common.markdown_table(
             ["what", "GFLOP/s (6N rule)", "fraction of peak", "executed fraction"], rows)
         sections.append(f"**{device}** ({facts.get('gpu', facts['cpu'])}, "
                         f"{threads} thread(s)):\n\n{table}")
     if len(devices) == 1:
         verdicts.append("No CUDA device here: the GPU rows were not run.")
-    body = (f"Batch 64, sigmoid, SGD; {args.reps} interleaved repetitions, median (min–max); "
-            f"steps per measurement: "
+    body = (f"Batch 64, sigmoid, SGD; {args.reps} interleaved repetitions, median (min–max). "
+            f"{common.PATH_NOTE} Steps per measurement: "
             + ", ".join(f"{name} {steps}" for name, (_, steps, _) in NETS.items()) + ".\n\n"
             + "\n\n".join(sections) + "\n\n" + "\n".join(f"- {v}" for v in verdicts))
     return common.section("Arithmetic efficiency (issue 7)", common.command_line(), facts, body)

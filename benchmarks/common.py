@@ -127,3 +127,20 @@ def write_section(key: str, text: str, path: Path = RESULTS) -> None:
 
 def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+# The two ways gradlab trains one run: ``train()``'s default (autograd, torch.optim and the hook
+# GradientRecorder) and the stacked engine with one member (what ``train_ensemble`` stacks).
+PATHS = ("train()", "engine")
+PATH_NOTE = ("`train()`: `gradlab.train.train`, autograd + `torch.optim` + the hook "
+             "`GradientRecorder`; `engine`: `gradlab.train.train_members([config], …)`, the "
+             "stacked engine (`gradlab/stacked.py`) with one member, as `train_ensemble` uses it.")
+
+
+def train_path(path: str, config, data, device):
+    """One run of ``config`` by ``path`` (see PATHS)."""
+    from gradlab.train import train, train_members
+
+    if path == "train()":
+        return train(config, data=data, device=device)
+    return train_members([config], data, torch.device(device))[0]
