@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
 from .record import (
     CHUNK_BYTES,
+    SATURATION,
     activation_stats,
     derivative_into,
     grads_frame,
@@ -140,6 +141,9 @@ class _BatchViews(NamedTuple):
     chunk: torch.Tensor  # (rows, M, B, sum of hidden widths): hidden a (or z) of several steps
     slices: list[list[torch.Tensor]]  # per chunk row, its per-layer views
     work: torch.Tensor  # scratch of chunk's shape
+    storage: np.ndarray  # chunk's 1-d storage (a view); a chunk row is ``row`` floats of it
+    row: int
+    delta_blocks: np.ndarray  # (layers * members, 3): start, stop, norm index (fused kernel)
 
 
 class StackedMLP:
@@ -155,12 +159,14 @@ class StackedMLP:
         clip_grad_norm: scale each member's gradient to at most this total norm, as
             ``nn.utils.clip_grad_norm_`` would for that member alone, after it is recorded.
         max_rows: the most steps recorded between two ``flush`` calls.
+        fused: use ``gradlab.fused``'s kernels where they apply (a CPU, float32); False keeps
+            every step in eager PyTorch (the same updates bit for bit; a reference for tests).
     """
 
     def __init__(self, models: list[nn.Module], activation: str, *, batch_size: int,
                  optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
                  weight_decay: float = 0.0, clip_grad_norm: float | None = None,
-                 max_rows: int = 0):
+                 max_rows: int = 0, fused: bool = True):
         members = [linear_layers(m) for m in models]
         self.size = len(models)
         self.depth = n = len(members[0])
@@ -212,6 +218,47 @@ class StackedMLP:
         self._setup_optimizer(optimizer, lr, momentum, weight_decay)
         self.clip = clip_grad_norm
         self._buffers(max(max_rows, 1))
+        self._fused = self._fused_kernels(activation) if fused else None
+        if not fused:
+            self._fused_sgd = self._fused_stats = False
+            self._stats_code = None
+
+    def _fused_kernels(self, activation: str):
+        """``gradlab.fused`` where it applies (float32 on a CPU), else None. Its SGD step
+        with norms serves plain SGD without clipping (``self._fused_sgd``); its f' statistics
+        the activations whose f' is a function of their output (``self._stats_code``)."""
+        self._fused_sgd, self._fused_stats, self._stats_code = False, False, None
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        from . import fused
+        n = self.depth
+        self._fused_sgd = (self._adam is None and self.momentum == 0 and self.weight_decay == 0
+                           and self.clip is None)
+        self._bounds = np.cumsum([0, *self.widths[:-1]]).astype(np.int64)
+        if self._saves == "output" and activation in fused.CODES:
+            self._stats_code = fused.CODES[activation]
+        self._fused_stats = self._fused_sgd and self._stats_code is not None and n > 1
+        self._stats_args = (np.float32(SATURATION * self.activation.max_derivative),
+                            np.float32(LEAKY_SLOPE))
+        # per (member, parameter tensor): its elements, and where the squared norms of the
+        # tensor and of its gradient go in a row of self._norms (-1: not recorded)
+        blocks = []
+        for k, (offset, stride, shape) in enumerate(self._params.blocks):
+            layer, is_bias = divmod(k, 2)
+            for m in range(self.size):
+                start, base = offset + m * stride, m * 4 * n
+                if is_bias:
+                    blocks.append((start, start + shape[0], -1, base + 2 * n + layer))
+                else:
+                    blocks.append((start, start + math.prod(shape), base + 3 * n + layer,
+                                   base + n + layer))
+        self._param_blocks = np.array(blocks, dtype=np.int64)
+        size = self._params.end
+        self._np = dict(params=self.params.numpy(), grads=self.grads.numpy(),
+                        deltas=self._flat[2 * size:].numpy(), norms=self._norms.numpy(),
+                        act=self._act_stats.numpy())
+        self._neg_lr = np.float32(-self.lr)
+        return fused
 
     def _delta_layout(self, batch: int) -> _Layout:
         layout = _Layout(self.size)
@@ -251,13 +298,21 @@ class StackedMLP:
         width = self._segments.shape[0]
         row = -(-self.size * batch * width // 16) * 16
         rows = max(1, CHUNK_BYTES // (row * self._flat.element_size())) if n > 1 else 1
+        if self._fused_stats:  # taken step by step, with the update: one row, kept in cache
+            rows = 1
         storage = self._flat.new_zeros(rows * row)
         chunk = storage.as_strided((rows, self.size, batch, width),
                                    (row, batch * width, width, 1))
         starts = np.cumsum([0, *self.widths[:-1]]).astype(int)
         slices = [[chunk[r, ..., starts[k]:starts[k + 1]] for k in range(n - 1)]
                   for r in range(rows)]
-        return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw))
+        delta_blocks = np.array(
+            [(start, start + math.prod(shape), m * 4 * n + k)
+             for k, (offset, stride, shape) in enumerate(layout.blocks)
+             for m in range(self.size) for start in [offset + m * stride]],
+            dtype=np.int64).reshape(-1, 3)
+        return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
+                           storage.numpy(), row, delta_blocks)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -354,8 +409,17 @@ class StackedMLP:
             if layer > 0:
                 delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
                                        deltas[layer - 1])
+        fuse = record and self._fused_sgd
         if record:
-            self._record(losses, views)
+            row = self._record(losses, views, norms=not fuse)
+        if fuse:  # the update, every norm and f' of the step in one pass (see gradlab.fused)
+            np_ = self._np
+            self._fused.record_step(
+                np_["params"], np_["grads"], self._neg_lr, self._param_blocks, np_["deltas"],
+                views.delta_blocks, np_["norms"][row].reshape(-1), views.storage, self.size,
+                batch, self._bounds, self._stats_code if self._fused_stats else -1,
+                *self._stats_args, np_["act"][row:row + 1])
+            return losses, logits
         coef = self._clip() if self.clip is not None else None
         if record and self._snapshot is not None:
             self._snapshot.copy_(self.params)
@@ -378,19 +442,22 @@ class StackedMLP:
         self._batches: list[int] = []
         self._chunk_rows = self._chunk_start = 0
 
-    def _record(self, losses: torch.Tensor, views: _BatchViews) -> None:
+    def _record(self, losses: torch.Tensor, views: _BatchViews, norms: bool = True) -> int:
+        """Record this step's row (its norms too, unless ``norms`` is False); returns it."""
         row = len(self._batches)
         if row == self._norms.shape[0]:
             raise RuntimeError(f"more than max_rows={row} recorded steps before flush()")
         self._batches.append(views.chunk.shape[2])
-        views.norms(self._flat, self._norms[row].view(-1))
+        if norms:
+            views.norms(self._flat, self._norms[row].view(-1))
         self._losses.append(losses)
-        if self.depth > 1:
+        if self.depth > 1 and not (self._fused_stats and not norms):
             if self._chunk_rows == 0:
                 self._chunk_start = row
             self._chunk_rows += 1
             if self._chunk_rows == views.chunk.shape[0]:
                 self._process_chunk()
+        return row
 
     def _process_chunk(self) -> None:
         """The f' statistics of the recorded steps whose hidden outputs are in the chunk."""
@@ -398,6 +465,13 @@ class StackedMLP:
         if not rows:
             return
         views = self._views
+        if self._stats_code is not None:
+            _, members, batch, _ = views.chunk.shape
+            self._fused.activation_stats(views.storage, views.row, rows, members, batch,
+                                         self._bounds, self._stats_code, *self._stats_args,
+                                         self._np["act"], start)
+            self._chunk_rows = 0
+            return
         stats = activation_stats(views.chunk[:rows], self._derivative, self.activation,
                                  self._segments, views.work[:rows])
         self._act_stats[start:start + rows, :, : self.depth - 1] = stats

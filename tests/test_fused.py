@@ -1,0 +1,90 @@
+"""The numba kernels of ``gradlab.fused`` against the eager PyTorch steps they replace."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradlab import fused
+from gradlab.models import build_mlp
+from gradlab.stacked import StackedMLP
+
+SIZES = (784, 37, 29, 10)
+
+
+def engines(activation, seeds=(0, 1), **options):
+    """Two engines from the same initial weights: fused kernels and eager PyTorch only."""
+    pair = []
+    for use_fused in (True, False):
+        models = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            models.append(build_mlp(SIZES, activation))
+        pair.append(StackedMLP(models, activation, batch_size=48, lr=0.3, max_rows=64,
+                               fused=use_fused, **options))
+    return pair
+
+
+def batches(count, members, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        yield torch.rand(members, 48, 784, generator=g), torch.randint(0, 10, (members, 48),
+                                                                         generator=g)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"])
+def test_fused_steps_equal_the_eager_steps(activation):
+    fast, eager = engines(activation)
+    assert fast._fused_sgd and not eager._fused_sgd
+    assert fast._fused_stats == (activation != "gelu")
+    steps = []
+    for step, (x, y) in enumerate(batches(40, 2)):
+        record = step % 3 != 1
+        if record:
+            steps.append(step)
+        for engine in (fast, eager):
+            losses, _ = engine.step(x, y, record)
+            engine.last_losses = losses
+        assert torch.equal(fast.last_losses, eager.last_losses), step
+    assert torch.equal(fast.params, eager.params)  # the update is bit for bit eager SGD's
+    for got, want in zip(fast.flush(steps, 1), eager.flush(steps, 1), strict=True):
+        assert got[["step", "layer", "loss"]].equals(want[["step", "layer", "loss"]])
+        for column in ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
+                       "update_ratio", "act_grad_mean"):
+            np.testing.assert_allclose(got[column], want[column], rtol=2e-5, atol=1e-9,
+                                       err_msg=column)
+        # a count may differ only where f' rounds across the threshold: one unit of 48 * 37
+        np.testing.assert_allclose(got["saturated_frac"], want["saturated_frac"], atol=1e-3)
+        np.testing.assert_array_equal(got["dead_frac"], want["dead_frac"])
+
+
+def test_recording_does_not_change_the_fused_engine():
+    on, _ = engines("sigmoid")
+    off, _ = engines("sigmoid")
+    for step, (x, y) in enumerate(batches(25, 2, seed=3)):
+        a, _ = on.step(x, y, record=True)
+        b, _ = off.step(x, y, record=False)
+        assert torch.equal(a, b), step
+    assert torch.equal(on.params, off.params)
+    assert len(on.flush(list(range(25)), 1)[0]) == 25 * len(SIZES[1:])
+
+
+def test_clipping_and_momentum_take_the_eager_update():
+    for options in (dict(clip_grad_norm=0.1), dict(momentum=0.9), dict(weight_decay=0.01)):
+        fast, _ = engines("sigmoid", **options)
+        assert not fast._fused_sgd, options
+
+
+def test_sgd_step_norms_keeps_inf_and_nan_and_skips_unlisted_elements():
+    params = np.arange(1, 9, dtype=np.float32)
+    grads = np.array([1, 2, np.inf, 0, 1, np.nan, 1, 1], dtype=np.float32)
+    blocks = np.array([[0, 2, 0, 1], [2, 4, -1, 2], [4, 6, 3, 4]], dtype=np.int64)
+    deltas = np.array([3, 4, 0, 0], dtype=np.float32)
+    out = np.full(6, -1, dtype=np.float32)
+    fused.sgd_step_norms(params, grads, np.float32(-0.5), blocks, deltas,
+                         np.array([[0, 2, 5]], dtype=np.int64), out)
+    np.testing.assert_array_equal(out[[0, 1, 5]], [1 + 4, 1 + 4, 25])
+    assert math.isinf(out[2]) and out[3] == 25 + 36 and math.isnan(out[4])
+    np.testing.assert_array_equal(params[[0, 1, 4]], [0.5, 1.0, 4.5])
+    assert params[6] == 7 and params[7] == 8  # outside every block
