@@ -3,8 +3,9 @@
 A recorded step must read every weight and gradient once for their norms: on the tutorial's net
 that pass alone (1.1 MB) costs ~5 % of a CPU step in eager PyTorch, more than the whole budget for
 recording. Plain SGD reads exactly those tensors to update the weights, so ``sgd_step_norms``
-takes the squared norms in the same pass: per 2,048-float tile, the tile's squared sums are taken
-while it sits in L1, then the update is applied. The update is ``w + (-lr) * g`` contracted to a
+takes the squared norms in the same loop that applies the update (float32 partial sums per
+2,048-float tile, added up in float64), so a recorded step's update costs about what an
+unrecorded one's does. The update is ``w + (-lr) * g`` contracted to a
 fused multiply-add, which is the same rounding as ``Tensor.add_(g, alpha=-lr)`` (ATen's vectorised
 ``fmadd``); the tests check the two bit for bit, so recording cannot change training.
 
@@ -24,7 +25,7 @@ from numba import njit
 # reassoc: sums may be vectorised (split into partial sums); contract: a * b + c is one fma,
 # as in ATen's vectorised add with alpha. No nnan/ninf: an inf or nan gradient must show.
 _FLAGS = {"reassoc", "contract"}
-TILE = 2048  # floats per tile of the fused pass: two tiles fit in L1 beside the sums
+TILE = 2048  # floats summed in float32 before they are added to a float64 total
 
 # activation codes of ``activation_stats`` (f' as a function of the output a = f(z))
 SIGMOID, TANH, RELU, LEAKY_RELU, ELU = range(5)
@@ -37,6 +38,14 @@ def _sum_squares(x):
     for i in range(x.shape[0]):  # range from 0: numba then knows i >= 0 and vectorises
         total += x[i] * x[i]
     return total
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def sgd_step(params, grads, neg_lr):
+    """``params += neg_lr * grads``: an unrecorded step's update, the same rounding as
+    ``Tensor.add_(grads, alpha=-lr)`` and as ``sgd_step_norms``."""
+    for i in range(params.shape[0]):
+        params[i] = params[i] + neg_lr * grads[i]
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -61,10 +70,16 @@ def sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, out):
         for start in range(0, w.shape[0], TILE):
             wt = w[start:start + TILE]
             gt = g[start:start + TILE]
-            sw += _sum_squares(wt)
-            sg += _sum_squares(gt)
+            tw = np.float32(0.0)
+            tg = np.float32(0.0)
             for i in range(wt.shape[0]):
-                wt[i] = wt[i] + neg_lr * gt[i]
+                wi = wt[i]
+                gi = gt[i]
+                tw += wi * wi
+                tg += gi * gi
+                wt[i] = wi + neg_lr * gi
+            sw += tw
+            sg += tg
         if blocks[k, 2] >= 0:
             out[blocks[k, 2]] = sw
         if blocks[k, 3] >= 0:
@@ -135,11 +150,11 @@ def activation_stats(chunk, row_stride, rows, members, batch, bounds, code, thre
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def record_step(params, grads, neg_lr, blocks, deltas, delta_blocks, norms, hidden, members,
-                batch, bounds, code, threshold, slope, act):
-    """A recorded step's SGD update with every norm (``sgd_step_norms``), then, when ``code`` is
-    not -1, the f' statistics of its hidden outputs (``activation_stats`` of one step, from the
-    start of ``hidden`` into ``act``, (1, members, >= layers, 3)): one call, one dispatch."""
-    sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, norms)
+def record_step(params, grads, neg_lr, blocks, deltas, delta_blocks, norms, act, row, hidden,
+                members, batch, bounds, code, threshold, slope):
+    """A recorded step's SGD update with every norm (``sgd_step_norms``, into ``norms[row]``),
+    then, when ``code`` is not -1, the f' statistics of the hidden outputs at the start of
+    ``hidden`` (``activation_stats`` of one step, into ``act[row]``): one call, one dispatch."""
+    sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, norms[row])
     if code >= 0:
-        activation_stats(hidden, 0, 1, members, batch, bounds, code, threshold, slope, act, 0)
+        activation_stats(hidden, 0, 1, members, batch, bounds, code, threshold, slope, act, row)
