@@ -107,6 +107,16 @@ def check_device(device: str) -> None:
                                  f"auto or cpu", param_hint="'--device'")
 
 
+def engine_option(f):
+    from .config import ENGINE_HELP, ENGINES
+
+    text = "; ".join(f"{name}: {ENGINE_HELP[name]}" for name in ENGINES)
+    return click.option("--engine", type=click.Choice(ENGINES), default="autograd",
+                        help=f"how runs are trained (a finished run is not trained again "
+                             f"with another engine; its config.json names the one that ran). "
+                             f"{text}")(f)
+
+
 def device_option(f):
     return click.option("--device", type=Device(), default="auto",
                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")(f)
@@ -117,9 +127,10 @@ def device_option(f):
 @click.option("--out", type=click.Path(), default="results", help="results root")
 @data_dir_option
 @device_option
+@engine_option
 @click.option("--force", is_flag=True, help="train again even if this run is complete")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or per-epoch lines")
-def train(out, data_dir, device, force, quiet, **options):
+def train(out, data_dir, device, engine, force, quiet, **options):
     """Train one configuration and store it under OUT/runs/<run_id>/.
 
     The defaults train the tutorial's sigmoid net shape at depth 3 (width 128); the tutorial's
@@ -152,7 +163,7 @@ def train(out, data_dir, device, force, quiet, **options):
                        f"acc {e['test_accuracy']:.2%}  {e['seconds']:.2f}s")
 
     status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
-                     on_epoch=on_epoch)
+                     on_epoch=on_epoch, engine=engine)
     click.echo(summary_line(status, path))
     return 0 if status["status"] == "complete" else 1
 
@@ -183,9 +194,11 @@ def jobs_options(f):
               help="address of a running Ray cluster [default: start a local one]")
 @data_dir_option
 @device_option
+@engine_option
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
-def sweep(out, jobs, threads, executor, ray_address, data_dir, device, make_report, **options):
+def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, make_report,
+          **options):
     """Train every combination of the comma-list options into OUT/runs/<run_id>/.
 
     Runs already complete (or diverged) are skipped, unfinished and failed ones are trained
@@ -206,7 +219,7 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, make_repo
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
-                           on_start=progress.on_start, on_run=progress.on_run)
+                           engine=engine, on_start=progress.on_start, on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
     echo_problems(result, out)
     if make_report:

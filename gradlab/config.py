@@ -21,6 +21,15 @@ DATASETS = ("mnist", "fashion-mnist")
 MAX_DEPTH = 64
 MAX_WIDTH = 8192
 MAX_EPOCHS = 10_000
+# How a run is trained. Both give the same records to float rounding (the tests hold them to
+# each other and to autograd); which one ran is provenance, like the device, not config.
+ENGINES = ("autograd", "fused")
+ENGINE_HELP = {  # for --help
+    "autograd": "nn.Sequential, autograd and torch.optim, recorded by GradientRecorder's hooks "
+                "(the reference)",
+    "fused": "gradlab's stacked engine: a hand-written backward pass checked against autograd, "
+             "with the recording folded into the SGD pass on a CPU (gradlab.fused); faster",
+}
 
 # Bumped when the meaning of a recorded column changes, so old and new records never share an id.
 RECORD_VERSION = 1

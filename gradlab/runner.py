@@ -21,6 +21,7 @@ def execute(
     device: str = "auto",
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    engine: str = "autograd",
 ) -> dict:
     """Train ``config`` and write ``out/runs/<run_id>/``; returns the status dict.
 
@@ -33,9 +34,10 @@ def execute(
     dev = resolve_device(device)
     data = load_data(config.dataset, data_dir, device=dev, train_size=config.train_size,
                      standardize=config.standardize)
-    path = begin_run(out, config, str(dev))
+    path = begin_run(out, config, str(dev), engine=engine)
     try:
-        result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch)
+        result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch,
+                       engine=engine)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # stored, not raised: the sweep goes on

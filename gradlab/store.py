@@ -151,7 +151,7 @@ def ensure_out(out: str | os.PathLike) -> Path:
     return out
 
 
-def begin_run(out: Path, config: RunConfig, device: str) -> Path:
+def begin_run(out: Path, config: RunConfig, device: str, engine: str = "autograd") -> Path:
     """Clear a stale run folder and write its config.json (the status file comes last)."""
     path = run_dir(out, config.run_id())
     path.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def begin_run(out: Path, config: RunConfig, device: str) -> Path:
         "run_id": config.run_id(),
         "config": config.to_dict(),
         "layer_sizes": list(config.layer_sizes),
-        "provenance": {**provenance(device), "started": now()},
+        "provenance": {**provenance(device), "engine": engine, "started": now()},
     })
     return path
 

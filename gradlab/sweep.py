@@ -85,7 +85,8 @@ def _clear_temp_files(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int) -> dict:
+def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int,
+            engine: str = "autograd") -> dict:
     """Train one run unless it is finished or locked; the task of every executor.
 
     Args:
@@ -94,6 +95,7 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         data_dir: dataset root, see ``gradlab.data.resolve_data_dir``.
         device: ``auto``, ``cpu``, ``cuda``...
         threads: torch threads for this run, so parallel runs do not fight over cores.
+        engine: how the run is trained (``gradlab.train.ENGINES``).
 
     Returns an outcome dict: ``run_id``, ``status`` (complete, diverged, failed, or LOCKED /
     DONE_ELSEWHERE when another process has or had it), accuracy, seconds, error.
@@ -115,7 +117,7 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            status = execute(cfg, out, data_dir=data_dir, device=device)
+            status = execute(cfg, out, data_dir=data_dir, device=device, engine=engine)
         finally:
             torch.set_num_threads(before)
     return {**status, "seconds": time.perf_counter() - t0}
@@ -131,9 +133,11 @@ class Task:
     data_dir: str | None
     device: str
     threads: int
+    engine: str = "autograd"
 
     def args(self) -> tuple:
-        return (self.config.to_dict(), self.out, self.data_dir, self.device, self.threads)
+        return (self.config.to_dict(), self.out, self.data_dir, self.device, self.threads,
+                self.engine)
 
 
 def _failed(task: Task, error: BaseException) -> dict:
@@ -360,6 +364,7 @@ def run_sweep(
     on_start: Callable[[int, int], None] | None = None,
     on_run: Callable[[RunConfig, dict], None] | None = None,
     threads: int = THREADS,
+    engine: str = "autograd",
 ) -> SweepResult:
     """Run every config of a grid into ``out``; finished runs are skipped.
 
@@ -374,6 +379,7 @@ def run_sweep(
         on_run: called with each run's config and outcome as it finishes.
         threads: torch threads (and Ray CPUs) per run; fixed, so that records do not depend
             on ``jobs``.
+        engine: how each run is trained (``gradlab.train.ENGINES``).
     """
     if executor not in EXECUTORS:
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
@@ -386,7 +392,7 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
-    tasks = [Task(c, str(out), data_dir, device, threads) for c in todo]
+    tasks = [Task(c, str(out), data_dir, device, threads, engine) for c in todo]
     if not tasks:
         stream: Iterator[dict] = iter(())
     elif executor == "ray":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import RunConfig
+from .config import ENGINES, RunConfig
 from .data import Data, Split, batch_order, load_data
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
@@ -96,6 +96,7 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    engine: str = "autograd",
 ) -> RunResult:
     """Train one configuration, recording gradients per ``config.log_every``; evaluate each epoch.
 
@@ -106,15 +107,20 @@ def train(
         device: ``auto``, ``cpu``, ``cuda``, ``mps``...
         progress: show a tqdm bar of steps.
         on_epoch: called with each epoch's summary dict (for printing).
+        engine: one of ``ENGINES`` (see ``ENGINE_HELP``).
 
     A run whose loss becomes NaN/inf stops at the end of that epoch, returns ``diverged`` with the
     first bad step, and keeps the records up to that step. Any other exception during training
     returns ``failed`` with the records made so far (KeyboardInterrupt propagates).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is invalid: one of {', '.join(ENGINES)}")
     device = resolve_device(str(device))
     if data is None:
         data = load_data(config.dataset, data_dir, device=device, train_size=config.train_size,
                          standardize=config.standardize)
+    if engine == "fused":
+        return train_members([config], data, device, progress=progress, on_epoch=on_epoch)[0]
     return _train_with_hooks(config, data, device, progress=progress, on_epoch=on_epoch)
 
 
