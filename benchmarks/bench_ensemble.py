@@ -60,14 +60,14 @@ def bench_device(device: torch.device, args, facts: dict, threads: int) -> tuple
         last["ensemble"] = results
         return timing
 
-    variants = {"6 runs one after another, train()": one_after_another("train()"),
-                "6 runs one after another, engine": one_after_another("engine"),
+    variants = {"6 runs one after another, autograd": one_after_another("autograd"),
+                "6 runs one after another, fused": one_after_another("fused"),
                 "ensemble of 6": ensemble}
     for measure in variants.values():  # warm up
         measure()
     print(f"{device}: threads {threads}")
     times = common.interleaved(variants, args.reps)
-    base = times["6 runs one after another, train()"]
+    base = times["6 runs one after another, autograd"]
     examples = len(SEEDS) * args.steps * 64 * args.epochs
     rows = []
     for name, ts in times.items():
@@ -81,16 +81,16 @@ def bench_device(device: torch.device, args, facts: dict, threads: int) -> tuple
         ["variant", "s (wall)", "s (CPU)", "training examples/s (wall)",
          "throughput vs one after another (wall / CPU)"], rows)
     med = statistics.median(common.ratios(base, times["ensemble of 6"], "wall"))
-    engine = statistics.median(common.ratios(times["6 runs one after another, engine"],
+    engine = statistics.median(common.ratios(times["6 runs one after another, fused"],
                                              times["ensemble of 6"], "wall"))
-    diff = largest_difference(last["ensemble"], last["train()"])
-    same = largest_difference(last["ensemble"], last["engine"])
-    verdict = (f"{device}: {med:.2f}x the throughput of six `train()` runs (target >= "
+    diff = largest_difference(last["ensemble"], last["autograd"])
+    same = largest_difference(last["ensemble"], last["fused"])
+    verdict = (f"{device}: {med:.2f}x the throughput of six `autograd` runs (target >= "
                f"{TARGET:.0f}x: {'met' if med >= TARGET else 'missed'}), {engine:.2f}x that of "
-               f"six one-member engine runs. Largest relative difference of any member's records "
-               f"(every grads and epochs value) from its `train()` run: {diff:.1e} (target "
+               f"six `fused` runs. Largest relative difference of any member's records "
+               f"(every grads and epochs value) from its `autograd` run: {diff:.1e} (target "
                f"rtol ~1e-4: {'met' if diff <= 1e-4 else 'missed'}; the two backward passes "
-               f"round differently); from its one-member engine run: {same:.1e}")
+               f"round differently); from its `fused` run: {same:.1e}")
     return (f"**{device}** ({facts.get('gpu', facts['cpu'])}, {threads} thread(s)):\n\n"
             f"{table}"), verdict
 

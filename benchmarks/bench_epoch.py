@@ -92,7 +92,7 @@ def other_tree_epoch(tree: str, data_dir: str, log_every: int, threads: int) -> 
     return common.Timing(float(found.group(1)), float(found.group(2)))
 
 
-def gradlab_epoch(data, log_every: int, device: torch.device, path: str = "train()"
+def gradlab_epoch(data, log_every: int, device: torch.device, path: str = "autograd"
                   ) -> common.Timing:
     config = make_config(depth=3, widths=(128, 256), activation="sigmoid", lr=0.01,
                          batch_size=64, epochs=1, log_every=log_every)

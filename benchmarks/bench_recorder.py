@@ -1,6 +1,6 @@
 """Recorder overhead (issue 3): training with ``log_every`` 1 and 10 against the same loop with
 recording off (``log_every=0``), tutorial net (784-128-256-10, sigmoid, batch 64) on MNIST, for
-both ways gradlab trains a run (``common.PATHS``).
+both ways gradlab trains a run (``common.PATHS``), and the cost of bare hooks.
 
 (A) Each measurement is one whole run of ``--steps`` steps (one epoch of a training subset),
 including the recorder's setup and its flush to a DataFrame; the test split is cut to one batch
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import common
 import numpy as np
@@ -42,11 +43,42 @@ def bench_data(data_dir: str, steps: int, batch: int, device: torch.device) -> D
 
 
 def engine_steps(steps: int):
-    """``step(x, y, record)`` of the stacked engine with one member."""
+    """``step(x, y, record)`` of the stacked engine with one member (``--engine fused``)."""
     torch.manual_seed(0)
     engine = StackedMLP([build_mlp((784, 128, 256, 10), "sigmoid")], "sigmoid", batch_size=64,
                         lr=0.01, max_rows=steps)
     return lambda step, x, y, record: engine.step(x[None], y[None], record)
+
+
+def hook_floor_steps(steps: int):
+    """``train()``'s step where a "recorded" step only has the hooks that catch dL/dz (a forward
+    hook per Linear registering a tensor hook on its output, which stores the gradient) and
+    computes nothing: the least any hook recorder of dL/dz costs."""
+    torch.manual_seed(0)
+    model = build_mlp((784, 128, 256, 10), "sigmoid")
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.01, foreach=True)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    caught = [None] * len(linears)
+
+    def forward_hook(index, module, inputs, z):
+        z.register_hook(lambda g: caught.__setitem__(index, g))
+
+    handles = []
+
+    def step(number, x, y, record):
+        if record and not handles:  # as GradientRecorder: hooks only while steps are recorded
+            handles.extend(m.register_forward_hook(partial(forward_hook, i))
+                           for i, m in enumerate(linears))
+        elif not record:
+            while handles:
+                handles.pop().remove()
+        loss = F.cross_entropy(model(x), y)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        optimizer.step()
+    return step
 
 
 def hook_steps(steps: int):
@@ -130,20 +162,28 @@ def run(args) -> str:
         ["path, schedule", "µs/step wall", "µs/step CPU", "overhead % (wall)",
          "overhead % (CPU)"], rows)
     window_rows, verdicts = [], []
-    for path, make in zip(common.PATHS, (hook_steps, engine_steps), strict=True):
+    makers = {"autograd": hook_steps, "fused": engine_steps,
+              "autograd, hooks that catch dL/dz only": hook_floor_steps}
+    pairs_of = {}
+    for path, make in makers.items():
         recorded, plain = windows(make, data, args.window_steps)
         pairs = [100 * (r / p - 1) for r, p in zip(recorded, plain, strict=False)]
+        pairs_of[path] = pairs
         cost = statistics.median([r - p for r, p in zip(recorded, plain, strict=False)])
         window_rows += [[f"{path}, not recorded", common.summary(plain, "{:.0f}"), "—", "—"],
                         [f"{path}, recorded", common.summary(recorded, "{:.0f}"),
                          common.summary(pairs, "{:+.1f}"), f"{cost:.0f}"]]
-        every = statistics.median(pairs)
+    for path in common.PATHS:
+        every = statistics.median(pairs_of[path])
         for n, target, estimate in ((1, 3.0, every), (10, 1.0, every / 10)):
             whole = statistics.median(common.ratios(times[f"{path}, log_every={n}"],
                                                     times[f"{path}, log_every=0"], "cpu"))
-            verdicts.append(f"{path}, log_every={n}: {estimate:+.1f} % (B), "
+            verdicts.append(f"`{path}`, log_every={n}: {estimate:+.1f} % (B), "
                             f"{100 * (whole - 1):+.1f} % (A, CPU); target <= {target:.0f} %: "
                             f"{'met' if estimate <= target else 'missed'}")
+    verdicts.append(f"hooks alone (dL/dz caught, nothing computed): "
+                    f"{statistics.median(pairs_of['autograd, hooks that catch dL/dz only']):+.1f} "
+                    f"% of a step (B): the floor of any hook recorder on this machine")
     window_table = common.markdown_table(
         ["blocks of 10 steps", "µs/step (CPU)", "overhead % of a step", "µs more per step"],
         window_rows)

@@ -129,18 +129,18 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
-# The two ways gradlab trains one run: ``train()``'s default (autograd, torch.optim and the hook
-# GradientRecorder) and the stacked engine with one member (what ``train_ensemble`` stacks).
-PATHS = ("train()", "engine")
-PATH_NOTE = ("`train()`: `gradlab.train.train`, autograd + `torch.optim` + the hook "
-             "`GradientRecorder`; `engine`: `gradlab.train.train_members([config], …)`, the "
-             "stacked engine (`gradlab/stacked.py`) with one member, as `train_ensemble` uses it.")
+# The two ways gradlab trains one run (``gradlab train --engine …``): ``autograd`` (the default:
+# autograd, torch.optim and the hook GradientRecorder) and ``fused`` (the stacked engine with one
+# member, recording folded into the SGD pass by gradlab.fused; what train_ensemble stacks).
+PATHS = ("autograd", "fused")
+PATH_NOTE = ("`autograd`: `train(config, engine=\"autograd\")` (the default), autograd + "
+             "`torch.optim` + the hook `GradientRecorder`; `fused`: `train(config, "
+             "engine=\"fused\")`, the stacked engine (`gradlab/stacked.py`) with one member, its "
+             "recording folded into the SGD pass by `gradlab/fused.py`.")
 
 
 def train_path(path: str, config, data, device):
     """One run of ``config`` by ``path`` (see PATHS)."""
-    from gradlab.train import train, train_members
+    from gradlab.train import train
 
-    if path == "train()":
-        return train(config, data=data, device=device)
-    return train_members([config], data, torch.device(device))[0]
+    return train(config, data=data, device=device, engine=path)

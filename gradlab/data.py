@@ -233,3 +233,47 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator, device=None
 
     perm = torch.randperm(n, generator=generator)
     return perm.to(device).split(batch_size)
+
+
+PREFETCH_STEPS = 16  # steps whose batches are gathered together (3.2 MB for MNIST at batch 64)
+
+
+def gather_batches(x, y, indices: list, threaded: bool | None = None):
+    """Yield ``(x[index], y[index])`` for each index tensor of ``indices``, in order, shaped
+    ``index.shape + x.shape[1:]``.
+
+    Rows are gathered ``PREFETCH_STEPS`` steps at a time with one ``index_select``; on a CPU
+    (``threaded`` None) the next group is gathered in a worker thread while the caller trains
+    on this one. Randomly ordered rows of a 188 MB array come from main memory at ~50 µs a
+    step, which the second core then hides; the values are the same either way.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    if threaded is None:
+        threaded = x.device.type == "cpu"
+    groups = [indices[i:i + PREFETCH_STEPS] for i in range(0, len(indices), PREFETCH_STEPS)]
+
+    def gather(group):
+        flat = torch.cat([index.reshape(-1) for index in group])
+        return x.index_select(0, flat), y.index_select(0, flat)
+
+    def split(group, gx, gy):
+        start = 0
+        for index in group:
+            stop = start + index.numel()
+            yield gx[start:stop].view(*index.shape, *x.shape[1:]), gy[start:stop].view(index.shape)
+            start = stop
+
+    if not threaded:
+        for group in groups:
+            yield from split(group, *gather(group))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="gradlab-gather") as pool:
+        pending = pool.submit(gather, groups[0]) if groups else None
+        for k, group in enumerate(groups):
+            gx, gy = pending.result()
+            if k + 1 < len(groups):
+                pending = pool.submit(gather, groups[k + 1])
+            yield from split(group, gx, gy)

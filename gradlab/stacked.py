@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
 from .record import (
@@ -402,14 +401,14 @@ class StackedMLP:
         deltas = views.deltas
         logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows])
         logp = torch.log_softmax(logits, -1)
-        losses = F.nll_loss(logp.view(-1, self.classes), y.view(-1),
-                            reduction="none").view(m_count, batch).mean(1)
+        target = y.unsqueeze(-1)
+        losses = torch.gather(logp, -1, target).mean((1, 2)).neg_()  # nll_loss, in fewer ops
         minus_one = self._minus_one.get(batch)
         if minus_one is None:
             minus_one = self._minus_one[batch] = x.new_full((m_count, batch, 1), -1.0)
         last = self.depth - 1
         delta = torch.exp(logp, out=deltas[last])  # dL/dlogits = (softmax - onehot) / B
-        delta.scatter_add_(-1, y.unsqueeze(-1), minus_one).mul_(1.0 / batch)
+        delta.scatter_add_(-1, target, minus_one).mul_(1.0 / batch)
         for layer in range(last, -1, -1):
             torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
             torch.sum(delta, 1, out=self.gb[layer])

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ENGINES, RunConfig
-from .data import Data, Split, batch_order, load_data
+from .data import Data, Split, batch_order, gather_batches, load_data
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
 from .stacked import StackedMLP
@@ -162,9 +162,7 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
                 first_step = step
                 step_losses = []
                 start = 0
-                for index in batches:
-                    # index_select: the same rows as x[index], several times faster on CPU
-                    x, y = train_x.index_select(0, index), train_y.index_select(0, index)
+                for x, y in gather_batches(train_x, train_y, batches):
                     recording = recorder.begin_step(step)
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
@@ -180,7 +178,7 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
                         recorder.after_update()
                     # per-step results stay on the device; reduced once per epoch
                     step_losses.append(loss.detach())
-                    stop = start + index.shape[0]
+                    stop = start + y.shape[0]
                     torch.argmax(logits, 1, out=predicted[start:stop])
                     start = stop
                     step += 1
@@ -312,13 +310,8 @@ def train_members(
             orders = [batch_order(n, config.batch_size, g, device) for g in generators]
             first_step = step
             step_losses, predictions, labels, steps = [], [], [], []
-            for i in range(len(orders[0])):
-                index = orders[0][i] if len(orders) == 1 else torch.stack([o[i] for o in orders])
-                flat = index.view(-1)
-                x = train_x.index_select(0, flat).view(*index.shape, -1)
-                y = train_y.index_select(0, flat).view(index.shape)
-                if len(orders) == 1:
-                    x, y = x.unsqueeze(0), y.unsqueeze(0)
+            indices = [torch.stack(step_indices) for step_indices in zip(*orders, strict=True)]
+            for x, y in gather_batches(train_x, train_y, indices):  # (members, batch, ...)
                 record = step in recorded
                 losses, logits = engine.step(x, y, record)
                 if record:
