@@ -235,6 +235,15 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator, device=None
     return perm.to(device).split(batch_size)
 
 
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 PREFETCH_STEPS = 16  # steps whose batches are gathered together (3.2 MB for MNIST at batch 64)
 
 
@@ -243,16 +252,16 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None):
     ``index.shape + x.shape[1:]``.
 
     Rows are gathered ``PREFETCH_STEPS`` steps at a time with one ``index_select``; on a CPU
-    (``threaded`` None) the next group is gathered in a worker thread while the caller trains
-    on this one. Randomly ordered rows of a 188 MB array come from main memory at ~50 µs a
+    with a core that torch's threads leave free (``threaded`` None), the next group is gathered
+    in a worker thread while the caller trains on this one. Randomly ordered rows of a 188 MB array come from main memory at ~50 µs a
     step, which the second core then hides; the values are the same either way.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    if threaded is None:
-        threaded = x.device.type == "cpu"
+    if threaded is None:  # only with a core to spare: OpenMP's threads spin on theirs
+        threaded = x.device.type == "cpu" and torch.get_num_threads() < _cores()
     groups = [indices[i:i + PREFETCH_STEPS] for i in range(0, len(indices), PREFETCH_STEPS)]
 
     def gather(group):

@@ -83,3 +83,20 @@ def test_fashion_mnist_from_debian(tmp_path):
     assert len(d.train) == 1000 and len(d.test) == 10000
     assert (tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file()
     shutil.rmtree(tmp_path / "FashionMNIST")
+
+
+def test_gather_batches_gives_each_steps_rows_threaded_or_not():
+    import torch
+
+    from gradlab.data import PREFETCH_STEPS, gather_batches
+
+    x = torch.arange(300 * 3, dtype=torch.float32).view(300, 3)
+    y = torch.arange(300)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    indices = list(perm.split(7)) + [torch.stack([perm[:5], perm[5:10]])]
+    assert len(indices) > 2 * PREFETCH_STEPS
+    for threaded in (True, False):
+        got = list(gather_batches(x, y, indices, threaded=threaded))
+        assert len(got) == len(indices)
+        for (bx, by), index in zip(got, indices, strict=True):
+            assert torch.equal(bx, x[index]) and torch.equal(by, y[index])
