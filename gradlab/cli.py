@@ -195,10 +195,14 @@ def jobs_options(f):
 @data_dir_option
 @device_option
 @engine_option
+@click.option("--ensemble", is_flag=True,
+              help="train the seeds of each configuration together in one process, as one "
+                   "vectorised ensemble (the fused engine with stacked members; their records "
+                   "equal their runs' alone to float rounding); --engine is then not used")
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
-def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, make_report,
-          **options):
+def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, ensemble,
+          make_report, **options):
     """Train every combination of the comma-list options into OUT/runs/<run_id>/.
 
     Runs already complete (or diverged) are skipped, unfinished and failed ones are trained
@@ -219,7 +223,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, m
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
-                           engine=engine, on_start=progress.on_start, on_run=progress.on_run)
+                           engine=engine, ensemble=ensemble, on_start=progress.on_start,
+                           on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
     echo_problems(result, out)
     if make_report:

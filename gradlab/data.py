@@ -253,8 +253,9 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None):
 
     Rows are gathered ``PREFETCH_STEPS`` steps at a time with one ``index_select``; on a CPU
     with a core that torch's threads leave free (``threaded`` None), the next group is gathered
-    in a worker thread while the caller trains on this one. Randomly ordered rows of a 188 MB array come from main memory at ~50 µs a
-    step, which the second core then hides; the values are the same either way.
+    in a worker thread while the caller trains on this one. Randomly ordered rows of a 188 MB
+    array come from main memory at ~50 µs a step, which the second core then hides; the values
+    are the same either way.
     """
     from concurrent.futures import ThreadPoolExecutor
 

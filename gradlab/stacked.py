@@ -217,16 +217,14 @@ class StackedMLP:
         self._setup_optimizer(optimizer, lr, momentum, weight_decay)
         self.clip = clip_grad_norm
         self._buffers(max(max_rows, 1))
+        self._fused_sgd = self._fused_stats = False
+        self._stats_code = None
         self._fused = self._fused_kernels(activation) if fused else None
-        if not fused:
-            self._fused_sgd = self._fused_stats = False
-            self._stats_code = None
 
     def _fused_kernels(self, activation: str):
         """``gradlab.fused`` where it applies (float32 on a CPU), else None. Its SGD step
         with norms serves plain SGD without clipping (``self._fused_sgd``); its f' statistics
         the activations whose f' is a function of their output (``self._stats_code``)."""
-        self._fused_sgd, self._fused_stats, self._stats_code = False, False, None
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         from . import fused

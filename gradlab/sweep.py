@@ -1,7 +1,8 @@
 """Sweeps: run a grid of configs into one results folder, skipping finished runs, on local
 processes or Ray; the per-configuration summary table; and the run listing of ``gradlab ls``.
 
-Every run goes through ``run_one``, whichever executor calls it: it takes the run's lock
+Every run goes through ``run_one`` (or, for ``--ensemble``, ``run_ensemble`` with the other
+seeds of its configuration), whichever executor calls it: it takes the run's lock
 (``<out>/runs/.<run_id>.lock``, ``flock``, non-blocking), so two sweeps on the same folder never
 train one run at once, and it writes through ``runner.execute`` (status.json last), so a run that
 is interrupted is simply redone next time.
@@ -123,34 +124,85 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
     return {**status, "seconds": time.perf_counter() - t0}
 
 
-# -- executors: each yields outcome dicts as runs finish ----------------------------------------
+def run_ensemble(configs: list[dict], out: str, data_dir: str | None, device: str,
+                 threads: int) -> list[dict]:
+    """Train runs that differ only in seed as one vectorised ensemble, each run under its lock
+    as in ``run_one``: runs that another process holds or has finished are left to it, the
+    others are trained together. Returns one outcome dict per config, in order."""
+    import torch
+
+    from .runner import execute_ensemble
+
+    cfgs = [make_config(**c) for c in configs]
+    t0 = time.perf_counter()
+    outcomes: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        todo = []
+        for cfg in cfgs:
+            run_id = cfg.run_id()
+            if not stack.enter_context(run_lock(out, run_id)):
+                outcomes[run_id] = {"run_id": run_id, "status": LOCKED}
+                continue
+            status = store.read_status(store.run_dir(out, run_id))
+            if status is not None and status.get("status") in FINISHED:
+                outcomes[run_id] = {**status, "status": DONE_ELSEWHERE,
+                                    "stored": status["status"]}
+                continue
+            _clear_temp_files(store.run_dir(out, run_id))
+            todo.append(cfg)
+        if todo:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                statuses = execute_ensemble(todo, out, data_dir=data_dir, device=device)
+            finally:
+                torch.set_num_threads(before)
+            seconds = time.perf_counter() - t0
+            for status in statuses:
+                outcomes[status["run_id"]] = {**status, "seconds": seconds,
+                                              "ensemble_size": len(todo)}
+    return [outcomes[cfg.run_id()] for cfg in cfgs]
+
+
+def run_task(configs: list[dict], out: str, data_dir: str | None, device: str, threads: int,
+             engine: str, ensemble: bool) -> list[dict]:
+    """A task of every executor: one run (``run_one``) or one ensemble (``run_ensemble``);
+    returns the outcome dict of each of its runs."""
+    if ensemble:
+        return run_ensemble(configs, out, data_dir, device, threads)
+    return [run_one(configs[0], out, data_dir, device, threads, engine)]
+
+
+# -- executors: each yields lists of outcome dicts as tasks finish -------------------------------
 
 
 @dataclass(frozen=True)
 class Task:
-    config: RunConfig
+    configs: tuple[RunConfig, ...]  # one run, or the runs of one ensemble
     out: str
     data_dir: str | None
     device: str
     threads: int
     engine: str = "autograd"
+    ensemble: bool = False
 
     def args(self) -> tuple:
-        return (self.config.to_dict(), self.out, self.data_dir, self.device, self.threads,
-                self.engine)
+        return ([c.to_dict() for c in self.configs], self.out, self.data_dir, self.device,
+                self.threads, self.engine, self.ensemble)
 
 
-def _failed(task: Task, error: BaseException) -> dict:
+def _failed(task: Task, error: BaseException) -> list[dict]:
     message = str(error).strip().splitlines()
-    return {"run_id": task.config.run_id(), "status": "failed",
-            "error": f"{type(error).__name__}: {message[-1] if message else ''}"}
+    return [{"run_id": config.run_id(), "status": "failed",
+             "error": f"{type(error).__name__}: {message[-1] if message else ''}"}
+            for config in task.configs]
 
 
-def run_inline(tasks: list[Task]) -> Iterator[dict]:
-    """One run after another in this process (``--jobs 1``): Ctrl-C stops the current run."""
+def run_inline(tasks: list[Task]) -> Iterator[list[dict]]:
+    """One task after another in this process (``--jobs 1``): Ctrl-C stops the current one."""
     for task in tasks:
         try:
-            yield run_one(*task.args())
+            yield run_task(*task.args())
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # e.g. the disk filled up: reported, and the sweep goes on
@@ -179,11 +231,11 @@ def _worker_init() -> None:
         os._exit(1)
 
 
-def _worker_run(*args) -> dict:
+def _worker_run(*args) -> list[dict]:
     global _in_run
     _in_run = True
     try:
-        return run_one(*args)
+        return run_task(*args)
     except KeyboardInterrupt:  # stopped by the parent
         os._exit(130)
     finally:
@@ -216,7 +268,7 @@ def _stop_children() -> None:
             p.kill()
 
 
-def run_pool(tasks: list[Task], jobs: int) -> Iterator[dict]:
+def run_pool(tasks: list[Task], jobs: int) -> Iterator[list[dict]]:
     """``jobs`` runs at once, each in its own spawned process (forking a process whose torch
     thread pools have started can deadlock)."""
     import multiprocessing
@@ -240,7 +292,7 @@ def run_pool(tasks: list[Task], jobs: int) -> Iterator[dict]:
     pool.shutdown(wait=True)
 
 
-def run_ray(tasks: list[Task], jobs: int, address: str | None) -> Iterator[dict]:
+def run_ray(tasks: list[Task], jobs: int, address: str | None) -> Iterator[list[dict]]:
     """Each run as a Ray task, on the cluster at ``address`` or on a local Ray instance.
 
     Uses an already initialised Ray as it is (and leaves it running). Workers write to the
@@ -260,7 +312,7 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None) -> Iterator[dict]
         # each task asks for its torch threads' worth of CPUs (a GPU task for a GPU instead, so
         # that GPUs set the pace); on a cluster, its capacity decides how many run at once
         cpus = tasks[0].threads
-        remote = ray.remote(run_one).options(num_gpus=1 if uses_gpu else 0,
+        remote = ray.remote(run_task).options(num_gpus=1 if uses_gpu else 0,
                                              num_cpus=0 if uses_gpu else cpus, max_retries=0)
         pending = {remote.remote(*task.args()): task for task in tasks}
         try:
@@ -352,6 +404,16 @@ def check_data(configs: Iterable[RunConfig], data_dir: str | None) -> None:
         ensure_data(dataset, resolve_data_dir(data_dir), largest[dataset])
 
 
+def seed_groups(configs: list[RunConfig]) -> list[tuple[RunConfig, ...]]:
+    """The configs grouped by everything but ``seed`` (the runs of one ensemble), in order of
+    each group's first config."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for config in configs:
+        key = tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k != "seed"))
+        groups.setdefault(key, []).append(config)
+    return [tuple(group) for group in groups.values()]
+
+
 def run_sweep(
     configs: list[RunConfig],
     out: str | os.PathLike,
@@ -365,6 +427,7 @@ def run_sweep(
     on_run: Callable[[RunConfig, dict], None] | None = None,
     threads: int = THREADS,
     engine: str = "autograd",
+    ensemble: bool = False,
 ) -> SweepResult:
     """Run every config of a grid into ``out``; finished runs are skipped.
 
@@ -380,6 +443,8 @@ def run_sweep(
         threads: torch threads (and Ray CPUs) per run; fixed, so that records do not depend
             on ``jobs``.
         engine: how each run is trained (``gradlab.train.ENGINES``).
+        ensemble: train the runs that differ only in seed together, as one vectorised
+            ensemble per configuration (``gradlab.ensemble``; ``engine`` is then not used).
     """
     if executor not in EXECUTORS:
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
@@ -392,7 +457,8 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
-    tasks = [Task(c, str(out), data_dir, device, threads, engine) for c in todo]
+    tasks = [Task(group, str(out), data_dir, device, threads, engine, ensemble)
+             for group in (seed_groups(todo) if ensemble else [(c,) for c in todo])]
     if not tasks:
         stream: Iterator[dict] = iter(())
     elif executor == "ray":
@@ -401,12 +467,13 @@ def run_sweep(
         stream = run_pool(tasks, jobs)
     else:
         stream = run_inline(tasks)
-    for outcome in stream:
-        if outcome["status"] == DONE_ELSEWHERE:
-            outcome = {**outcome, "status": "skipped"}
-        outcomes[outcome["run_id"]] = outcome
-        if on_run is not None:
-            on_run(by_id[outcome["run_id"]], outcome)
+    for task_outcomes in stream:
+        for outcome in task_outcomes:
+            if outcome["status"] == DONE_ELSEWHERE:
+                outcome = {**outcome, "status": "skipped"}
+            outcomes[outcome["run_id"]] = outcome
+            if on_run is not None:
+                on_run(by_id[outcome["run_id"]], outcome)
     for run_id, outcome in outcomes.items():  # another process may have finished it since
         if outcome["status"] == LOCKED:
             status = store.read_status(store.run_dir(out, run_id))

@@ -1,0 +1,92 @@
+"""``gradlab sweep --ensemble``: the seeds of each configuration trained together, each run
+stored as if trained alone (records equal to float rounding), with the sweep's locks, skipping
+and failure handling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gradlab import store
+from gradlab.cli import cli
+from gradlab.config import make_config
+from gradlab.sweep import LOCKED, run_ensemble, run_lock, seed_groups
+
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--seeds", "0,1,2", "--widths", "8",
+        "--epochs", "2", "--train-sizes", "256"]
+
+
+def sweep(data, out, *args):
+    return CliRunner().invoke(cli, ["sweep", *GRID, "--jobs", "1", *map(str, args),
+                                    "--data-dir", str(data), "--out", str(out)],
+                              catch_exceptions=False)
+
+
+def test_seed_groups_keep_grid_order():
+    configs = [make_config(depth=d, widths=(4,) * (d - 1), seed=s)
+               for d in (2, 3) for s in (0, 1)] + [make_config(depth=2, widths=(4,), seed=5)]
+    groups = seed_groups(configs)
+    assert [[c.seed for c in g] for g in groups] == [[0, 1, 5], [0, 1]]
+    assert [g[0].depth for g in groups] == [2, 3]
+
+
+def test_ensemble_sweep_matches_the_runs_trained_alone(fake_mnist, tmp_path):
+    r = sweep(fake_mnist, tmp_path / "ens", "--ensemble")
+    assert r.exit_code == 0, r.output
+    assert sweep(fake_mnist, tmp_path / "solo").exit_code == 0
+    ens, solo = store.load(tmp_path / "ens"), store.load(tmp_path / "solo")
+    assert len(ens.runs) == 12 and (ens.runs["status"] == "complete").all()
+    keys = {"grads": ["run_id", "step", "layer"], "epochs": ["run_id", "epoch", "split"]}
+    columns = {"grads": ("grad_weight_norm", "grad_output_norm", "weight_norm", "loss",
+                         "act_grad_mean"), "epochs": ("loss",)}
+    for frame, by in keys.items():
+        a = getattr(ens, frame).sort_values(by).reset_index(drop=True)
+        b = getattr(solo, frame).sort_values(by).reset_index(drop=True)
+        assert a[by].equals(b[by])
+        for column in columns[frame]:
+            np.testing.assert_allclose(a[column], b[column], rtol=1e-4, atol=1e-7,
+                                       err_msg=f"{frame}.{column}")
+    meta = json.loads(next((tmp_path / "ens" / "runs").glob("*/config.json")).read_text())
+    assert meta["provenance"]["engine"] == "ensemble"
+    again = sweep(fake_mnist, tmp_path / "ens", "--ensemble")
+    assert again.exit_code == 0 and "12 already finished" in again.output
+
+
+def test_a_locked_run_is_left_out_of_its_ensemble(fake_mnist, tmp_path):
+    configs = [make_config(depth=2, widths=(8,), epochs=1, train_size=256, seed=s)
+               for s in (0, 1, 2)]
+    store.ensure_out(tmp_path)
+    with run_lock(tmp_path, configs[1].run_id()):
+        outcomes = run_ensemble([c.to_dict() for c in configs], str(tmp_path), str(fake_mnist),
+                                "cpu", 1)
+    assert [o["status"] for o in outcomes] == ["complete", LOCKED, "complete"]
+    assert outcomes[0]["ensemble_size"] == 2
+    assert not (tmp_path / "runs" / configs[1].run_id()).exists()
+
+
+def test_a_failed_ensemble_stores_each_run_as_failed(fake_mnist, tmp_path, monkeypatch):
+    import gradlab.ensemble
+
+    def broken(configs, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(gradlab.ensemble, "train_ensemble", broken)
+    r = sweep(fake_mnist, tmp_path, "--ensemble")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    runs = store.load(tmp_path).runs
+    assert len(runs) == 12 and (runs["status"] == "failed").all()
+    for run in (tmp_path / "runs").iterdir():
+        if run.is_dir():
+            assert "out of memory, say" in (run / "error.txt").read_text()
+    monkeypatch.undo()
+    assert sweep(fake_mnist, tmp_path, "--ensemble").exit_code == 0  # retrained
+
+
+@pytest.mark.parametrize("jobs", [2])
+def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, jobs):
+    r = sweep(fake_mnist, tmp_path, "--ensemble", "--jobs", jobs)
+    assert r.exit_code == 0, r.output
+    assert (store.load(tmp_path).runs["status"] == "complete").all()
