@@ -198,7 +198,7 @@ def run(args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=937)  # a whole MNIST epoch of full batches
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--window-steps", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1)
