@@ -227,7 +227,10 @@ class StackedMLP:
         the activations whose f' is a function of their output (``self._stats_code``)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
-        from . import fused
+        try:
+            from . import fused
+        except ImportError:  # numba missing or broken here: the eager path, slower
+            return None
         n = self.depth
         self._fused_sgd = (self._adam is None and self.momentum == 0 and self.weight_decay == 0
                            and self.clip is None)

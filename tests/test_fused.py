@@ -88,3 +88,16 @@ def test_sgd_step_norms_keeps_inf_and_nan_and_skips_unlisted_elements():
     assert math.isinf(out[2]) and out[3] == 25 + 36 and math.isnan(out[4])
     np.testing.assert_array_equal(params[[0, 1, 4]], [0.5, 1.0, 4.5])
     assert params[6] == 7 and params[7] == 8  # outside every block
+
+
+def test_without_numba_the_engine_falls_back_to_eager(monkeypatch):
+    import sys
+
+    import gradlab
+
+    monkeypatch.setitem(sys.modules, "gradlab.fused", None)  # import raises ImportError
+    monkeypatch.delattr(gradlab, "fused")
+    fast, eager = engines("sigmoid")
+    assert fast._fused is None and not fast._fused_sgd
+    for x, y in batches(3, 2):
+        assert torch.equal(fast.step(x, y, True)[0], eager.step(x, y, True)[0])
