@@ -1,11 +1,11 @@
-"""Seaborn figures of the gradient records (DESIGN, "Figures") and the tidy numbers they show.
+"""Seaborn figures of the gradient records (DESIGN, "Figures").
 
 Each figure is a function of the tidy frames of ``gradlab.load`` with a seaborn-style signature,
 ``f(data, *, x=..., y=..., hue=..., ...)``; axes-level functions take ``ax=`` and return the Axes,
 figure-level ones return a ``matplotlib.figure.Figure`` (made without pyplot, so nothing is left
-open). The numbers behind the figures (per-run vanishing ratio, final accuracy) are plain functions
-that ``gradlab.report`` uses too. ``write_figures`` draws every figure of a results folder; the same
-records give the same bytes.
+open). The numbers behind the figures (per-run vanishing ratio, final accuracy) are in
+``gradlab.tables`` (and importable from here). ``write_figures`` draws every figure of a results
+folder; the same records give the same bytes.
 """
 
 from __future__ import annotations
@@ -32,11 +32,21 @@ from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
-from .config import CONFIG_FIELDS, ConfigError
+from .config import ConfigError
 from .store import Results, StoreError, _atomic, load, make_folder
+from .tables import (  # noqa: F401  (final_accuracy_table, vanishing_table: re-exported)
+    SIGMOID_BOUND,
+    final_accuracy,
+    final_accuracy_table,
+    per_run,
+    run_info,
+    table_keys,
+    vanishing_ratios,
+    vanishing_table,
+    with_setup,
+)
 
 LAYER_LABEL = "layer (input → output)"
-SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
 CI = ("ci", 95)
 BOOT_SEED = 0  # bootstrap CIs are drawn from a fixed seed, so figures are reproducible
 DPI = 200
@@ -56,7 +66,6 @@ NORM_LABELS = {
     "update_ratio": "‖ΔW‖ / ‖W‖",
 }
 # Columns that are constant within a run, as ``gradlab.load`` joins them in.
-RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
 MAX_LISTED = 4  # diverged runs named in a figure title before "+N more"
 LEGEND_GUESS = 0.5  # inches for the legend row until it is measured
 DIVERGED_COLOR = "crimson"
@@ -83,50 +92,6 @@ def paper_style() -> Iterator[None]:
 
 
 # -- tidy helpers ----------------------------------------------------------------------------
-
-
-def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
-    """One row per run: the columns of ``data`` that are constant within a run, plus ``extra``."""
-    columns = [c for c in dict.fromkeys((*RUN_COLUMNS, *extra)) if c and c in data.columns]
-    return data.drop_duplicates("run_id")[columns].reset_index(drop=True)
-
-
-def per_run(data: pd.DataFrame, by: Sequence[str], y: str, *extra: str | None) -> pd.DataFrame:
-    """Mean of ``y`` per run and ``by`` (e.g. layer), with the run's config columns joined in."""
-    means = data.groupby(["run_id", *by], sort=True, dropna=False)[y].mean().reset_index()
-    return means.merge(run_info(data, *extra), on="run_id", how="left")
-
-
-def varying_config(frame: pd.DataFrame) -> list[str]:
-    """Config columns other than ``seed`` that take more than one value in ``frame``."""
-    columns = [c for c in (*CONFIG_FIELDS, "width") if c != "seed" and c in frame.columns
-               and frame[c].astype(str).nunique(dropna=False) > 1]
-    if "widths" in columns and "width" in frame.columns and frame["width"].notna().all():
-        columns.remove("widths")  # one width per run: widths follow from depth and width
-    elif "widths" in columns and "width" in columns:
-        columns.remove("width")
-    return columns
-
-
-def table_keys(frame: pd.DataFrame) -> list[str]:
-    """What a summary groups by: activation, depth, then any other config that varies."""
-    keys = ["activation", "depth"]
-    return keys + [c for c in varying_config(frame) if c not in keys]
-
-
-def with_setup(frame: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The hue column for figures: ``activation``, or a ``setup`` label such as
-    "relu, init=kaiming_normal" when more than activation and depth vary across ``runs``. A
-    label names only the values that differ from the most common one, to stay short."""
-    extras = [c for c in table_keys(runs) if c not in ("activation", "depth")]
-    if not extras or frame.empty:
-        return frame, "activation"
-    label = frame["activation"].astype(str)
-    for column in extras:
-        usual = runs[column].astype(str).mode().iloc[0]  # ties: the first in sort order
-        values = frame[column].astype(str)
-        label = label + np.where(values != usual, f", {column}=" + values, "")
-    return frame.assign(setup=label), "setup"
 
 
 def run_label(row) -> str:
@@ -185,84 +150,6 @@ def levels(data: pd.DataFrame, column: str | None) -> list:
 
 def palette(values: Sequence, name: str = "colorblind") -> dict:
     return dict(zip(values, sns.color_palette(name, len(values)), strict=True))
-
-
-# -- numbers shared with the report ----------------------------------------------------------
-
-
-def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.DataFrame:
-    """Per run: ‖g_first‖/‖g_last‖, ``y`` of layer 0 over layer depth−1, taken per recorded step,
-    then the median over steps (``vanishing_ratio``). Steps where the ratio is not finite and
-    positive (a diverged run's last step) are left out and counted in ``dropped``."""
-    keep = ["run_id", "step", y]
-    first = grads.loc[grads["layer"] == 0, keep]
-    last = grads.loc[grads["layer"] == grads["depth"] - 1, keep]
-    pairs = first.merge(last, on=["run_id", "step"], suffixes=("_first", "_last"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = pairs[f"{y}_first"].to_numpy(float) / pairs[f"{y}_last"].to_numpy(float)
-    ok = np.isfinite(ratio) & (ratio > 0)
-    pairs = pairs.assign(vanishing_ratio=np.where(ok, ratio, np.nan), ok=ok)
-    per = pairs.groupby("run_id", sort=True).agg(
-        vanishing_ratio=("vanishing_ratio", "median"), steps=("ok", "sum"),
-        dropped=("ok", lambda s: int((~s).sum())))
-    out = run_info(grads).merge(per.reset_index(), on="run_id", how="left")
-    out["steps"] = out["steps"].fillna(0).astype(int)
-    out["dropped"] = out["dropped"].fillna(0).astype(int)
-    out["bound"] = SIGMOID_BOUND ** (out["depth"] - 1)
-    return out.sort_values([*table_keys(out), "seed", "run_id"]).reset_index(drop=True)
-
-
-def geometric_mean(values: pd.Series) -> float:
-    values = values.dropna()
-    return float(np.exp(np.log(values).mean())) if len(values) else math.nan
-
-
-def vanishing_table(ratios: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
-    """Vanishing ratios per setup (default: activation × depth): the geometric mean over seeds
-    (what ``vanishing_ratio_plot`` draws), min and max, the 0.25^(depth−1) bound, and how many
-    runs there are and how many diverged."""
-    by = list(by or table_keys(ratios))
-    grouped = ratios.groupby(by, sort=True, dropna=False)
-    table = grouped.agg(runs=("run_id", "count"), min=("vanishing_ratio", "min"),
-                        max=("vanishing_ratio", "max"))
-    table.insert(1, "geo_mean", grouped["vanishing_ratio"].apply(geometric_mean))
-    table["bound"] = SIGMOID_BOUND ** (table.index.get_level_values("depth") - 1)
-    if "status" in ratios.columns:
-        table["diverged"] = grouped["status"].apply(lambda s: int((s == "diverged").sum()))
-    return table.reset_index()
-
-
-def final_accuracy(epochs: pd.DataFrame, *, split: str = "test") -> pd.DataFrame:
-    """Per run: accuracy and loss of the last recorded epoch of ``split``."""
-    rows = epochs[epochs["split"] == split].sort_values(["run_id", "epoch"])
-    last = rows.groupby("run_id", sort=True).tail(1)[["run_id", "epoch", "accuracy", "loss"]]
-    return last.merge(run_info(epochs), on="run_id", how="left").reset_index(drop=True)
-
-
-def final_accuracy_table(epochs: pd.DataFrame, runs: pd.DataFrame | None = None, *,
-                         by: Sequence[str] | None = None, split: str = "test") -> pd.DataFrame:
-    """Final ``split`` accuracy per setup (default: activation × depth): mean and sd over the
-    seeds of complete runs (``seeds`` of them). Diverged and failed runs are not in the mean (a
-    diverged run has no final accuracy); with ``runs`` (``gradlab.load(...).runs``) they are
-    counted in ``diverged`` / ``failed``, including runs that never finished an epoch."""
-    finals = final_accuracy(epochs, split=split)
-    by = list(by or table_keys(runs if runs is not None and not runs.empty else finals))
-    complete = finals[finals["status"] == "complete"] if "status" in finals else finals
-    table = complete.groupby(by, sort=True, dropna=False)["accuracy"].agg(
-        seeds="count", mean="mean", sd="std")
-    source = runs if runs is not None and not runs.empty else finals
-    if "status" in source.columns:
-        counts = source.groupby(by, sort=True, dropna=False)["status"].value_counts()
-        counts = counts.unstack(fill_value=0)
-        for status in ("diverged", "failed"):
-            column = counts[status] if status in counts else 0 * counts.iloc[:, 0]
-            table = table.join(column.rename(status), how="outer")
-    table = table.reset_index()
-    table["seeds"] = table["seeds"].fillna(0).astype(int)
-    for status in ("diverged", "failed"):
-        if status in table:
-            table[status] = table[status].fillna(0).astype(int)
-    return table
 
 
 # -- layout ----------------------------------------------------------------------------------

@@ -15,17 +15,9 @@ import pandas as pd
 
 from . import __version__
 from .config import CONFIG_FIELDS
-from .plots import (
-    CAPTIONS,
-    SIGMOID_BOUND,
-    Prepared,
-    figures,
-    prepare,
-    render,
-    table_keys,
-    vanishing_table,
-)
+from .plots import CAPTIONS, Prepared, figures, prepare, render
 from .store import RUNS, _atomic, load
+from .tables import SIGMOID_BOUND, table_keys, vanishing_table
 
 PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
                    "platform", "device", "threads", "argv")

@@ -524,7 +524,7 @@ def summary_table(results: store.Results, by: list[str] | None = None) -> pd.Dat
     ``diverged``, ``failed``, ``test_accuracy_mean``, ``test_accuracy_sd``,
     ``vanishing_ratio_mean``, ``vanishing_ratio_sd`` (an sd is NaN for a single seed).
     """
-    from .plots import final_accuracy_table, table_keys, vanishing_ratios
+    from .tables import final_accuracy_table, table_keys, vanishing_ratios
 
     if results.runs.empty or results.epochs.empty:
         return pd.DataFrame()

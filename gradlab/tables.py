@@ -1,0 +1,138 @@
+"""The tidy numbers behind the figures and the summaries: one row per run with its config,
+per-run vanishing ratios, final accuracy, and their tables per setup (mean over seeds).
+
+Plain pandas functions of the frames of ``gradlab.load``; ``gradlab.plots`` draws them,
+``gradlab.report`` and ``gradlab sweep`` print them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import CONFIG_FIELDS
+
+SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
+RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
+
+
+def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
+    """One row per run: the columns of ``data`` that are constant within a run, plus ``extra``."""
+    columns = [c for c in dict.fromkeys((*RUN_COLUMNS, *extra)) if c and c in data.columns]
+    return data.drop_duplicates("run_id")[columns].reset_index(drop=True)
+
+
+def per_run(data: pd.DataFrame, by: Sequence[str], y: str, *extra: str | None) -> pd.DataFrame:
+    """Mean of ``y`` per run and ``by`` (e.g. layer), with the run's config columns joined in."""
+    means = data.groupby(["run_id", *by], sort=True, dropna=False)[y].mean().reset_index()
+    return means.merge(run_info(data, *extra), on="run_id", how="left")
+
+
+def varying_config(frame: pd.DataFrame) -> list[str]:
+    """Config columns other than ``seed`` that take more than one value in ``frame``."""
+    columns = [c for c in (*CONFIG_FIELDS, "width") if c != "seed" and c in frame.columns
+               and frame[c].astype(str).nunique(dropna=False) > 1]
+    if "widths" in columns and "width" in frame.columns and frame["width"].notna().all():
+        columns.remove("widths")  # one width per run: widths follow from depth and width
+    elif "widths" in columns and "width" in columns:
+        columns.remove("width")
+    return columns
+
+
+def table_keys(frame: pd.DataFrame) -> list[str]:
+    """What a summary groups by: activation, depth, then any other config that varies."""
+    keys = ["activation", "depth"]
+    return keys + [c for c in varying_config(frame) if c not in keys]
+
+
+def with_setup(frame: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The hue column for figures: ``activation``, or a ``setup`` label such as
+    "relu, init=kaiming_normal" when more than activation and depth vary across ``runs``. A
+    label names only the values that differ from the most common one, to stay short."""
+    extras = [c for c in table_keys(runs) if c not in ("activation", "depth")]
+    if not extras or frame.empty:
+        return frame, "activation"
+    label = frame["activation"].astype(str)
+    for column in extras:
+        usual = runs[column].astype(str).mode().iloc[0]  # ties: the first in sort order
+        values = frame[column].astype(str)
+        label = label + np.where(values != usual, f", {column}=" + values, "")
+    return frame.assign(setup=label), "setup"
+
+
+def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.DataFrame:
+    """Per run: ‖g_first‖/‖g_last‖, ``y`` of layer 0 over layer depth−1, taken per recorded step,
+    then the median over steps (``vanishing_ratio``). Steps where the ratio is not finite and
+    positive (a diverged run's last step) are left out and counted in ``dropped``."""
+    keep = ["run_id", "step", y]
+    first = grads.loc[grads["layer"] == 0, keep]
+    last = grads.loc[grads["layer"] == grads["depth"] - 1, keep]
+    pairs = first.merge(last, on=["run_id", "step"], suffixes=("_first", "_last"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = pairs[f"{y}_first"].to_numpy(float) / pairs[f"{y}_last"].to_numpy(float)
+    ok = np.isfinite(ratio) & (ratio > 0)
+    pairs = pairs.assign(vanishing_ratio=np.where(ok, ratio, np.nan), ok=ok)
+    per = pairs.groupby("run_id", sort=True).agg(
+        vanishing_ratio=("vanishing_ratio", "median"), steps=("ok", "sum"),
+        dropped=("ok", lambda s: int((~s).sum())))
+    out = run_info(grads).merge(per.reset_index(), on="run_id", how="left")
+    out["steps"] = out["steps"].fillna(0).astype(int)
+    out["dropped"] = out["dropped"].fillna(0).astype(int)
+    out["bound"] = SIGMOID_BOUND ** (out["depth"] - 1)
+    return out.sort_values([*table_keys(out), "seed", "run_id"]).reset_index(drop=True)
+
+
+def geometric_mean(values: pd.Series) -> float:
+    values = values.dropna()
+    return float(np.exp(np.log(values).mean())) if len(values) else math.nan
+
+
+def vanishing_table(ratios: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Vanishing ratios per setup (default: activation × depth): the geometric mean over seeds
+    (what ``vanishing_ratio_plot`` draws), min and max, the 0.25^(depth−1) bound, and how many
+    runs there are and how many diverged."""
+    by = list(by or table_keys(ratios))
+    grouped = ratios.groupby(by, sort=True, dropna=False)
+    table = grouped.agg(runs=("run_id", "count"), min=("vanishing_ratio", "min"),
+                        max=("vanishing_ratio", "max"))
+    table.insert(1, "geo_mean", grouped["vanishing_ratio"].apply(geometric_mean))
+    table["bound"] = SIGMOID_BOUND ** (table.index.get_level_values("depth") - 1)
+    if "status" in ratios.columns:
+        table["diverged"] = grouped["status"].apply(lambda s: int((s == "diverged").sum()))
+    return table.reset_index()
+
+
+def final_accuracy(epochs: pd.DataFrame, *, split: str = "test") -> pd.DataFrame:
+    """Per run: accuracy and loss of the last recorded epoch of ``split``."""
+    rows = epochs[epochs["split"] == split].sort_values(["run_id", "epoch"])
+    last = rows.groupby("run_id", sort=True).tail(1)[["run_id", "epoch", "accuracy", "loss"]]
+    return last.merge(run_info(epochs), on="run_id", how="left").reset_index(drop=True)
+
+
+def final_accuracy_table(epochs: pd.DataFrame, runs: pd.DataFrame | None = None, *,
+                         by: Sequence[str] | None = None, split: str = "test") -> pd.DataFrame:
+    """Final ``split`` accuracy per setup (default: activation × depth): mean and sd over the
+    seeds of complete runs (``seeds`` of them). Diverged and failed runs are not in the mean (a
+    diverged run has no final accuracy); with ``runs`` (``gradlab.load(...).runs``) they are
+    counted in ``diverged`` / ``failed``, including runs that never finished an epoch."""
+    finals = final_accuracy(epochs, split=split)
+    by = list(by or table_keys(runs if runs is not None and not runs.empty else finals))
+    complete = finals[finals["status"] == "complete"] if "status" in finals else finals
+    table = complete.groupby(by, sort=True, dropna=False)["accuracy"].agg(
+        seeds="count", mean="mean", sd="std")
+    source = runs if runs is not None and not runs.empty else finals
+    if "status" in source.columns:
+        counts = source.groupby(by, sort=True, dropna=False)["status"].value_counts()
+        counts = counts.unstack(fill_value=0)
+        for status in ("diverged", "failed"):
+            column = counts[status] if status in counts else 0 * counts.iloc[:, 0]
+            table = table.join(column.rename(status), how="outer")
+    table = table.reset_index()
+    table["seeds"] = table["seeds"].fillna(0).astype(int)
+    for status in ("diverged", "failed"):
+        if status in table:
+            table[status] = table[status].fillna(0).astype(int)
+    return table
