@@ -414,6 +414,20 @@ def seed_groups(configs: list[RunConfig]) -> list[tuple[RunConfig, ...]]:
     return [tuple(group) for group in groups.values()]
 
 
+def ensemble_tasks(configs: list[RunConfig], device: str) -> list[tuple[RunConfig, ...]]:
+    """The seed groups of ``configs``, each cut into ensembles of ``gradlab.ensemble``'s group
+    size for ``device`` (a few members of a small net on a CPU, all of them on a GPU), so that
+    ``--jobs`` trains several ensembles at once."""
+    from .ensemble import group_size
+    from .train import resolve_device
+
+    tasks = []
+    for group in seed_groups(configs):
+        size = group_size(group[0], resolve_device(device))
+        tasks += [group[i:i + size] for i in range(0, len(group), size)]
+    return tasks
+
+
 def run_sweep(
     configs: list[RunConfig],
     out: str | os.PathLike,
@@ -457,8 +471,9 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
+    groups = ensemble_tasks(todo, device) if ensemble else [(c,) for c in todo]
     tasks = [Task(group, str(out), data_dir, device, threads, engine, ensemble)
-             for group in (seed_groups(todo) if ensemble else [(c,) for c in todo])]
+             for group in groups]
     if not tasks:
         stream: Iterator[dict] = iter(())
     elif executor == "ray":

@@ -90,3 +90,15 @@ def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, jobs):
     r = sweep(fake_mnist, tmp_path, "--ensemble", "--jobs", jobs)
     assert r.exit_code == 0, r.output
     assert (store.load(tmp_path).runs["status"] == "complete").all()
+
+
+def test_ensemble_tasks_cut_seed_groups_to_the_cpu_group_size():
+    from gradlab.ensemble import group_size
+    from gradlab.sweep import ensemble_tasks
+
+    configs = [make_config(depth=3, widths=(128, 256), seed=s) for s in range(7)]
+    size = group_size(configs[0], __import__("torch").device("cpu"))
+    assert 1 < size < 7
+    tasks = ensemble_tasks(configs, "cpu")
+    assert [len(t) for t in tasks] == [size] * (7 // size) + ([7 % size] if 7 % size else [])
+    assert [c.seed for t in tasks for c in t] == list(range(7))
