@@ -85,11 +85,19 @@ def test_a_failed_ensemble_stores_each_run_as_failed(fake_mnist, tmp_path, monke
     assert sweep(fake_mnist, tmp_path, "--ensemble").exit_code == 0  # retrained
 
 
-@pytest.mark.parametrize("jobs", [2])
-def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, jobs):
-    r = sweep(fake_mnist, tmp_path, "--ensemble", "--jobs", jobs)
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, executor):
+    if executor == "ray":
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        r = sweep(fake_mnist, tmp_path, "--ensemble", "--jobs", 2, "--executor", executor)
+    finally:
+        if executor == "ray":
+            ray.shutdown()
     assert r.exit_code == 0, r.output
-    assert (store.load(tmp_path).runs["status"] == "complete").all()
+    runs = store.load(tmp_path).runs
+    assert len(runs) == 12 and (runs["status"] == "complete").all()
 
 
 def test_ensemble_tasks_cut_seed_groups_to_the_cpu_group_size():
