@@ -4,10 +4,10 @@ A recorded step must read every weight and gradient once for their norms: on the
 that pass alone (1.1 MB) costs ~5 % of a CPU step in eager PyTorch, more than the whole budget for
 recording. Plain SGD reads exactly those tensors to update the weights, so ``sgd_step_norms``
 takes the squared norms in the same loop that applies the update (float32 partial sums per
-2,048-float tile, added up in float64), so a recorded step's update costs about what an
-unrecorded one's does. The update is ``w + (-lr) * g`` contracted to a
-fused multiply-add, which is the same rounding as ``Tensor.add_(g, alpha=-lr)`` (ATen's vectorised
-``fmadd``); the tests check the two bit for bit, so recording cannot change training.
+2,048-float tile, added up in float64): a recorded step's update costs about what an unrecorded
+one's does. The update is ``w + (-lr) * g`` contracted to a fused multiply-add, the same rounding
+as ``Tensor.add_(g, alpha=-lr)`` (ATen's vectorised ``fmadd``); the tests check the two bit for
+bit, so recording cannot change training.
 
 ``activation_stats`` takes f', the saturated count and the positive count per unit in one pass
 over the hidden outputs of several recorded steps, for the activations whose f' is a function of
