@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -147,60 +148,47 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
     total = steps_per_epoch * config.epochs
     schedule = recorded_steps(total, config.log_every, config.log_spaced)
     generator = torch.Generator().manual_seed(config.seed)
-    book = _Bookkeeping([config], [model], data, on_epoch)
+    book = _Bookkeeping([config], [model], data, on_epoch, progress, total)
     train_x, train_y = data.train.x, data.train.y
     predicted = torch.empty(n, dtype=torch.int64, device=device)
-    bar = _progress_bar(progress, total)
     step = 0
-    try:
-        with GradientRecorder(model, config.activation, schedule,
-                              optimizer=optimizer) as recorder:
-            model.train()
-            for epoch in range(1, config.epochs + 1):
-                t0 = time.perf_counter()
-                batches = batch_order(n, config.batch_size, generator, device)
-                first_step = step
-                step_losses = []
-                start = 0
-                for x, y in gather_batches(train_x, train_y, batches):
-                    recording = recorder.begin_step(step)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    for p in params:  # zero_grad(set_to_none=True), without its per-call wrapper
-                        p.grad = None
-                    loss.backward()
-                    if recording:
-                        recorder.after_backward(loss)
-                    if config.clip_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
-                    optimizer.step()
-                    if recording:
-                        recorder.after_update()
-                    # per-step results stay on the device; reduced once per epoch
-                    step_losses.append(loss.detach())
-                    stop = start + y.shape[0]
-                    torch.argmax(logits, 1, out=predicted[start:stop])
-                    start = stop
-                    step += 1
-                    if bar is not None and step % 50 == 0:
-                        bar.update(50)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t0
-                losses = torch.stack(step_losses).cpu().numpy()[:, None]
-                correct = (predicted == train_y[torch.cat(batches)]).sum().cpu().numpy()[None]
-                sizes = np.array([len(b) for b in batches], dtype=np.float64)
-                book.epoch(epoch, first_step, step, [recorder.flush(epoch)], losses, correct,
-                           sizes, seconds)
-                if bar is not None:
-                    bar.update(step - bar.n)
-                if not book.running:
-                    break
-    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
-        book.fail(e)
-    finally:
-        if bar is not None:
-            bar.close()
+    with book.training(), GradientRecorder(model, config.activation, schedule,
+                                           optimizer=optimizer) as recorder:
+        model.train()
+        for epoch in range(1, config.epochs + 1):
+            t0 = time.perf_counter()
+            batches = batch_order(n, config.batch_size, generator, device)
+            first_step = step
+            step_losses = []
+            start = 0
+            for x, y in gather_batches(train_x, train_y, batches):
+                recording = recorder.begin_step(step)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                for p in params:  # zero_grad(set_to_none=True), without its per-call wrapper
+                    p.grad = None
+                loss.backward()
+                if recording:
+                    recorder.after_backward(loss)
+                if config.clip_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
+                optimizer.step()
+                if recording:
+                    recorder.after_update()
+                # per-step results stay on the device; reduced once per epoch
+                step_losses.append(loss.detach())
+                stop = start + y.shape[0]
+                torch.argmax(logits, 1, out=predicted[start:stop])
+                start = stop
+                step += 1
+                book.tick(step)
+            seconds = _seconds_since(t0, device)
+            losses = torch.stack(step_losses).cpu().numpy()[:, None]
+            correct = (predicted == train_y[torch.cat(batches)]).sum().cpu().numpy()[None]
+            sizes = np.array([len(b) for b in batches], dtype=np.float64)
+            if not book.epoch(epoch, first_step, step, [recorder.flush(epoch)], losses,
+                              correct, sizes, seconds):
+                break
     return book.results(step)[0]
 
 
@@ -212,10 +200,18 @@ def _progress_bar(progress: bool, total: int):
     return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
 
 
-class _Bookkeeping:
-    """Epoch-end bookkeeping shared by both training paths: divergence, evaluation, rows."""
+def _seconds_since(t0: float, device: torch.device) -> float:
+    """Wall seconds since ``t0`` once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
-    def __init__(self, configs, models, data, on_epoch):
+
+class _Bookkeeping:
+    """What both training loops share: the progress bar, epoch ends (divergence, evaluation,
+    rows), and turning a training error into ``failed`` results."""
+
+    def __init__(self, configs, models, data, on_epoch, progress: bool = False, total: int = 0):
         self.configs, self.models, self.data, self.on_epoch = configs, models, data, on_epoch
         self.rows: list[list[dict]] = [[] for _ in configs]
         self.frames: list[list[pd.DataFrame]] = [[] for _ in configs]
@@ -223,9 +219,27 @@ class _Bookkeeping:
                               grads=empty_frame()) for c in configs]
         self.running = list(range(len(configs)))  # members neither diverged nor failed
         self.t_run = time.perf_counter()
+        self.bar = _progress_bar(progress, total)
 
-    def epoch(self, epoch, first_step, step, frames, losses, correct, sizes, seconds) -> None:
-        """Close an epoch: ``losses`` is (steps, members), ``correct`` per member."""
+    @contextlib.contextmanager
+    def training(self):
+        """Around the epoch loop: an error while training fails the running members (their
+        records so far are kept); KeyboardInterrupt propagates; the bar is closed either way."""
+        try:
+            yield
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
+            self.fail(e)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def tick(self, step: int) -> None:
+        if self.bar is not None and step % 50 == 0:
+            self.bar.update(50)
+
+    def epoch(self, epoch, first_step, step, frames, losses, correct, sizes, seconds) -> bool:
+        """Close an epoch: ``losses`` is (steps, members), ``correct`` per member; returns
+        whether any member goes on training."""
         n = len(self.data.train)
         config = self.configs[0]
         for m in list(self.running):
@@ -254,6 +268,9 @@ class _Bookkeeping:
                                "train_loss": train_loss, "train_accuracy": train_acc,
                                "test_loss": test_loss, "test_accuracy": test_acc,
                                "seconds": seconds})
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        return bool(self.running)
 
     def fail(self, e: BaseException) -> None:
         for m in self.running:
@@ -300,11 +317,10 @@ def train_members(
                         clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()))
     recorded = set(schedule.tolist())
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
-    book = _Bookkeeping(configs, models, data, on_epoch)
-    bar = _progress_bar(progress, total)
+    book = _Bookkeeping(configs, models, data, on_epoch, progress, total)
     step = 0
     train_x, train_y = data.train.x, data.train.y
-    try:
+    with book.training():
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             orders = [batch_order(n, config.batch_size, g, device) for g in generators]
@@ -320,23 +336,12 @@ def train_members(
                 predictions.append(logits.argmax(-1))
                 labels.append(y)
                 step += 1
-                if bar is not None and step % 50 == 0:
-                    bar.update(50)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+                book.tick(step)
+            seconds = _seconds_since(t0, device)
             frames = engine.flush(steps, epoch)
             losses = torch.stack(step_losses).cpu().numpy()  # (steps, members)
             correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
             sizes = np.array([len(b) for b in orders[0]], dtype=np.float64)
-            book.epoch(epoch, first_step, step, frames, losses, correct, sizes, seconds)
-            if bar is not None:
-                bar.update(step - bar.n)
-            if not book.running:
+            if not book.epoch(epoch, first_step, step, frames, losses, correct, sizes, seconds):
                 break
-    except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
-        book.fail(e)
-    finally:
-        if bar is not None:
-            bar.close()
     return book.results(step)
