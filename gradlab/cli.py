@@ -128,9 +128,13 @@ def device_option(f):
 @data_dir_option
 @device_option
 @engine_option
+@click.option("--threads", type=click.IntRange(1), default=1,
+              help="torch threads, as for each run of a sweep: float32 matmuls can round "
+                   "differently at other thread counts, and the same config must give the same "
+                   "records whichever command trained it")
 @click.option("--force", is_flag=True, help="train again even if this run is complete")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or per-epoch lines")
-def train(out, data_dir, device, engine, force, quiet, **options):
+def train(out, data_dir, device, engine, threads, force, quiet, **options):
     """Train one configuration and store it under OUT/runs/<run_id>/.
 
     The defaults train the tutorial's sigmoid net shape at depth 3 (width 128); the tutorial's
@@ -162,6 +166,9 @@ def train(out, data_dir, device, engine, force, quiet, **options):
                        f"acc {e['train_accuracy']:.2%}  test loss {e['test_loss']:.4f} "
                        f"acc {e['test_accuracy']:.2%}  {e['seconds']:.2f}s")
 
+    import torch
+
+    torch.set_num_threads(threads)
     status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
                      on_epoch=on_epoch, engine=engine)
     click.echo(summary_line(status, path))

@@ -93,3 +93,16 @@ def test_real_mnist_relu_one_epoch_above_90(tmp_path):
     (run,) = list((tmp_path / "runs").iterdir())
     status = json.loads((run / "status.json").read_text())
     assert status["final_test_accuracy"] >= 0.90
+
+
+def test_train_and_sweep_store_the_same_records_for_one_config(fake_mnist, tmp_path):
+    args = ["--depth", 3, "--widths", "16,8", "--epochs", 1, "--data-dir", fake_mnist]
+    assert invoke("train", *args, "--out", tmp_path / "t", "--quiet").exit_code == 0
+    r = invoke("sweep", "--depths", 3, "--layer-widths", "16,8", "--epochs", 1, "--data-dir",
+               fake_mnist, "--out", tmp_path / "s", "--jobs", 1)
+    assert r.exit_code == 0, r.output
+    (a,) = (tmp_path / "t" / "runs").iterdir()
+    (b,) = (p for p in (tmp_path / "s" / "runs").iterdir() if p.is_dir())
+    assert a.name == b.name
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "grads.parquet"),
+                                  pd.read_parquet(b / "grads.parquet"))

@@ -50,7 +50,8 @@ def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):
     r = invoke("train", *args, "--out", tmp_path / "a", "--engine", "fused", "--quiet")
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "a" / "runs").iterdir()
-    assert json.loads((run / "config.json").read_text())["provenance"]["engine"] == "fused"
+    provenance = json.loads((run / "config.json").read_text())["provenance"]
+    assert provenance["engine"] == "fused" and provenance["threads"] == 1
     r = invoke("sweep", "--depths", "2,3", "--widths", 8, "--epochs", 1, "--data-dir",
                fake_mnist, "--out", tmp_path / "b", "--engine", "fused", "--jobs", 1)
     assert r.exit_code == 0, r.output
