@@ -229,7 +229,7 @@ class StackedMLP:
             return None
         try:
             from . import fused
-        except ImportError:  # numba missing or broken here: the eager path, slower
+        except (ImportError, OSError, RuntimeError):  # numba missing or broken: eager, slower
             return None
         n = self.depth
         self._fused_sgd = (self._adam is None and self.momentum == 0 and self.weight_decay == 0
