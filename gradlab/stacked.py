@@ -140,7 +140,7 @@ class _BatchViews(NamedTuple):
     chunk: torch.Tensor  # (rows, M, B, sum of hidden widths): hidden a (or z) of several steps
     slices: list[list[torch.Tensor]]  # per chunk row, its per-layer views
     work: torch.Tensor  # scratch of chunk's shape
-    storage: np.ndarray  # chunk's 1-d storage (a view); a chunk row is ``row`` floats of it
+    storage: np.ndarray | None  # on a CPU: chunk's 1-d storage, a chunk row is ``row`` floats
     row: int
     delta_blocks: np.ndarray  # (layers * members, 3): start, stop, norm index (fused kernel)
 
@@ -316,7 +316,8 @@ class StackedMLP:
              for m in range(self.size) for start in [offset + m * stride]],
             dtype=np.int64).reshape(-1, 3)
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
-                           storage.numpy(), row, delta_blocks)
+                           storage.numpy() if storage.device.type == "cpu" else None, row,
+                           delta_blocks)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:

@@ -101,3 +101,17 @@ def test_without_numba_the_engine_falls_back_to_eager(monkeypatch):
     assert fast._fused is None and not fast._fused_sgd
     for x, y in batches(3, 2):
         assert torch.equal(fast.step(x, y, True)[0], eager.step(x, y, True)[0])
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "gelu"])
+def test_engine_runs_off_the_cpu_without_numpy(activation):
+    """The ``meta`` device stands in for CUDA here: no numpy views, no numba, eager ops only."""
+    models = [build_mlp((784, 16, 12, 10), activation).to("meta") for _ in range(2)]
+    engine = StackedMLP(models, activation, batch_size=8, lr=0.1, max_rows=4)
+    assert engine._fused is None and not engine._fused_sgd
+    x = torch.empty(2, 8, 784, device="meta")
+    y = torch.empty(2, 8, dtype=torch.int64, device="meta")
+    for record in (True, False, True):
+        losses, logits = engine.step(x, y, record)
+    engine._process_chunk()
+    assert losses.shape == (2,) and logits.shape == (2, 8, 10)
