@@ -115,3 +115,23 @@ def test_engine_runs_off_the_cpu_without_numpy(activation):
         losses, logits = engine.step(x, y, record)
     engine._process_chunk()
     assert losses.shape == (2,) and logits.shape == (2, 8, 10)
+
+
+@pytest.mark.parametrize("sizes", [(1,), (2047, 2048, 2049), (5000, 3, 4097)])
+def test_sgd_step_norms_matches_float64_sums_across_tiles(sizes):
+    g = np.random.default_rng(len(sizes))
+    starts = np.cumsum([0, *[s + 7 for s in sizes]])  # gaps between blocks stay untouched
+    params = g.standard_normal(starts[-1]).astype(np.float32)
+    grads = g.standard_normal(starts[-1]).astype(np.float32)
+    blocks = np.array([(a, a + s, 2 * k, 2 * k + 1) for k, (a, s) in
+                       enumerate(zip(starts, sizes, strict=False))], dtype=np.int64)
+    before, out = params.copy(), np.zeros(2 * len(sizes), np.float32)
+    fused.sgd_step_norms(params, grads, np.float32(-0.1), blocks, np.zeros(1, np.float32),
+                         np.zeros((0, 3), np.int64), out)
+    expected = torch.from_numpy(before.copy()).add_(torch.from_numpy(grads), alpha=-0.1).numpy()
+    for k, (a, s) in enumerate(zip(starts, sizes, strict=False)):
+        w, d = before[a:a + s].astype(np.float64), grads[a:a + s].astype(np.float64)
+        assert out[2 * k] == pytest.approx((w * w).sum(), rel=1e-5)
+        assert out[2 * k + 1] == pytest.approx((d * d).sum(), rel=1e-5)
+        np.testing.assert_array_equal(params[a:a + s], expected[a:a + s])
+        np.testing.assert_array_equal(params[a + s:a + s + 7], before[a + s:a + s + 7])
