@@ -135,3 +135,31 @@ def test_sgd_step_norms_matches_float64_sums_across_tiles(sizes):
         assert out[2 * k + 1] == pytest.approx((d * d).sum(), rel=1e-5)
         np.testing.assert_array_equal(params[a:a + s], expected[a:a + s])
         np.testing.assert_array_equal(params[a + s:a + s + 7], before[a + s:a + s + 7])
+
+
+@pytest.mark.parametrize("activation", sorted(fused.CODES))
+def test_activation_stats_kernel_matches_the_torch_statistics(activation):
+    from gradlab.models import ACTIVATIONS
+    from gradlab.record import SATURATION, derivative_into, hidden_segments
+    from gradlab.record import activation_stats as reference
+
+    rows, members, batch, widths = 3, 2, 5, (4, 7)
+    units = sum(widths)
+    z = torch.randn(rows, members, batch, units, generator=torch.Generator().manual_seed(1)) * 3
+    z[0, 1, :, 2] = -1.0  # a unit that is off for the whole batch: dead in the relu family
+    a = ACTIVATIONS[activation].module()(z)
+    want = reference(a, derivative_into(activation, True), ACTIVATIONS[activation],
+                     hidden_segments(widths), torch.empty_like(a))  # (rows, members, layers, 3)
+    got = np.full((rows + 1, members, 3, 3), np.nan, np.float32)
+    fused.activation_stats(a.numpy().reshape(-1), members * batch * units, rows, members, batch,
+                           np.array([0, 4, 11]), fused.CODES[activation],
+                           np.float32(SATURATION * ACTIVATIONS[activation].max_derivative),
+                           np.float32(0.01), got, 1)
+    assert np.isnan(got[0]).all()  # rows before first_row are left alone
+    np.testing.assert_allclose(got[1:, :, :2, 0], want[..., 0].numpy(), rtol=1e-5)
+    info = ACTIVATIONS[activation]
+    if info.saturating:
+        np.testing.assert_array_equal(got[1:, :, :2, 1], want[..., 1].numpy())
+    if info.relu_family:
+        np.testing.assert_array_equal(got[1:, :, :2, 2], want[..., 2].numpy())
+        assert got[1, 1, 0, 2] >= 1
