@@ -226,6 +226,13 @@ def load_data(
     )
 
 
+def nonzero_fraction(x, limit: int = 1 << 22) -> float:
+    """The fraction of nonzero entries among the first ``limit`` of a tensor: enough to tell a
+    dataset of mostly background (MNIST: 0.19) from a dense one (standardized: 1.0)."""
+    flat = x.reshape(-1)[:limit]
+    return float((flat != 0).sum()) / max(1, flat.numel())
+
+
 def batch_order(n: int, batch_size: int, generator: torch.Generator, device=None):
     """One epoch's shuffled index batches from a seeded CPU generator (always shuffled), moved
     to ``device`` in one copy so the step loop does no host-to-device transfer."""

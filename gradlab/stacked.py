@@ -143,6 +143,21 @@ class _BatchViews(NamedTuple):
     storage: np.ndarray | None  # on a CPU: chunk's 1-d storage, a chunk row is ``row`` floats
     row: int
     delta_blocks: np.ndarray  # (layers * members, 3): start, stop, norm index (fused kernel)
+    nonzeros: dict | None  # the sparse first layer's row lists (gradlab.sparse.buffers)
+    first: torch.Tensor | None  # the sparse first layer's z, when no chunk row takes it
+    delta_at: np.ndarray | None  # where each member's first-layer dL/dz starts in the buffer
+
+
+def _sparse_kernels(reference: torch.Tensor, fused: bool, input_density: float):
+    """``gradlab.sparse`` when the first layer should skip zero inputs: fused kernels on, a CPU,
+    float32, inputs sparse enough, numba importable; else None."""
+    if not fused or reference.device.type != "cpu" or reference.dtype != torch.float32:
+        return None
+    try:
+        from . import sparse
+    except (ImportError, OSError, RuntimeError):  # numba missing or broken: dense, slower
+        return None
+    return sparse if input_density <= sparse.MAX_DENSITY else None
 
 
 class StackedMLP:
@@ -160,12 +175,16 @@ class StackedMLP:
         max_rows: the most steps recorded between two ``flush`` calls.
         fused: use ``gradlab.fused``'s kernels where they apply (a CPU, float32); False keeps
             every step in eager PyTorch (the same updates bit for bit; a reference for tests).
+        input_density: the fraction of nonzero inputs (see ``data.nonzero_fraction``); with the
+            fused kernels and at most ``sparse.MAX_DENSITY``, the first layer's products skip
+            the zeros (``gradlab.sparse``; equal to the dense products up to rounding) and its
+            weights are stored transposed.
     """
 
     def __init__(self, models: list[nn.Module], activation: str, *, batch_size: int,
                  optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
                  weight_decay: float = 0.0, clip_grad_norm: float | None = None,
-                 max_rows: int = 0, fused: bool = True):
+                 max_rows: int = 0, fused: bool = True, input_density: float = 1.0):
         members = [linear_layers(m) for m in models]
         self.size = len(models)
         self.depth = n = len(members[0])
@@ -175,10 +194,12 @@ class StackedMLP:
         self.widths = np.array([o for o, _ in shapes], dtype=np.float64)
         self.classes = shapes[-1][0]
         self.batch_size = batch_size
-        # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer
+        self._sparse = _sparse_kernels(ref, fused, input_density)
+        # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer;
+        # with the sparse first layer, W0 is stored transposed (input-major)
         self._params = _Layout(self.size)
-        for o, i in shapes:
-            self._params.add((o, i))
+        for layer, (o, i) in enumerate(shapes):
+            self._params.add((i, o) if layer == 0 and self._sparse else (o, i))
             self._params.add((o,))
         size = self._params.end
         self._flat = torch.zeros(2 * size + self._delta_layout(batch_size).end,
@@ -186,6 +207,8 @@ class StackedMLP:
         self.params, self.grads = self._flat[:size], self._flat[size:2 * size]
         blocks = [self._params.view(self.params, k) for k in range(2 * n)]
         gblocks = [self._params.view(self.grads, k) for k in range(2 * n)]
+        if self._sparse:
+            blocks[0], gblocks[0] = blocks[0].transpose(1, 2), gblocks[0].transpose(1, 2)
         self.W, self.b, self.gW, self.gb = blocks[0::2], blocks[1::2], gblocks[0::2], gblocks[1::2]
         with torch.no_grad():
             for m, linears in enumerate(members):
@@ -255,10 +278,16 @@ class StackedMLP:
                                    base + n + layer))
         self._param_blocks = np.array(blocks, dtype=np.int64)
         size = self._params.end
-        self._np = dict(params=self.params.numpy(), grads=self.grads.numpy(),
+        self._np = dict(flat=self._flat.numpy(), params=self.params.numpy(),
+                        grads=self.grads.numpy(),
                         deltas=self._flat[2 * size:].numpy(), norms=self._norms.numpy(),
                         act=self._act_stats.numpy())
         self._neg_lr = np.float32(-self.lr)
+        # per member: where W0 (transposed) and b0 start in the parameters (and W0's gradient
+        # in the gradients), for the sparse first layer
+        self._first_at = np.array([self._params.blocks[k][0] + m * self._params.blocks[k][1]
+                                   for k in (0, 1) for m in range(self.size)],
+                                  dtype=np.int64).reshape(2, self.size)
         self._fused_args = (self._np["params"], self._np["grads"], self._neg_lr,
                             self._param_blocks, self._np["deltas"])
         self._norm_rows = self._np["norms"].reshape(self._norms.shape[0], -1)
@@ -315,9 +344,17 @@ class StackedMLP:
              for k, (offset, stride, shape) in enumerate(layout.blocks)
              for m in range(self.size) for start in [offset + m * stride]],
             dtype=np.int64).reshape(-1, 3)
+        nonzeros = first = delta_at = None
+        if self._sparse:
+            features = int(self.W[0].shape[2])
+            nonzeros = self._sparse.buffers(self.size * batch, features)
+            first = torch.empty((self.size, batch, int(self.widths[0])), **self._kw)
+            d = deltas[0]
+            delta_at = np.array([d.storage_offset() + m * d.stride(0) for m in range(self.size)],
+                                dtype=np.int64)
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
                            storage.numpy() if storage.device.type == "cpu" else None, row,
-                           delta_blocks)
+                           delta_blocks, nonzeros, first, delta_at)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -376,8 +413,11 @@ class StackedMLP:
         """Logits (M, B, classes), each layer's input, and what each hidden layer's backward
         needs, for x (M, B, features); ``hidden``: where each hidden layer's a (or z) goes."""
         inputs, saved = [x], []
-        z = torch.baddbmm(self._b3[0], x, self._Wt[0],
-                          out=hidden[0] if self._saves == "input" and hidden else None)
+        first = hidden[0] if self._saves == "input" and hidden else None
+        if self._sparse:
+            z = self._sparse_forward(x, first)
+        else:
+            z = torch.baddbmm(self._b3[0], x, self._Wt[0], out=first)
         for layer in range(1, self.depth):
             if self._saves == "output":
                 h = self._act_into(z, hidden[layer - 1])
@@ -389,6 +429,22 @@ class StackedMLP:
             out = hidden[layer] if self._saves == "input" and layer < self.depth - 1 else None
             z = torch.baddbmm(self._b3[layer], h, self._Wt[layer], out=out)
         return z, inputs, saved
+
+    def _sparse_forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The first layer's z = b + x W^T over x's nonzeros, into ``out`` (or a buffer)."""
+        views, sp = self._views, self._sparse
+        nz = views.nonzeros
+        members, batch, features = x.shape
+        sp.nonzeros(x.reshape(-1).numpy(), members * batch, features, nz["row_start"],
+                    nz["keys"], nz["values"])
+        out = views.first if out is None else out
+        # out's storage as an array: the chunk's, or the buffer's own
+        array = views.storage if out.untyped_storage().data_ptr() == (
+            views.chunk.untyped_storage().data_ptr()) else views.first.view(-1).numpy()
+        at = out.storage_offset() + out.stride(0) * np.arange(members, dtype=np.int64)
+        sp.forward(nz["row_start"], nz["keys"], nz["values"], members, batch, self._np["params"],
+                   self._first_at[0], self._first_at[1], out.shape[2], array, at, out.stride(1))
+        return out
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False
@@ -412,7 +468,14 @@ class StackedMLP:
         delta = torch.exp(logp, out=deltas[last])  # dL/dlogits = (softmax - onehot) / B
         delta.scatter_add_(-1, target, minus_one).mul_(1.0 / batch)
         for layer in range(last, -1, -1):
-            torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
+            if layer == 0 and self._sparse:
+                nz = views.nonzeros
+                self._sparse.weight_grad(nz["row_start"], nz["keys"], nz["values"], m_count,
+                                         batch, x.shape[2], self._np["flat"], views.delta_at,
+                                         int(self.widths[0]), self._np["grads"],
+                                         self._first_at[0])
+            else:
+                torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
             torch.sum(delta, 1, out=self.gb[layer])
             if layer > 0:
                 delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],

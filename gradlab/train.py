@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ENGINES, RunConfig
-from .data import Data, Split, batch_order, gather_batches, load_data
+from .data import Data, Split, batch_order, gather_batches, load_data, nonzero_fraction
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
 from .stacked import StackedMLP
@@ -314,7 +314,8 @@ def train_members(
     engine = StackedMLP(models, config.activation, batch_size=config.batch_size,
                         optimizer=config.optimizer, lr=config.lr,
                         momentum=config.momentum, weight_decay=config.weight_decay,
-                        clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()))
+                        clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()),
+                        input_density=nonzero_fraction(data.train.x))
     recorded = set(schedule.tolist())
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
     book = _Bookkeeping(configs, models, data, on_epoch, progress, total)

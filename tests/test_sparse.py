@@ -1,0 +1,171 @@
+"""The sparse first layer (``gradlab.sparse``) against dense products and the dense engine."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradlab import sparse
+from gradlab.config import make_config
+from gradlab.data import Data, Split, nonzero_fraction
+from gradlab.models import build_mlp, linear_layers
+from gradlab.stacked import StackedMLP
+from gradlab.train import train
+
+
+def sparse_rows(rows, features, seed=0, density=0.2):
+    """Rows in [0, 1] with about ``density`` of them nonzero, in runs as pen strokes are."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((rows, features), dtype=np.float32)
+    keep = rng.random((rows, features)) < density
+    keep[:, 1:] |= keep[:, :-1] & (rng.random((rows, features - 1)) < 0.5)
+    return np.where(keep, x, np.float32(0))
+
+
+@pytest.mark.parametrize("features", [37, 784])
+def test_nonzeros_lists_each_row_in_feature_order(features):
+    x = sparse_rows(9, features)
+    x[3] = 0  # a row with none
+    x[4, -1] = np.nan  # nan counts as nonzero: it must reach the products
+    buf = sparse.buffers(9, features)
+    sparse.nonzeros(x.reshape(-1), 9, features, buf["row_start"], buf["keys"], buf["values"])
+    for q in range(9):
+        lo, hi = buf["row_start"][q], buf["row_start"][q + 1]
+        want = np.flatnonzero(x[q] != 0)
+        np.testing.assert_array_equal(buf["keys"][lo:hi], want)
+        np.testing.assert_array_equal(buf["values"][lo:hi], x[q, want])
+    assert buf["row_start"][3] == buf["row_start"][4]
+
+
+@pytest.mark.parametrize("width", [5, 16, 128, 200, 300])
+def test_products_equal_the_dense_products(width):
+    members, batch, features = 2, 7, 53
+    rng = np.random.default_rng(width)
+    x = sparse_rows(members * batch, features, seed=width)
+    # parameters of two members, each W^T (features, width) then b, at odd offsets
+    w_at = np.array([3, 3 + features * width + width + 11], dtype=np.int64)
+    b_at = w_at + features * width
+    params = rng.standard_normal(int(b_at[-1]) + width + 5).astype(np.float32)
+    buf = sparse.buffers(members * batch, features)
+    sparse.nonzeros(x.reshape(-1), members * batch, features, buf["row_start"], buf["keys"],
+                    buf["values"])
+    # z written with a row stride wider than width, into a buffer of sentinels
+    stride = width + 9
+    z_at = np.array([0, batch * stride], dtype=np.int64)
+    z = np.full(members * batch * stride, 7.0, dtype=np.float32)
+    sparse.forward(buf["row_start"], buf["keys"], buf["values"], members, batch, params, w_at,
+                   b_at, width, z, z_at, stride)
+    deltas = rng.standard_normal(members * batch * width + 4).astype(np.float32)
+    d_at = np.array([4, 4 + batch * width], dtype=np.int64)
+    grads = np.full_like(params, 5.0)
+    sparse.weight_grad(buf["row_start"], buf["keys"], buf["values"], members, batch, features,
+                       deltas, d_at, width, grads, w_at)
+    x64 = x.astype(np.float64).reshape(members, batch, features)
+    z = z.reshape(members, batch, stride)
+    for m in range(members):
+        wt = params[w_at[m]:b_at[m]].reshape(features, width).astype(np.float64)
+        bias = params[b_at[m]:b_at[m] + width]
+        np.testing.assert_allclose(z[m, :, :width], x64[m] @ wt + bias, rtol=1e-5, atol=1e-5)
+        d = deltas[d_at[m]:d_at[m] + batch * width].reshape(batch, width).astype(np.float64)
+        np.testing.assert_allclose(grads[w_at[m]:b_at[m]].reshape(features, width),
+                                   x64[m].T @ d, rtol=1e-5, atol=1e-5)
+    assert (z[:, :, width:] == 7.0).all()  # nothing written past the rows
+    outside = np.ones(len(grads), bool)
+    for m in range(members):
+        outside[w_at[m]:b_at[m]] = False
+    assert (grads[outside] == 5.0).all()
+
+
+def engines(activation, sizes=(64, 21, 18, 10), seeds=(0, 1), **options):
+    """The fused engine with the sparse first layer and without it, from the same weights."""
+    pair = []
+    for density in (0.2, 1.0):
+        models = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            models.append(build_mlp(sizes, activation))
+        pair.append(StackedMLP(models, activation, batch_size=24, lr=0.3, max_rows=64,
+                               input_density=density, **options))
+    return pair
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "gelu"])
+@pytest.mark.parametrize("sizes", [(64, 21, 18, 10), (64, 10)])
+def test_sparse_engine_equals_the_dense_engine(activation, sizes):
+    fast, dense = engines(activation, sizes)
+    assert fast._sparse is sparse and dense._sparse is None
+    g = torch.Generator().manual_seed(1)
+    steps = []
+    for step in range(30):
+        x = torch.from_numpy(sparse_rows(2 * 24, sizes[0], seed=step)).view(2, 24, -1)
+        y = torch.randint(0, 10, (2, 24), generator=g)
+        if step % 4 != 3:
+            steps.append(step)
+        for engine in (fast, dense):
+            engine.out = engine.step(x, y, step % 4 != 3)
+        torch.testing.assert_close(fast.out[0], dense.out[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.out[1], dense.out[1], rtol=1e-4, atol=1e-5)
+    # the members' modules still read the stack, and W0's transposed storage reads right
+    for m, (got, want) in enumerate(zip(fast.W, dense.W, strict=True)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"layer {m}")
+    x = torch.from_numpy(sparse_rows(5, sizes[0], seed=99))
+    model = build_mlp(sizes, activation)
+    outputs = []
+    for engine in (fast, dense):
+        for lin, w, b in zip(linear_layers(model), engine.W, engine.b, strict=True):
+            lin.weight.data, lin.bias.data = w[1], b[1]
+        outputs.append(model(x))
+    assert fast.W[0][1].shape == (sizes[1], sizes[0]) and not fast.W[0][1].is_contiguous()
+    torch.testing.assert_close(*outputs, rtol=1e-4, atol=1e-6)
+    for got, want in zip(fast.flush(steps, 1), dense.flush(steps, 1), strict=True):
+        assert got[["step", "layer"]].equals(want[["step", "layer"]])
+        for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
+                       "weight_norm", "update_ratio", "act_grad_mean"):
+            np.testing.assert_allclose(got[column], want[column], rtol=1e-4, atol=1e-8,
+                                       err_msg=column)
+
+
+def test_sparse_first_layer_only_where_it_pays():
+    def sparse_of(**options):
+        torch.manual_seed(0)
+        model = build_mlp((64, 8, 10), "relu")
+        return StackedMLP([model], "relu", batch_size=4, **options)._sparse
+
+    assert sparse_of(input_density=0.2) is sparse
+    assert sparse_of(input_density=sparse.MAX_DENSITY + 0.01) is None
+    assert sparse_of(input_density=0.2, fused=False) is None
+    assert sparse_of() is None  # density unknown: dense
+
+
+def sparse_data(n_train=192, n_test=64, features=784):
+    g = torch.Generator().manual_seed(0)
+    splits = []
+    for n, seed in ((n_train, 1), (n_test, 2)):
+        x = torch.from_numpy(sparse_rows(n, features, seed=seed, density=0.1))
+        y = torch.randint(0, 10, (n,), generator=g)
+        splits.append(Split(x, y))
+    return Data(*splits)
+
+
+def test_nonzero_fraction():
+    x = torch.zeros(10, 10)
+    x[0, :3] = 1
+    assert nonzero_fraction(x) == 0.03
+    assert 0.1 < nonzero_fraction(sparse_data().train.x) < 0.2
+
+
+def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
+    calls = []
+    original = sparse.forward
+    monkeypatch.setattr(sparse, "forward", lambda *a: calls.append(1) or original(*a))
+    data = sparse_data()
+    config = make_config(depth=3, widths=(32, 24), activation="tanh", batch_size=32, epochs=2,
+                         lr=0.2, log_every=1)
+    fused = train(config, data=data, engine="fused")
+    reference = train(config, data=data, engine="autograd")
+    assert len(calls) == 12  # every step: 2 epochs of 6
+    got, want = fused.grads, reference.grads
+    assert len(got) == len(want) == 12 * 3
+    for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
+                   "weight_norm", "update_ratio", "act_grad_mean"):
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-4, atol=1e-8,
+                                   err_msg=column)
