@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from gradlab.config import make_config
-from gradlab.data import Data, Split, load_data
+from gradlab.data import Data, Split, load_data, nonzero_fraction
 from gradlab.models import build_mlp
 from gradlab.record import GradientRecorder
 from gradlab.stacked import StackedMLP
@@ -42,11 +42,12 @@ def bench_data(data_dir: str, steps: int, batch: int, device: torch.device) -> D
     return Data(train=data.train, test=Split(data.test.x[:batch], data.test.y[:batch]))
 
 
-def engine_steps(steps: int):
-    """``step(x, y, record)`` of the stacked engine with one member (``--engine fused``)."""
+def engine_steps(steps: int, density: float = 1.0):
+    """``step(x, y, record)`` of the stacked engine with one member (``--engine fused``), as
+    ``train()`` makes it for inputs with this fraction of nonzeros."""
     torch.manual_seed(0)
     engine = StackedMLP([build_mlp((784, 128, 256, 10), "sigmoid")], "sigmoid", batch_size=64,
-                        lr=0.01, max_rows=steps)
+                        lr=0.01, max_rows=steps, input_density=density)
     return lambda step, x, y, record: engine.step(x[None], y[None], record)
 
 
@@ -162,7 +163,8 @@ def run(args) -> str:
         ["path, schedule", "µs/step wall", "µs/step CPU", "overhead % (wall)",
          "overhead % (CPU)"], rows)
     window_rows, verdicts = [], []
-    makers = {"autograd": hook_steps, "fused": engine_steps,
+    makers = {"autograd": hook_steps,
+              "fused": partial(engine_steps, density=nonzero_fraction(data.train.x)),
               "autograd, hooks that catch dL/dz only": hook_floor_steps}
     pairs_of = {}
     for path, make in makers.items():

@@ -124,11 +124,17 @@ def _add_rows(keys, values, lo, hi, src, src_at, dst, base, width):
 def nonzeros(x, rows, features, row_start, keys, values):
     """List the nonzeros of x (1-d: ``rows`` rows of ``features``) row by row: row q's features
     ``keys`` and values ``values`` are at ``row_start[q] : row_start[q + 1]``, in feature order.
-    ``keys`` and ``values`` hold at least ``rows * features`` entries."""
+
+    Returns how many there are, or -1 if ``keys`` and ``values`` (of equal length) cannot hold
+    them all (``rows * features`` entries always can).
+    """
+    capacity = keys.shape[0]
     n = 0
     for q in range(rows):
         row_start[q] = n
         base = q * features
+        if n + features > capacity and capacity < rows * features:
+            return -1
         p0 = 0
         while p0 + 16 <= features:  # the set bits of each 16 features' nonzero mask
             mask = nonzero_mask(x, base + p0)
@@ -145,6 +151,7 @@ def nonzeros(x, rows, features, row_start, keys, values):
                 values[n] = x[base + p]
                 n += 1
     row_start[rows] = n
+    return n
 
 
 @njit(nogil=True, cache=True)
@@ -173,8 +180,18 @@ def weight_grad(row_start, keys, values, members, batch, features, deltas, delta
                       delta_at[m] + b * width, grads, grad_at[m], width)
 
 
-def buffers(rows: int, features: int) -> dict[str, np.ndarray]:
-    """The index and value buffers ``nonzeros`` fills for ``rows`` rows."""
-    return dict(row_start=np.zeros(rows + 1, np.int64),
-                keys=np.zeros(rows * features, np.int64),
-                values=np.zeros(rows * features, np.float32))
+def buffers(rows: int, features: int, density: float = 1.0) -> dict[str, np.ndarray]:
+    """Index and value buffers for ``nonzeros`` over ``rows`` rows, sized for a fraction
+    ``density`` of nonzeros (with a margin; ``list_nonzeros`` grows them when that is short)."""
+    entries = rows * features if density >= 0.5 else int(rows * features * (2 * density + 0.02))
+    return dict(row_start=np.zeros(rows + 1, np.int64), keys=np.zeros(entries, np.int32),
+                values=np.zeros(entries, np.float32))
+
+
+def list_nonzeros(x: np.ndarray, rows: int, features: int, lists: dict) -> dict:
+    """``nonzeros`` into ``lists`` (from ``buffers``), or into new full-size buffers when those
+    are too small; returns the buffers used."""
+    if nonzeros(x, rows, features, lists["row_start"], lists["keys"], lists["values"]) < 0:
+        lists = buffers(rows, features)
+        nonzeros(x, rows, features, lists["row_start"], lists["keys"], lists["values"])
+    return lists

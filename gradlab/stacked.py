@@ -143,9 +143,10 @@ class _BatchViews(NamedTuple):
     storage: np.ndarray | None  # on a CPU: chunk's 1-d storage, a chunk row is ``row`` floats
     row: int
     delta_blocks: np.ndarray  # (layers * members, 3): start, stop, norm index (fused kernel)
-    nonzeros: dict | None  # the sparse first layer's row lists (gradlab.sparse.buffers)
-    first: torch.Tensor | None  # the sparse first layer's z, when no chunk row takes it
-    delta_at: np.ndarray | None  # where each member's first-layer dL/dz starts in the buffer
+    nonzeros: list[dict] | None  # [the sparse first layer's own row lists] (sparse.buffers)
+    first: list | None  # per chunk row, the sparse first layer's z: tensor, its storage as an
+    #                     array, the members' offsets in it, its row stride
+    delta_at: np.ndarray  # (layers, members): where each dL/dz block starts in the flat buffer
 
 
 def _sparse_kernels(reference: torch.Tensor, fused: bool, input_density: float):
@@ -195,6 +196,8 @@ class StackedMLP:
         self.classes = shapes[-1][0]
         self.batch_size = batch_size
         self._sparse = _sparse_kernels(ref, fused, input_density)
+        self._density = input_density
+        self._group_lists: list[dict | None] = [None, None]
         # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer;
         # with the sparse first layer, W0 is stored transposed (input-major)
         self._params = _Layout(self.size)
@@ -344,14 +347,20 @@ class StackedMLP:
              for k, (offset, stride, shape) in enumerate(layout.blocks)
              for m in range(self.size) for start in [offset + m * stride]],
             dtype=np.int64).reshape(-1, 3)
-        nonzeros = first = delta_at = None
+        nonzeros = first = None
         if self._sparse:
             features = int(self.W[0].shape[2])
-            nonzeros = self._sparse.buffers(self.size * batch, features)
-            first = torch.empty((self.size, batch, int(self.widths[0])), **self._kw)
-            d = deltas[0]
-            delta_at = np.array([d.storage_offset() + m * d.stride(0) for m in range(self.size)],
-                                dtype=np.int64)
+            nonzeros = [self._sparse.buffers(self.size * batch, features, self._density)]
+            # where the first layer's z goes: into the chunk row (gelu & co.), or a buffer
+            if self._saves == "input" and n > 1:
+                targets, array = [hidden[0] for hidden in slices], storage.numpy()
+            else:
+                targets = [torch.empty((self.size, batch, int(self.widths[0])), **self._kw)]
+                array = targets[0].view(-1).numpy()
+            first = [(t, array, t.storage_offset() + t.stride(0) * np.arange(self.size),
+                      t.stride(1)) for t in targets]
+        delta_at = np.array([[d.storage_offset() + m * d.stride(0) for m in range(self.size)]
+                             for d in deltas], dtype=np.int64)
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
                            storage.numpy() if storage.device.type == "cpu" else None, row,
                            delta_blocks, nonzeros, first, delta_at)
@@ -408,14 +417,15 @@ class StackedMLP:
         return coef
 
     # -- the step ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor]
+    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor], nonzeros=None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits (M, B, classes), each layer's input, and what each hidden layer's backward
-        needs, for x (M, B, features); ``hidden``: where each hidden layer's a (or z) goes."""
+        needs, for x (M, B, features); ``hidden``: where each hidden layer's a (or z) goes;
+        ``nonzeros``: x's nonzeros listed beforehand (see ``step``)."""
         inputs, saved = [x], []
         first = hidden[0] if self._saves == "input" and hidden else None
         if self._sparse:
-            z = self._sparse_forward(x, first)
+            z = self._sparse_forward(x, first, nonzeros)
         else:
             z = torch.baddbmm(self._b3[0], x, self._Wt[0], out=first)
         for layer in range(1, self.depth):
@@ -430,48 +440,81 @@ class StackedMLP:
             z = torch.baddbmm(self._b3[layer], h, self._Wt[layer], out=out)
         return z, inputs, saved
 
-    def _sparse_forward(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """The first layer's z = b + x W^T over x's nonzeros, into ``out`` (or a buffer)."""
-        views, sp = self._views, self._sparse
-        nz = views.nonzeros
-        members, batch, features = x.shape
-        sp.nonzeros(x.reshape(-1).numpy(), members * batch, features, nz["row_start"],
-                    nz["keys"], nz["values"])
-        out = views.first if out is None else out
-        # out's storage as an array: the chunk's, or the buffer's own
-        array = views.storage if out.untyped_storage().data_ptr() == (
-            views.chunk.untyped_storage().data_ptr()) else views.first.view(-1).numpy()
-        at = out.storage_offset() + out.stride(0) * np.arange(members, dtype=np.int64)
-        sp.forward(nz["row_start"], nz["keys"], nz["values"], members, batch, self._np["params"],
-                   self._first_at[0], self._first_at[1], out.shape[2], array, at, out.stride(1))
-        return out
-
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training step of every member on its batch: x (M, B, features), y (M, B).
-
-        Returns each member's mean cross-entropy loss (M,) and the logits (M, B, classes).
-        ``record``: record this step (call ``flush`` at an epoch end).
-        """
-        m_count, batch = y.shape
-        views = self._batch_views(batch)
-        deltas = views.deltas
-        logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows])
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+              views: _BatchViews) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's mean cross-entropy (M,), and dL/dlogits written into ``delta``."""
+        m_count, batch, _ = logits.shape
+        if self._fused is not None:  # one numba pass instead of seven small ops
+            losses = torch.empty(m_count, **self._kw)
+            self._fused.cross_entropy(logits.reshape(-1).numpy(), y.reshape(-1).numpy(), m_count,
+                                      batch, self.classes, losses.numpy(), self._np["flat"],
+                                      views.delta_at[-1])
+            return losses, delta
         logp = torch.log_softmax(logits, -1)
         target = y.unsqueeze(-1)
         losses = torch.gather(logp, -1, target).mean((1, 2)).neg_()  # nll_loss, in fewer ops
         minus_one = self._minus_one.get(batch)
         if minus_one is None:
-            minus_one = self._minus_one[batch] = x.new_full((m_count, batch, 1), -1.0)
-        last = self.depth - 1
-        delta = torch.exp(logp, out=deltas[last])  # dL/dlogits = (softmax - onehot) / B
+            minus_one = self._minus_one[batch] = logits.new_full((m_count, batch, 1), -1.0)
+        torch.exp(logp, out=delta)  # dL/dlogits = (softmax - onehot) / B
         delta.scatter_add_(-1, target, minus_one).mul_(1.0 / batch)
+        return losses, delta
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the first layer's products skip zero inputs (``gradlab.sparse``)."""
+        return self._sparse is not None
+
+    def list_nonzeros(self, rows: torch.Tensor, slot: int) -> dict:
+        """The nonzeros of ``rows`` (2-d, float32, on the CPU) listed for ``step``, in buffers
+        kept per ``slot`` (0 or 1): ``gather_batches``'s ``prepare``, run in its thread."""
+        count, features = rows.shape
+        lists = self._group_lists[slot]
+        if lists is None or len(lists["row_start"]) < count + 1:
+            lists = self._sparse.buffers(count, features, self._density)
+        self._group_lists[slot] = lists = self._sparse.list_nonzeros(
+            rows.reshape(-1).numpy(), count, features, lists)
+        return lists
+
+    def _sparse_forward(self, x: torch.Tensor, out: torch.Tensor | None, nonzeros
+                        ) -> torch.Tensor:
+        """The first layer's z = b + x W^T over x's nonzeros (``nonzeros``: listed beforehand,
+        ``(lists, first_row, last_row)``), into ``out`` (a chunk row's) or a buffer."""
+        views, sp = self._views, self._sparse
+        members, batch, features = x.shape
+        if nonzeros is None:
+            lists = views.nonzeros[0] = sp.list_nonzeros(x.reshape(-1).numpy(), members * batch,
+                                                         features, views.nonzeros[0])
+            row_start = lists["row_start"]
+        else:
+            lists, first_row, last_row = nonzeros
+            row_start = lists["row_start"][first_row:last_row + 1]
+        self._lists = row_start, lists["keys"], lists["values"]  # for the weight gradient
+        z, array, at, stride = views.first[self._chunk_rows if out is not None else 0]
+        sp.forward(*self._lists, members, batch, self._np["params"], self._first_at[0],
+                   self._first_at[1], int(self.widths[0]), array, at, stride)
+        return z
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False, nonzeros=None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step of every member on its batch: x (M, B, features), y (M, B).
+
+        Returns each member's mean cross-entropy loss (M,) and the logits (M, B, classes).
+        ``record``: record this step (call ``flush`` at an epoch end). ``nonzeros``: with the
+        sparse first layer, x's nonzeros listed beforehand (``gather_batches`` with
+        ``prepare=self.list_nonzeros`` yields them); else they are listed here.
+        """
+        m_count, batch = y.shape
+        views = self._batch_views(batch)
+        deltas = views.deltas
+        logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows], nonzeros)
+        last = self.depth - 1
+        losses, delta = self._loss(logits, y, deltas[last], views)
         for layer in range(last, -1, -1):
             if layer == 0 and self._sparse:
-                nz = views.nonzeros
-                self._sparse.weight_grad(nz["row_start"], nz["keys"], nz["values"], m_count,
-                                         batch, x.shape[2], self._np["flat"], views.delta_at,
+                self._sparse.weight_grad(*self._lists, m_count, batch, x.shape[2],
+                                         self._np["flat"], views.delta_at[0],
                                          int(self.widths[0]), self._np["grads"],
                                          self._first_at[0])
             else:

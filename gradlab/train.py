@@ -316,6 +316,7 @@ def train_members(
                         momentum=config.momentum, weight_decay=config.weight_decay,
                         clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()),
                         input_density=nonzero_fraction(data.train.x))
+    prepare = engine.list_nonzeros if engine.sparse else None
     recorded = set(schedule.tolist())
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
     book = _Bookkeeping(configs, models, data, on_epoch, progress, total)
@@ -328,9 +329,10 @@ def train_members(
             first_step = step
             step_losses, predictions, labels, steps = [], [], [], []
             indices = [torch.stack(step_indices) for step_indices in zip(*orders, strict=True)]
-            for x, y in gather_batches(train_x, train_y, indices):  # (members, batch, ...)
+            # (members, batch, ...); x's nonzeros listed in the gather thread if they are used
+            for x, y, *nonzeros in gather_batches(train_x, train_y, indices, prepare=prepare):
                 record = step in recorded
-                losses, logits = engine.step(x, y, record)
+                losses, logits = engine.step(x, y, record, *nonzeros)
                 if record:
                     steps.append(step)
                 step_losses.append(losses)

@@ -100,3 +100,27 @@ def test_gather_batches_gives_each_steps_rows_threaded_or_not():
         assert len(got) == len(indices)
         for (bx, by), index in zip(got, indices, strict=True):
             assert torch.equal(bx, x[index]) and torch.equal(by, y[index])
+
+
+def test_gather_batches_prepares_each_group_in_alternating_slots():
+    import torch
+
+    from gradlab.data import PREFETCH_STEPS, gather_batches
+
+    x = torch.arange(200 * 3, dtype=torch.float32).view(200, 3)
+    y = torch.arange(200)
+    perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    indices = [perm[i:i + 10].view(2, 5) for i in range(0, 200, 10)] * 3
+    assert len(indices) > 2 * PREFETCH_STEPS
+    for threaded in (True, False):
+        slots = []
+
+        def prepare(rows, slot, slots=slots):
+            slots.append(slot)
+            return rows.clone()
+
+        got = list(gather_batches(x, y, indices, threaded=threaded, prepare=prepare))
+        assert slots == [k % 2 for k in range(len(slots))] and len(slots) == 4
+        for (bx, by, (rows, first, last)), index in zip(got, indices, strict=True):
+            assert torch.equal(bx, x[index]) and torch.equal(by, y[index])
+            assert torch.equal(rows[first:last], x[index.reshape(-1)])

@@ -46,12 +46,15 @@ def test_fused_steps_equal_the_eager_steps(activation):
         for engine in (fast, eager):
             losses, _ = engine.step(x, y, record)
             engine.last_losses = losses
-        assert torch.equal(fast.last_losses, eager.last_losses), step
-    assert torch.equal(fast.params, eager.params)  # the update is bit for bit eager SGD's
+        # the loss kernel rounds differently from log_softmax; the update is bitwise eager
+        # SGD's (test_sgd_step_norms_matches_float64_sums_across_tiles): the weights differ
+        # by rounding only
+        torch.testing.assert_close(fast.last_losses, eager.last_losses, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fast.params, eager.params, rtol=1e-5, atol=1e-7)
     for got, want in zip(fast.flush(steps, 1), eager.flush(steps, 1), strict=True):
-        assert got[["step", "layer", "loss"]].equals(want[["step", "layer", "loss"]])
-        for column in ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
-                       "update_ratio", "act_grad_mean"):
+        assert got[["step", "layer"]].equals(want[["step", "layer"]])
+        for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
+                       "weight_norm", "update_ratio", "act_grad_mean"):
             np.testing.assert_allclose(got[column], want[column], rtol=2e-5, atol=1e-9,
                                        err_msg=column)
         # a count may differ only where f' rounds across the threshold: one unit of 48 * 37
@@ -163,3 +166,23 @@ def test_activation_stats_kernel_matches_the_torch_statistics(activation):
     if info.relu_family:
         np.testing.assert_array_equal(got[1:, :, :2, 2], want[..., 2].numpy())
         assert got[1, 1, 0, 2] >= 1
+
+
+def test_cross_entropy_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    members, batch, classes = 3, 17, 10
+    logits = torch.randn(members, batch, classes, generator=g) * 4
+    logits[2, 5, 3] = math.nan  # member 2 diverged: its loss must be nan, the others not
+    y = torch.randint(0, classes, (members, batch), generator=g)
+    losses = np.zeros(members, np.float32)
+    deltas = np.full(members * batch * classes + 8, 9.0, np.float32)
+    at = np.array([8 + m * batch * classes for m in range(members)], dtype=np.int64)
+    fused.cross_entropy(logits.reshape(-1).numpy(), y.reshape(-1).numpy(), members, batch,
+                        classes, losses, deltas, at)
+    want_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    want = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, classes)
+    np.testing.assert_allclose(losses[:2], want_loss.mean(1)[:2], rtol=1e-6)
+    assert math.isnan(losses[2])
+    got = torch.from_numpy(deltas[8:]).view(members, batch, classes)
+    torch.testing.assert_close(got[:2], want[:2] / batch, rtol=1e-5, atol=1e-7)
+    assert (deltas[:8] == 9.0).all()

@@ -101,8 +101,9 @@ def test_optimizers_and_clipping_match_torch(options):
             if "clip_grad_norm" in options:
                 nn.utils.clip_grad_norm_(twin.parameters(), options["clip_grad_norm"])
             opt.step()
-            # Adam divides by sqrt(v): where a gradient is ~0, float noise moves it by ~lr*1e-3
-            atol = 1e-5 if options["optimizer"] == "adam" else 1e-6
+            # Adam divides by sqrt(v): where a gradient is ~0, float noise (here the loss
+            # kernel's rounding against log_softmax's) moves it by up to a few lr*1e-3
+            atol = 3e-5 if options["optimizer"] == "adam" else 1e-6
             for mine, theirs in zip(models[i].parameters(), twin.parameters(), strict=True):
                 torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=atol)
         if step == 3:
