@@ -25,6 +25,7 @@ the stacked buffer, for evaluation and inspection. Column semantics: see ``recor
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -475,6 +476,25 @@ class StackedMLP:
         self._group_lists[slot] = lists = self._sparse.list_nonzeros(
             rows.reshape(-1).numpy(), count, features, lists)
         return lists
+
+    def first_layers(self, x: torch.Tensor) -> list:
+        """For evaluation with the sparse first layer: per member, a function ``(start, stop)
+        -> z`` giving its first-layer z = b + x W^T (current weights) for rows [start, stop) of
+        ``x`` (2-d), over x's nonzeros (listed once here, for every call)."""
+        count, features = x.shape
+        lists = self._sparse.list_nonzeros(x.reshape(-1).numpy(), count, features,
+                                           self._sparse.buffers(count, features, self._density))
+        width = int(self.widths[0])
+
+        def first_layer(start: int, stop: int, member: int) -> torch.Tensor:
+            z = torch.empty((stop - start, width), **self._kw)
+            self._sparse.forward(lists["row_start"][start:stop + 1], lists["keys"],
+                                 lists["values"], 1, stop - start, self._np["params"],
+                                 self._first_at[0, member:member + 1],
+                                 self._first_at[1, member:member + 1], width,
+                                 z.view(-1).numpy(), np.zeros(1, np.int64), width)
+            return z
+        return [functools.partial(first_layer, member=m) for m in range(self.size)]
 
     def _sparse_forward(self, x: torch.Tensor, out: torch.Tensor | None, nonzeros
                         ) -> torch.Tensor:

@@ -163,7 +163,9 @@ def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
                          lr=0.2, log_every=1)
     fused = train(config, data=data, engine="fused")
     reference = train(config, data=data, engine="autograd")
-    assert len(calls) == 12  # every step: 2 epochs of 6
+    assert len(calls) == 12 + 2  # every step (2 epochs of 6), and each epoch's evaluation
+    for column in ("loss", "accuracy"):
+        np.testing.assert_allclose(fused.epochs[column], reference.epochs[column], rtol=1e-5)
     got, want = fused.grads, reference.grads
     assert len(got) == len(want) == 12 * 3
     for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
