@@ -26,8 +26,11 @@ def test_nonzeros_lists_each_row_in_feature_order(features):
     x = sparse_rows(9, features)
     x[3] = 0  # a row with none
     x[4, -1] = np.nan  # nan counts as nonzero: it must reach the products
-    buf = sparse.buffers(9, features)
-    sparse.nonzeros(x.reshape(-1), 9, features, buf["row_start"], buf["keys"], buf["values"])
+    small = sparse.buffers(9, features, 0.01)
+    assert sparse.nonzeros(x.reshape(-1), 9, features, small["row_start"], small["keys"],
+                           small["values"]) == -1  # too small: said, not overrun
+    buf = sparse.list_nonzeros(x.reshape(-1), 9, features, small)
+    assert len(buf["keys"]) == 9 * features  # grown
     for q in range(9):
         lo, hi = buf["row_start"][q], buf["row_start"][q + 1]
         want = np.flatnonzero(x[q] != 0)
@@ -172,3 +175,27 @@ def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
                    "weight_norm", "update_ratio", "act_grad_mean"):
         np.testing.assert_allclose(got[column], want[column], rtol=1e-4, atol=1e-8,
                                    err_msg=column)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_nonzeros_listed_in_the_gather_thread_equal_those_listed_in_the_step(threaded):
+    from gradlab.data import gather_batches
+
+    data = sparse_data(n_train=40 * 24 + 5)  # 40 full steps of 2 members and a short one
+    pair = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models = [build_mlp((784, 16, 10), "sigmoid") for _ in range(2)]
+        pair.append(StackedMLP(models, "sigmoid", batch_size=24, lr=0.1, max_rows=64,
+                               input_density=0.1))
+    ahead, inline = pair
+    g = torch.Generator().manual_seed(0)
+    orders = [torch.randperm(len(data.train), generator=g).split(24) for _ in range(2)]
+    indices = [torch.stack(step) for step in zip(*orders, strict=True)]
+    assert indices[-1].shape == (2, 5)
+    for x, y, nonzeros in gather_batches(data.train.x, data.train.y, indices, threaded,
+                                         prepare=ahead.list_nonzeros):
+        a = ahead.step(x, y, True, nonzeros)
+        b = inline.step(x, y, True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(ahead.params, inline.params)
