@@ -188,3 +188,62 @@ def cross_entropy(logits, labels, members, batch, classes, losses, deltas, delta
                 p = np.exp(logits[row + c] - lse)
                 deltas[at + c] = (p - np.float32(1.0) if c == y else p) * scale
         losses[m] = total / batch
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, members, batch,
+         logits, losses, deltas, d_at, grads, dh):
+    """The last (classifier) layer's whole step for each member m, in one pass:
+
+    * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * h_stride:]``, ``width``
+      floats; W (classes, width) and b at ``params[w_at[m]:]``, ``params[b_at[m]:]``), written
+      at ``logits[(m * batch + b) * classes:]``;
+    * the softmax cross-entropy: mean loss into ``losses[m]``, dL/dlogits into ``deltas`` at
+      ``d_at[m]`` (as ``cross_entropy``);
+    * gW = delta^T h and gb = sum of delta at the same offsets in ``grads`` as W and b in
+      ``params``;
+    * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward.
+
+    With 10 classes these are ~0.2 MFLOP each, where a tensor op's own cost is most of the time;
+    PyTorch would take five ops (~35 µs a step on the tutorial's net), this pass ~10 µs.
+    """
+    scale = np.float32(1.0 / batch)
+    for m in range(members):
+        W = params[w_at[m]:w_at[m] + classes * width]
+        gW = grads[w_at[m]:w_at[m] + classes * width]
+        gb = grads[b_at[m]:b_at[m] + classes]
+        gW[:] = 0
+        gb[:] = 0
+        total = 0.0
+        for b in range(batch):
+            h = hidden[h_at[m] + b * h_stride:h_at[m] + b * h_stride + width]
+            out = logits[(m * batch + b) * classes:(m * batch + b + 1) * classes]
+            for c in range(classes):
+                w = W[c * width:(c + 1) * width]
+                s = np.float32(0.0)
+                for j in range(width):
+                    s += h[j] * w[j]
+                out[c] = params[b_at[m] + c] + s
+            top = out[0]
+            for c in range(1, classes):
+                top = max(top, out[c])
+            s = np.float32(0.0)
+            for c in range(classes):
+                s += np.exp(out[c] - top)
+            lse = top + np.log(s)
+            y = labels[m * batch + b]
+            total += lse - out[y]
+            delta = deltas[d_at[m] + b * classes:d_at[m] + (b + 1) * classes]
+            g = dh[(m * batch + b) * width:(m * batch + b + 1) * width]
+            g[:] = 0
+            for c in range(classes):
+                p = np.exp(out[c] - lse)
+                d = (p - np.float32(1.0) if c == y else p) * scale
+                delta[c] = d
+                gb[c] += d
+                w = W[c * width:(c + 1) * width]
+                gw = gW[c * width:(c + 1) * width]
+                for j in range(width):
+                    gw[j] += d * h[j]
+                    g[j] += d * w[j]
+        losses[m] = total / batch

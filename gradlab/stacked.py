@@ -148,6 +148,7 @@ class _BatchViews(NamedTuple):
     first: list | None  # per chunk row, the sparse first layer's z: tensor, its storage as an
     #                     array, the members' offsets in it, its row stride
     delta_at: np.ndarray  # (layers, members): where each dL/dz block starts in the flat buffer
+    dh: torch.Tensor  # dL/d(input of the last layer), from fused.head
 
 
 def _sparse_kernels(reference: torch.Tensor, fused: bool, input_density: float):
@@ -289,9 +290,11 @@ class StackedMLP:
         self._neg_lr = np.float32(-self.lr)
         # per member: where W0 (transposed) and b0 start in the parameters (and W0's gradient
         # in the gradients), for the sparse first layer
-        self._first_at = np.array([self._params.blocks[k][0] + m * self._params.blocks[k][1]
-                                   for k in (0, 1) for m in range(self.size)],
-                                  dtype=np.int64).reshape(2, self.size)
+        self._first_at, self._head_at = (
+            np.array([self._params.blocks[k][0] + m * self._params.blocks[k][1]
+                      for k in blocks for m in range(self.size)],
+                     dtype=np.int64).reshape(2, self.size)
+            for blocks in ((0, 1), (2 * n - 2, 2 * n - 1)))
         self._fused_args = (self._np["params"], self._np["grads"], self._neg_lr,
                             self._param_blocks, self._np["deltas"])
         self._norm_rows = self._np["norms"].reshape(self._norms.shape[0], -1)
@@ -362,9 +365,10 @@ class StackedMLP:
                       t.stride(1)) for t in targets]
         delta_at = np.array([[d.storage_offset() + m * d.stride(0) for m in range(self.size)]
                              for d in deltas], dtype=np.int64)
+        dh = torch.empty((self.size, batch, int(self.widths[-2]) if n > 1 else 0), **self._kw)
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
                            storage.numpy() if storage.device.type == "cpu" else None, row,
-                           delta_blocks, nonzeros, first, delta_at)
+                           delta_blocks, nonzeros, first, delta_at, dh)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -418,11 +422,13 @@ class StackedMLP:
         return coef
 
     # -- the step ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor], nonzeros=None
-                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor], nonzeros=None,
+                head: bool = False
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
         """Logits (M, B, classes), each layer's input, and what each hidden layer's backward
         needs, for x (M, B, features); ``hidden``: where each hidden layer's a (or z) goes;
-        ``nonzeros``: x's nonzeros listed beforehand (see ``step``)."""
+        ``nonzeros``: x's nonzeros listed beforehand (see ``step``); ``head``: stop before
+        the last layer (no logits), which ``fused.head`` does."""
         inputs, saved = [x], []
         first = hidden[0] if self._saves == "input" and hidden else None
         if self._sparse:
@@ -437,9 +443,30 @@ class StackedMLP:
                 h = self._act(z)
                 saved.append(z)
             inputs.append(h)
+            if head and layer == self.depth - 1:
+                return None, inputs, saved
             out = hidden[layer] if self._saves == "input" and layer < self.depth - 1 else None
             z = torch.baddbmm(self._b3[layer], h, self._Wt[layer], out=out)
         return z, inputs, saved
+
+    def _head(self, h: torch.Tensor, y: torch.Tensor, views: _BatchViews
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fused.head``: the last layer's step from its input h (M, B, width); writes its
+        gradients, its dL/dz and dL/dh (``views.dh``); returns the logits and losses."""
+        m_count, batch, width = h.shape
+        if h.untyped_storage().data_ptr() == views.chunk.untyped_storage().data_ptr():
+            array = views.storage  # a chunk row's slice
+        else:
+            h = h.contiguous()
+            array = h.view(-1).numpy()
+        at = h.storage_offset() + h.stride(0) * np.arange(m_count)
+        logits = torch.empty((m_count, batch, self.classes), **self._kw)
+        losses = torch.empty(m_count, **self._kw)
+        self._fused.head(array, at, h.stride(1), width, self._np["params"], self._head_at[0],
+                         self._head_at[1], self.classes, y.reshape(-1).numpy(), m_count, batch,
+                         logits.view(-1).numpy(), losses.numpy(), self._np["flat"],
+                         views.delta_at[-1], self._np["grads"], views.dh.view(-1).numpy())
+        return logits, losses
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
               views: _BatchViews) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,10 +555,16 @@ class StackedMLP:
         m_count, batch = y.shape
         views = self._batch_views(batch)
         deltas = views.deltas
-        logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows], nonzeros)
-        last = self.depth - 1
-        losses, delta = self._loss(logits, y, deltas[last], views)
-        for layer in range(last, -1, -1):
+        head = self._fused is not None and self.depth > 1
+        logits, inputs, saved = self.forward(x, views.slices[self._chunk_rows], nonzeros, head)
+        last = top = self.depth - 1
+        if head:  # the last layer's forward, loss and backward in one numba pass
+            logits, losses = self._head(inputs[last], y, views)
+            top = last - 1
+            delta = self._backward(views.dh, saved[top], deltas[top])
+        else:
+            losses, delta = self._loss(logits, y, deltas[last], views)
+        for layer in range(top, -1, -1):
             if layer == 0 and self._sparse:
                 self._sparse.weight_grad(*self._lists, m_count, batch, x.shape[2],
                                          self._np["flat"], views.delta_at[0],

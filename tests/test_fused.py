@@ -186,3 +186,47 @@ def test_cross_entropy_equals_torch():
     got = torch.from_numpy(deltas[8:]).view(members, batch, classes)
     torch.testing.assert_close(got[:2], want[:2] / batch, rtol=1e-5, atol=1e-7)
     assert (deltas[:8] == 9.0).all()
+
+
+def test_head_equals_the_last_layers_torch_step():
+    """``fused.head`` (last layer forward, loss, backward) against autograd, with two members,
+    hidden rows strided as in the chunk buffer, and blocks at odd offsets."""
+    g = torch.Generator().manual_seed(0)
+    members, batch, width, classes, stride = 2, 9, 37, 10, 50
+    hidden = torch.randn(members * batch * stride + 3, generator=g)
+    h_at = np.array([3, 3 + batch * stride])
+    params = torch.randn(1000, generator=g)
+    w_at = np.array([5, 5 + classes * width + 20])
+    b_at = w_at + classes * width
+    y = torch.randint(0, classes, (members, batch), generator=g)
+    logits = np.zeros(members * batch * classes, np.float32)
+    losses = np.zeros(members, np.float32)
+    deltas = np.zeros(members * batch * classes + 7, np.float32)
+    d_at = np.array([7, 7 + batch * classes])
+    grads = np.full(1000, 3.0, np.float32)
+    dh = np.zeros(members * batch * width, np.float32)
+    fused.head(hidden.numpy(), h_at, stride, width, params.numpy(), w_at, b_at, classes,
+               y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh)
+    for m in range(members):
+        h = hidden[h_at[m]:h_at[m] + batch * stride].view(batch, stride)[:, :width]
+        h = h.clone().requires_grad_()
+        w = params[w_at[m]:b_at[m]].view(classes, width).clone().requires_grad_()
+        b = params[b_at[m]:b_at[m] + classes].clone().requires_grad_()
+        z = h @ w.T + b
+        z.retain_grad()
+        loss = torch.nn.functional.cross_entropy(z, y[m])
+        loss.backward()
+        close = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(logits).view(members, batch, -1)[m],
+                                   z.detach(), **close)
+        assert abs(losses[m] - loss.item()) < 1e-5 * loss.item()
+        torch.testing.assert_close(
+            torch.from_numpy(deltas[d_at[m]:d_at[m] + batch * classes]).view(batch, -1),
+            z.grad, **close)
+        torch.testing.assert_close(torch.from_numpy(grads[w_at[m]:b_at[m]]).view(classes, -1),
+                                   w.grad, **close)
+        torch.testing.assert_close(torch.from_numpy(grads[b_at[m]:b_at[m] + classes]), b.grad,
+                                   **close)
+        torch.testing.assert_close(torch.from_numpy(dh).view(members, batch, -1)[m], h.grad,
+                                   **close)
+    assert grads[0] == 3.0 and grads[-1] == 3.0  # nothing outside the blocks
