@@ -191,8 +191,23 @@ def cross_entropy(logits, labels, members, batch, classes, losses, deltas, delta
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _backward_from_output(g, a, code, slope):
+    """dL/dz from dL/da = g and the activation's output a, as PyTorch's backward kernels
+    compute it (sigmoid_backward, tanh_backward, threshold_backward, ...)."""
+    if code == SIGMOID:
+        return g * (np.float32(1.0) - a) * a
+    if code == TANH:
+        return g * (np.float32(1.0) - a * a)
+    if code == RELU:
+        return g if a > 0 else np.float32(0.0)
+    if code == LEAKY_RELU:
+        return g if a > 0 else g * slope
+    return g if a > 0 else g * (a + np.float32(1.0))  # ELU, alpha 1, from its output
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
 def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, members, batch,
-         logits, losses, deltas, d_at, grads, dh):
+         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at):
     """The last (classifier) layer's whole step for each member m, in one pass:
 
     * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * h_stride:]``, ``width``
@@ -202,7 +217,9 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
       ``d_at[m]`` (as ``cross_entropy``);
     * gW = delta^T h and gb = sum of delta at the same offsets in ``grads`` as W and b in
       ``params``;
-    * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward.
+    * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward;
+      or, when ``code`` is not -1 (h is the output of that activation, ``CODES``), that
+      layer's dL/dz itself, into ``deltas`` at ``prev_at[m] + b * width``.
 
     With 10 classes these are ~0.2 MFLOP each, where a tensor op's own cost is most of the time;
     PyTorch would take five ops (~35 µs a step on the tutorial's net), this pass ~10 µs.
@@ -246,4 +263,8 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
                 for j in range(width):
                     gw[j] += d * h[j]
                     g[j] += d * w[j]
+            if code >= 0:
+                below = deltas[prev_at[m] + b * width:prev_at[m] + (b + 1) * width]
+                for j in range(width):
+                    below[j] = _backward_from_output(g[j], h[j], code, slope)
         losses[m] = total / batch

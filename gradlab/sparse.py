@@ -168,16 +168,22 @@ def forward(row_start, keys, values, members, batch, params, weight_at, bias_at,
 
 @njit(nogil=True, cache=True)
 def weight_grad(row_start, keys, values, members, batch, features, deltas, delta_at, width,
-                grads, grad_at):
-    """``gW^T = x^T delta`` for each member m: delta (batch, width) at ``deltas[delta_at[m]:]``,
-    gW^T (features, width) written whole at ``grads[grad_at[m]:]``: example by example, its
-    delta row held in registers is added into the rows of its nonzero pixels."""
+                grads, grad_at, bias_at):
+    """``gW^T = x^T delta`` and ``gb = sum of delta over the batch`` for each member m: delta
+    (batch, width) at ``deltas[delta_at[m]:]``, gW^T (features, width) and gb written whole at
+    ``grads[grad_at[m]:]`` and ``grads[bias_at[m]:]``. Example by example, its delta row held
+    in registers is added into the rows of its nonzero pixels."""
     for m in range(members):
         grads[grad_at[m]:grad_at[m] + features * width] = 0
+        gb = grads[bias_at[m]:bias_at[m] + width]
+        gb[:] = 0
         for b in range(batch):
             q = m * batch + b
             _add_rows(keys, values, row_start[q], row_start[q + 1], deltas,
                       delta_at[m] + b * width, grads, grad_at[m], width)
+            d = deltas[delta_at[m] + b * width:delta_at[m] + (b + 1) * width]
+            for j in range(width):
+                gb[j] += d[j]
 
 
 def buffers(rows: int, features: int, density: float = 1.0) -> dict[str, np.ndarray]:

@@ -266,6 +266,8 @@ class StackedMLP:
         if self._saves == "output" and activation in fused.CODES:
             self._stats_code = fused.CODES[activation]
         self._fused_stats = self._fused_sgd and self._stats_code is not None and n > 1
+        # fused.head also takes the layer below's f' when it is a function of h, its output
+        self._head_code = self._stats_code if self._stats_code is not None else -1
         self._stats_args = (self._bounds, self._stats_code if self._fused_stats else -1,
                             np.float32(SATURATION * self.activation.max_derivative),
                             np.float32(LEAKY_SLOPE))
@@ -465,7 +467,8 @@ class StackedMLP:
         self._fused.head(array, at, h.stride(1), width, self._np["params"], self._head_at[0],
                          self._head_at[1], self.classes, y.reshape(-1).numpy(), m_count, batch,
                          logits.view(-1).numpy(), losses.numpy(), self._np["flat"],
-                         views.delta_at[-1], self._np["grads"], views.dh.view(-1).numpy())
+                         views.delta_at[-1], self._np["grads"], views.dh.view(-1).numpy(),
+                         self._head_code, self._stats_args[3], views.delta_at[-2])
         return logits, losses
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
@@ -542,7 +545,6 @@ class StackedMLP:
                    self._first_at[1], int(self.widths[0]), array, at, stride)
         return z
 
-    @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False, nonzeros=None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One training step of every member on its batch: x (M, B, features), y (M, B).
@@ -550,7 +552,8 @@ class StackedMLP:
         Returns each member's mean cross-entropy loss (M,) and the logits (M, B, classes).
         ``record``: record this step (call ``flush`` at an epoch end). ``nonzeros``: with the
         sparse first layer, x's nonzeros listed beforehand (``gather_batches`` with
-        ``prepare=self.list_nonzeros`` yields them); else they are listed here.
+        ``prepare=self.list_nonzeros`` yields them); else they are listed here. No tensor of
+        the engine requires grad: the step builds no autograd graph (x must not require grad).
         """
         m_count, batch = y.shape
         views = self._batch_views(batch)
@@ -561,7 +564,9 @@ class StackedMLP:
         if head:  # the last layer's forward, loss and backward in one numba pass
             logits, losses = self._head(inputs[last], y, views)
             top = last - 1
-            delta = self._backward(views.dh, saved[top], deltas[top])
+            delta = deltas[top]
+            if self._head_code < 0:  # f' of the layer below not in the kernel
+                delta = self._backward(views.dh, saved[top], delta)
         else:
             losses, delta = self._loss(logits, y, deltas[last], views)
         for layer in range(top, -1, -1):
@@ -569,10 +574,10 @@ class StackedMLP:
                 self._sparse.weight_grad(*self._lists, m_count, batch, x.shape[2],
                                          self._np["flat"], views.delta_at[0],
                                          int(self.widths[0]), self._np["grads"],
-                                         self._first_at[0])
+                                         self._first_at[0], self._first_at[1])
             else:
                 torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
-            torch.sum(delta, 1, out=self.gb[layer])
+                torch.sum(delta, 1, out=self.gb[layer])
             if layer > 0:
                 delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
                                        deltas[layer - 1])

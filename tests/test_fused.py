@@ -206,7 +206,8 @@ def test_head_equals_the_last_layers_torch_step():
     grads = np.full(1000, 3.0, np.float32)
     dh = np.zeros(members * batch * width, np.float32)
     fused.head(hidden.numpy(), h_at, stride, width, params.numpy(), w_at, b_at, classes,
-               y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh)
+               y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh,
+               -1, np.float32(0.01), np.zeros(members, np.int64))
     for m in range(members):
         h = hidden[h_at[m]:h_at[m] + batch * stride].view(batch, stride)[:, :width]
         h = h.clone().requires_grad_()
@@ -230,3 +231,31 @@ def test_head_equals_the_last_layers_torch_step():
         torch.testing.assert_close(torch.from_numpy(dh).view(members, batch, -1)[m], h.grad,
                                    **close)
     assert grads[0] == 3.0 and grads[-1] == 3.0  # nothing outside the blocks
+
+
+@pytest.mark.parametrize("activation", sorted(fused.CODES))
+def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
+    from gradlab.models import ACTIVATIONS, LEAKY_SLOPE
+    from gradlab.stacked import ACTIVATION_KERNELS
+
+    g = torch.Generator().manual_seed(1)
+    batch, width, classes = 6, 21, 10
+    z = torch.randn(batch, width, generator=g) * 3
+    h = ACTIVATIONS[activation].module()(z)  # the layer below's output
+    h.view(-1)[:3] = 0  # relu family: where the output is exactly 0
+    params = torch.randn(classes * width + classes, generator=g).numpy()
+    y = torch.randint(0, classes, (batch,), generator=g).numpy()
+    out = {}
+    for code in (-1, fused.CODES[activation]):
+        deltas = np.zeros(batch * classes + batch * width, np.float32)
+        dh = np.zeros(batch * width, np.float32)
+        fused.head(h.reshape(-1).numpy(), np.zeros(1, np.int64), width, width, params,
+                   np.zeros(1, np.int64), np.array([classes * width]), classes, y, 1, batch,
+                   np.zeros(batch * classes, np.float32), np.zeros(1, np.float32), deltas,
+                   np.zeros(1, np.int64), np.zeros_like(params), dh, code,
+                   np.float32(LEAKY_SLOPE), np.array([batch * classes]))
+        out[code] = torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh
+    dh = torch.from_numpy(out[-1][1]).view(batch, width)
+    want = ACTIVATION_KERNELS[activation][2](dh, h, torch.empty_like(dh))
+    torch.testing.assert_close(out[fused.CODES[activation]][0], want, rtol=1e-6, atol=1e-7)
+    assert not out[-1][0].any()  # code -1: the layer below is left to the caller

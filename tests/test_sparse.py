@@ -61,7 +61,7 @@ def test_products_equal_the_dense_products(width):
     d_at = np.array([4, 4 + batch * width], dtype=np.int64)
     grads = np.full_like(params, 5.0)
     sparse.weight_grad(buf["row_start"], buf["keys"], buf["values"], members, batch, features,
-                       deltas, d_at, width, grads, w_at)
+                       deltas, d_at, width, grads, w_at, b_at)
     x64 = x.astype(np.float64).reshape(members, batch, features)
     z = z.reshape(members, batch, stride)
     for m in range(members):
@@ -71,10 +71,12 @@ def test_products_equal_the_dense_products(width):
         d = deltas[d_at[m]:d_at[m] + batch * width].reshape(batch, width).astype(np.float64)
         np.testing.assert_allclose(grads[w_at[m]:b_at[m]].reshape(features, width),
                                    x64[m].T @ d, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads[b_at[m]:b_at[m] + width], d.sum(0), rtol=1e-5,
+                                   atol=1e-5)
     assert (z[:, :, width:] == 7.0).all()  # nothing written past the rows
     outside = np.ones(len(grads), bool)
     for m in range(members):
-        outside[w_at[m]:b_at[m]] = False
+        outside[w_at[m]:b_at[m] + width] = False
     assert (grads[outside] == 5.0).all()
 
 
