@@ -143,3 +143,50 @@ def store_first(typingctx, array, index, count, value):
         builder.call(fn, [args[3], ptr, ir.Constant(ir.IntType(32), 4), mask])
         return context.get_dummy_value()
     return types.none(array, index, count, value), codegen
+
+
+@intrinsic
+def total(typingctx, v):
+    """The sum of the 16 lanes (as float32), added in halves."""
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        lanes = LANES
+        while lanes > 1:
+            lanes //= 2
+            low = builder.shuffle_vector(value, value, ir.Constant(
+                ir.VectorType(ir.IntType(32), lanes), list(range(lanes))))
+            high = builder.shuffle_vector(value, value, ir.Constant(
+                ir.VectorType(ir.IntType(32), lanes), list(range(lanes, 2 * lanes))))
+            value = builder.fadd(low, high)
+        return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
+    return types.float32(f32x16), codegen
+
+
+@intrinsic
+def zeros(typingctx):
+    """A vector of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VECTOR, None)
+    return f32x16(), codegen
+
+
+def _binary(name):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(*args)
+        return f32x16(f32x16, f32x16), codegen
+    return op
+
+
+add, sub, mul = _binary("fadd"), _binary("fsub"), _binary("fmul")
+add.__doc__, sub.__doc__, mul.__doc__ = "a + b per lane.", "a - b per lane.", "a * b per lane."
+
+
+@intrinsic
+def where_positive(typingctx, key, a, b):
+    """Per lane: ``a`` where ``key > 0``, else ``b``."""
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], ir.Constant(_VECTOR, None)),
+                              args[1], args[2])
+    return f32x16(f32x16, f32x16, f32x16), codegen
