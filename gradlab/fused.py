@@ -321,14 +321,15 @@ def _backward_row(g, g_at, a, a_at, n, code, slope, out, out_at):
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
 def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, members, batch,
-         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at):
+         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at, correct):
     """The last (classifier) layer's whole step for each member m, in one pass:
 
     * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * h_stride:]``, ``width``
       floats; W (classes, width) and b at ``params[w_at[m]:]``, ``params[b_at[m]:]``), written
       at ``logits[(m * batch + b) * classes:]``;
     * the softmax cross-entropy: mean loss into ``losses[m]``, dL/dlogits into ``deltas`` at
-      ``d_at[m]`` (as ``cross_entropy``);
+      ``d_at[m]`` (as ``cross_entropy``); ``correct[m]`` counts the examples whose first
+      largest logit (``argmax``'s) is their label;
     * gW = delta^T h and gb = sum of delta at the same offsets in ``grads`` as W and b in
       ``params``;
     * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward;
@@ -353,14 +354,19 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
             for c in range(classes):
                 logits[out + c] = params[b0 + c] + row[c]
             top = logits[out]
+            predicted = 0
             for c in range(1, classes):
-                top = max(top, logits[out + c])
+                if logits[out + c] > top:
+                    top = logits[out + c]
+                    predicted = c
             s = np.float32(0.0)
             for c in range(classes):  # one exp per logit: they are most of this loop's time
                 row[c] = np.exp(logits[out + c] - top)
                 s += row[c]
             y = labels[m * batch + b]
             total_loss += top + np.log(s) - logits[out + y]
+            if predicted == y:
+                correct[m] += 1
             for c in range(classes):
                 p = row[c] / s  # softmax
                 deltas[d0 + b * classes + c] = (p - np.float32(1.0) if c == y else p) * scale

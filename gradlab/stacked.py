@@ -149,6 +149,8 @@ class _BatchViews(NamedTuple):
     #                     array, the members' offsets in it, its row stride
     delta_at: np.ndarray  # (layers, members): where each dL/dz block starts in the flat buffer
     dh: torch.Tensor  # dL/d(input of the last layer), from fused.head
+    dh_array: np.ndarray | None  # its storage as an array (on a CPU)
+    head_in: list | None  # per chunk row, where the last layer's input is: array, offsets, stride
 
 
 def _sparse_kernels(reference: torch.Tensor, fused: bool, input_density: float):
@@ -199,6 +201,7 @@ class StackedMLP:
         self.batch_size = batch_size
         self._sparse = _sparse_kernels(ref, fused, input_density)
         self._density = input_density
+        self._correct = np.zeros(self.size, np.int64)  # see take_correct
         self._group_lists: list[dict | None] = [None, None]
         # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer;
         # with the sparse first layer, W0 is stored transposed (input-major)
@@ -368,9 +371,13 @@ class StackedMLP:
         delta_at = np.array([[d.storage_offset() + m * d.stride(0) for m in range(self.size)]
                              for d in deltas], dtype=np.int64)
         dh = torch.empty((self.size, batch, int(self.widths[-2]) if n > 1 else 0), **self._kw)
+        cpu = storage.device.type == "cpu"
+        head_in = [(storage.numpy(), t.storage_offset() + t.stride(0) * np.arange(self.size),
+                    t.stride(1)) for t in (hidden[-1] for hidden in slices)] if (
+            cpu and n > 1 and self._saves == "output") else None
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
-                           storage.numpy() if storage.device.type == "cpu" else None, row,
-                           delta_blocks, nonzeros, first, delta_at, dh)
+                           storage.numpy() if cpu else None, row, delta_blocks, nonzeros, first,
+                           delta_at, dh, dh.view(-1).numpy() if cpu else None, head_in)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -456,20 +463,27 @@ class StackedMLP:
         """``fused.head``: the last layer's step from its input h (M, B, width); writes its
         gradients, its dL/dz and dL/dh (``views.dh``); returns the logits and losses."""
         m_count, batch, width = h.shape
-        if h.untyped_storage().data_ptr() == views.chunk.untyped_storage().data_ptr():
-            array = views.storage  # a chunk row's slice
+        if self._saves == "output":  # h is in a chunk row: where is known beforehand
+            array, at, stride = views.head_in[self._chunk_rows]
         else:
-            h = h.contiguous()
-            array = h.view(-1).numpy()
-        at = h.storage_offset() + h.stride(0) * np.arange(m_count)
+            array, at, stride = h.view(-1).numpy(), np.arange(m_count) * (batch * width), width
         logits = torch.empty((m_count, batch, self.classes), **self._kw)
         losses = torch.empty(m_count, **self._kw)
-        self._fused.head(array, at, h.stride(1), width, self._np["params"], self._head_at[0],
+        self._fused.head(array, at, stride, width, self._np["params"], self._head_at[0],
                          self._head_at[1], self.classes, y.reshape(-1).numpy(), m_count, batch,
                          logits.view(-1).numpy(), losses.numpy(), self._np["flat"],
-                         views.delta_at[-1], self._np["grads"], views.dh.view(-1).numpy(),
-                         self._head_code, self._stats_args[3], views.delta_at[-2])
+                         views.delta_at[-1], self._np["grads"], views.dh_array,
+                         self._head_code, self._stats_args[3], views.delta_at[-2], self._correct)
         return logits, losses
+
+    def take_correct(self) -> np.ndarray | None:
+        """How many examples each member classified right (argmax of its logits) in the steps
+        since the last call, when the step counts them (``fused.head``), else None."""
+        if self._fused is None or self.depth < 2:
+            return None
+        counts = self._correct.copy()
+        self._correct[:] = 0
+        return counts
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
               views: _BatchViews) -> tuple[torch.Tensor, torch.Tensor]:

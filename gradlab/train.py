@@ -334,6 +334,7 @@ def train_members(
     book = _Bookkeeping(configs, models, data, on_epoch, progress, total, first_layers)
     step = 0
     train_x, train_y = data.train.x, data.train.y
+    counted = engine.take_correct()  # None: the engine does not count right answers
     with book.training():
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -348,14 +349,17 @@ def train_members(
                 if record:
                     steps.append(step)
                 step_losses.append(losses)
-                predictions.append(logits.argmax(-1))
-                labels.append(y)
+                if counted is None:  # the engine does not count right answers: argmax here
+                    predictions.append(logits.argmax(-1))
+                    labels.append(y)
                 step += 1
                 book.tick(step)
             seconds = _seconds_since(t0, device)
             frames = engine.flush(steps, epoch)
             losses = torch.stack(step_losses).cpu().numpy()  # (steps, members)
-            correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
+            correct = counted = engine.take_correct()
+            if correct is None:
+                correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
             sizes = np.array([len(b) for b in orders[0]], dtype=np.float64)
             if not book.epoch(epoch, first_step, step, frames, losses, correct, sizes, seconds):
                 break

@@ -205,9 +205,10 @@ def test_head_equals_the_last_layers_torch_step():
     d_at = np.array([7, 7 + batch * classes])
     grads = np.full(1000, 3.0, np.float32)
     dh = np.zeros(members * batch * width, np.float32)
+    correct = np.array([5, 0])  # counts add up
     fused.head(hidden.numpy(), h_at, stride, width, params.numpy(), w_at, b_at, classes,
                y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh,
-               -1, np.float32(0.01), np.zeros(members, np.int64))
+               -1, np.float32(0.01), np.zeros(members, np.int64), correct)
     for m in range(members):
         h = hidden[h_at[m]:h_at[m] + batch * stride].view(batch, stride)[:, :width]
         h = h.clone().requires_grad_()
@@ -221,6 +222,7 @@ def test_head_equals_the_last_layers_torch_step():
         torch.testing.assert_close(torch.from_numpy(logits).view(members, batch, -1)[m],
                                    z.detach(), **close)
         assert abs(losses[m] - loss.item()) < 1e-5 * loss.item()
+        assert correct[m] == 5 * (m == 0) + int((z.argmax(1) == y[m]).sum())
         torch.testing.assert_close(
             torch.from_numpy(deltas[d_at[m]:d_at[m] + batch * classes]).view(batch, -1),
             z.grad, **close)
@@ -253,7 +255,7 @@ def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
                    np.zeros(1, np.int64), np.array([classes * width]), classes, y, 1, batch,
                    np.zeros(batch * classes, np.float32), np.zeros(1, np.float32), deltas,
                    np.zeros(1, np.int64), np.zeros_like(params), dh, code,
-                   np.float32(LEAKY_SLOPE), np.array([batch * classes]))
+                   np.float32(LEAKY_SLOPE), np.array([batch * classes]), np.zeros(1, np.int64))
         out[code] = torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh
     dh = torch.from_numpy(out[-1][1]).view(batch, width)
     want = ACTIVATION_KERNELS[activation][2](dh, h, torch.empty_like(dh))
