@@ -151,10 +151,12 @@ def run(args) -> str:
         recorded = times[f"gradlab {path}, log_every=1"]
         med_wall = statistics.median(common.ratios(base, recorded, "wall"))
         med_cpu = statistics.median(common.ratios(base, recorded, "cpu"))
+        # the target is on epoch time, i.e. wall time; the CPU ratio also counts the time
+        # gradlab's gather thread spends on the second core
         verdicts.append(
             f"{path}, recording every step: {med_wall:.2f}x (wall) / {med_cpu:.2f}x (CPU) "
-            f"faster than the tutorial's loop; target >= {TARGET:.0f}x "
-            f"{'met' if min(med_wall, med_cpu) >= TARGET else 'missed'}.")
+            f"faster than the tutorial's loop; target >= {TARGET:.0f}x on epoch (wall) time "
+            f"{'met' if med_wall >= TARGET else 'missed'}.")
         if gpu:
             ratio = common.ratios(recorded, times[f"gradlab {path} on GPU, log_every=1"], "wall")
             verdicts.append(f"{path} on the GPU ({facts.get('gpu')}), recording every step: "

@@ -136,7 +136,9 @@ PATHS = ("autograd", "fused")
 PATH_NOTE = ("`autograd`: `train(config, engine=\"autograd\")` (the default), autograd + "
              "`torch.optim` + the hook `GradientRecorder`; `fused`: `train(config, "
              "engine=\"fused\")`, the stacked engine (`gradlab/stacked.py`) with one member, its "
-             "recording folded into the SGD pass by `gradlab/fused.py`.")
+             "recording folded into the SGD pass and its last layer's step done in one pass by "
+             "`gradlab/fused.py`, its first layer's products over the nonzero pixels only "
+             "(`gradlab/sparse.py`).")
 
 
 def train_path(path: str, config, data, device):
