@@ -13,17 +13,33 @@ from gradlab.stacked import StackedMLP
 SIZES = (784, 37, 29, 10)
 
 
-def engines(activation, seeds=(0, 1), **options):
-    """Two engines from the same initial weights: fused kernels and eager PyTorch only."""
+def assert_records_close(got, want, rtol, atol):
+    """Two grads frames: the same steps and layers, every float column within tolerance."""
+    assert got[["step", "layer"]].equals(want[["step", "layer"]])
+    for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
+                   "weight_norm", "update_ratio", "act_grad_mean"):
+        np.testing.assert_allclose(got[column], want[column], rtol=rtol, atol=atol,
+                                   err_msg=column)
+
+
+def engine_pair(activation, variants, sizes=SIZES, seeds=(0, 1), batch_size=48, lr=0.3,
+                **options):
+    """One engine per dict of ``variants`` (options of each), all from the same initial weights
+    (one member per seed)."""
     pair = []
-    for use_fused in (True, False):
+    for variant in variants:
         models = []
         for seed in seeds:
             torch.manual_seed(seed)
-            models.append(build_mlp(SIZES, activation))
-        pair.append(StackedMLP(models, activation, batch_size=48, lr=0.3, max_rows=64,
-                               fused=use_fused, **options))
+            models.append(build_mlp(sizes, activation))
+        pair.append(StackedMLP(models, activation, batch_size=batch_size, lr=lr, max_rows=64,
+                               **variant, **options))
     return pair
+
+
+def engines(activation, seeds=(0, 1), **options):
+    """Two engines from the same initial weights: fused kernels and eager PyTorch only."""
+    return engine_pair(activation, [dict(fused=True), dict(fused=False)], seeds=seeds, **options)
 
 
 def batches(count, members, seed=0):
@@ -52,11 +68,7 @@ def test_fused_steps_equal_the_eager_steps(activation):
         torch.testing.assert_close(fast.last_losses, eager.last_losses, rtol=1e-6, atol=0)
     torch.testing.assert_close(fast.params, eager.params, rtol=1e-5, atol=1e-7)
     for got, want in zip(fast.flush(steps, 1), eager.flush(steps, 1), strict=True):
-        assert got[["step", "layer"]].equals(want[["step", "layer"]])
-        for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
-                       "weight_norm", "update_ratio", "act_grad_mean"):
-            np.testing.assert_allclose(got[column], want[column], rtol=2e-5, atol=1e-9,
-                                       err_msg=column)
+        assert_records_close(got, want, rtol=2e-5, atol=1e-9)
         # a count may differ only where f' rounds across the threshold: one unit of 48 * 37
         np.testing.assert_allclose(got["saturated_frac"], want["saturated_frac"], atol=1e-3)
         np.testing.assert_array_equal(got["dead_frac"], want["dead_frac"])

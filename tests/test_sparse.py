@@ -10,6 +10,7 @@ from gradlab.data import Data, Split, nonzero_fraction
 from gradlab.models import build_mlp, linear_layers
 from gradlab.stacked import StackedMLP
 from gradlab.train import train
+from tests.test_fused import assert_records_close, engine_pair
 
 
 def sparse_rows(rows, features, seed=0, density=0.2):
@@ -80,17 +81,10 @@ def test_products_equal_the_dense_products(width):
     assert (grads[outside] == 5.0).all()
 
 
-def engines(activation, sizes=(64, 21, 18, 10), seeds=(0, 1), **options):
+def engines(activation, sizes=(64, 21, 18, 10)):
     """The fused engine with the sparse first layer and without it, from the same weights."""
-    pair = []
-    for density in (0.2, 1.0):
-        models = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            models.append(build_mlp(sizes, activation))
-        pair.append(StackedMLP(models, activation, batch_size=24, lr=0.1, max_rows=64,
-                               input_density=density, **options))
-    return pair
+    return engine_pair(activation, [dict(input_density=0.2), dict(input_density=1.0)],
+                       sizes=sizes, batch_size=24, lr=0.1)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "gelu"])
@@ -123,11 +117,7 @@ def test_sparse_engine_equals_the_dense_engine(activation, sizes):
     assert fast.W[0][1].shape == (sizes[1], sizes[0]) and not fast.W[0][1].is_contiguous()
     torch.testing.assert_close(*outputs, rtol=1e-3, atol=1e-5)
     for got, want in zip(fast.flush(steps, 1), dense.flush(steps, 1), strict=True):
-        assert got[["step", "layer"]].equals(want[["step", "layer"]])
-        for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
-                       "weight_norm", "update_ratio", "act_grad_mean"):
-            np.testing.assert_allclose(got[column], want[column], rtol=1e-3, atol=1e-8,
-                                       err_msg=column)
+        assert_records_close(got, want, rtol=1e-3, atol=1e-8)
 
 
 def test_sparse_first_layer_only_where_it_pays():
@@ -171,12 +161,8 @@ def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
     assert len(calls) == 12 + 2  # every step (2 epochs of 6), and each epoch's evaluation
     for column in ("loss", "accuracy"):
         np.testing.assert_allclose(fused.epochs[column], reference.epochs[column], rtol=1e-5)
-    got, want = fused.grads, reference.grads
-    assert len(got) == len(want) == 12 * 3
-    for column in ("loss", "grad_output_norm", "grad_weight_norm", "grad_bias_norm",
-                   "weight_norm", "update_ratio", "act_grad_mean"):
-        np.testing.assert_allclose(got[column], want[column], rtol=1e-4, atol=1e-8,
-                                   err_msg=column)
+    assert len(fused.grads) == len(reference.grads) == 12 * 3
+    assert_records_close(fused.grads, reference.grads, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("threaded", [True, False])
