@@ -27,8 +27,9 @@ ENGINES = ("autograd", "fused")
 ENGINE_HELP = {  # for --help
     "autograd": "nn.Sequential, autograd and torch.optim, recorded by GradientRecorder's hooks "
                 "(the reference)",
-    "fused": "gradlab's stacked engine: a hand-written backward pass checked against autograd, "
-             "with the recording folded into the SGD pass on a CPU (gradlab.fused); faster",
+    "fused": "gradlab's stacked engine: a hand-written backward pass checked against autograd; "
+             "on a CPU, numba kernels fold the recording into the SGD pass, do the classifier "
+             "layer in one pass and skip zero pixels in the first layer; ~2x faster",
 }
 
 # Bumped when the meaning of a recorded column changes, so old and new records never share an id.
