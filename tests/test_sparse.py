@@ -187,3 +187,29 @@ def test_nonzeros_listed_in_the_gather_thread_equal_those_listed_in_the_step(thr
         b = inline.step(x, y, True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(ahead.params, inline.params)
+
+
+def test_recording_does_not_change_the_sparse_engine():
+    on, off = engine_pair("tanh", [dict(input_density=0.2)] * 2, sizes=(64, 21, 10),
+                          batch_size=24)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        x = torch.from_numpy(sparse_rows(2 * 24, 64, seed=step)).view(2, 24, -1)
+        y = torch.randint(0, 10, (2, 24), generator=g)
+        assert torch.equal(on.step(x, y, True)[0], off.step(x, y, False)[0]), step
+    assert torch.equal(on.params, off.params)
+
+
+def test_sparse_engine_with_momentum_equals_the_dense_engine():
+    fast, dense = engine_pair("sigmoid", [dict(input_density=0.2), dict(input_density=1.0)],
+                              sizes=(64, 21, 10), batch_size=24, lr=0.1, momentum=0.9)
+    assert fast.sparse and not fast._fused_sgd  # momentum: the eager optimizer on the stack
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        x = torch.from_numpy(sparse_rows(2 * 24, 64, seed=step)).view(2, 24, -1)
+        y = torch.randint(0, 10, (2, 24), generator=g)
+        for engine in (fast, dense):
+            engine.step(x, y, True)
+    for got, want in zip(fast.flush(list(range(12)), 1), dense.flush(list(range(12)), 1),
+                         strict=True):
+        assert_records_close(got, want, rtol=1e-4, atol=1e-8)
