@@ -266,9 +266,10 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
     array come from main memory at ~50 µs a step, which the second core then hides; the values
     are the same either way.
 
-    ``prepare(rows, slot)``, if given, runs on each group's gathered rows (2-d) in the same
+    ``prepare(rows, slot, shapes)``, if given, runs on each group's gathered rows (2-d: its
+    steps' rows one after another, step j's ``index.shape`` being ``shapes[j]``) in the same
     thread, ``slot`` alternating 0, 1 (what it returns for a group may be reused two groups
-    later); each step then yields ``(x, y, (prepared, first_row, last_row))``.
+    later); each step then yields ``(x, y, (prepared, j))``, j its place in the group.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -281,16 +282,15 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
     def gather(k):
         flat = torch.cat([index.reshape(-1) for index in groups[k]])
         gx, gy = x.index_select(0, flat), y.index_select(0, flat)
-        return gx, gy, (prepare(gx, k % 2) if prepare is not None else None)
+        shapes = [tuple(index.shape) for index in groups[k]]
+        return gx, gy, (prepare(gx, k % 2, shapes) if prepare is not None else None)
 
     def split(k, gx, gy, prepared):
         sizes = [index.numel() for index in groups[k]]
-        start = 0
-        for index, bx, by in zip(groups[k], gx.split(sizes), gy.split(sizes), strict=True):
+        for j, (index, bx, by) in enumerate(zip(groups[k], gx.split(sizes), gy.split(sizes),
+                                                strict=True)):
             batch = bx.view(*index.shape, *x.shape[1:]), by.view(index.shape)
-            stop = start + index.numel()
-            yield batch if prepare is None else (*batch, (prepared, start, stop))
-            start = stop
+            yield batch if prepare is None else (*batch, (prepared, j))
 
     if not threaded:
         for k in range(len(groups)):

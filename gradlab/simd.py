@@ -122,7 +122,7 @@ def _lanes_below(builder, count):
 
 @intrinsic
 def load_first(typingctx, array, index, count):
-    """``array[index:index + count]`` (count < 16) in the first lanes, zeros in the others;
+    """``array[index:index + count]`` (count <= 16) in the first lanes, zeros in the others;
     nothing past them is read."""
     def codegen(context, builder, sig, args):
         ptr = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
@@ -138,7 +138,7 @@ def load_first(typingctx, array, index, count):
 
 @intrinsic
 def store_first(typingctx, array, index, count, value):
-    """``array[index:index + count] = value[:count]`` (count < 16); nothing else is written."""
+    """``array[index:index + count] = value[:count]`` (count <= 16); nothing else is written."""
     def codegen(context, builder, sig, args):
         ptr = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
         mask = _lanes_below(builder, context.cast(builder, args[2], sig.args[2], types.int64))

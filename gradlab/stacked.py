@@ -144,7 +144,6 @@ class _BatchViews(NamedTuple):
     storage: np.ndarray | None  # on a CPU: chunk's 1-d storage, a chunk row is ``row`` floats
     row: int
     delta_blocks: np.ndarray  # (layers * members, 3): start, stop, norm index (fused kernel)
-    nonzeros: list[dict] | None  # [the sparse first layer's own row lists] (sparse.buffers)
     first: list | None  # per chunk row, the sparse first layer's z: tensor, its storage as an
     #                     array, the members' offsets in it, its row stride
     delta_at: np.ndarray  # (layers, members): where each dL/dz block starts in the flat buffer
@@ -202,7 +201,7 @@ class StackedMLP:
         self._sparse = _sparse_kernels(ref, fused, input_density)
         self._density = input_density
         self._correct = np.zeros(self.size, np.int64)  # see take_correct
-        self._group_lists: list[dict | None] = [None, None]
+        self._group_lists: list[dict | None] = [None, None, None]  # see list_nonzeros
         # the flat buffer: parameters (W0, b0, W1, ...), then gradients, then dL/dz per layer;
         # with the sparse first layer, W0 is stored transposed (input-major)
         self._params = _Layout(self.size)
@@ -356,10 +355,8 @@ class StackedMLP:
              for k, (offset, stride, shape) in enumerate(layout.blocks)
              for m in range(self.size) for start in [offset + m * stride]],
             dtype=np.int64).reshape(-1, 3)
-        nonzeros = first = None
+        first = None
         if self._sparse:
-            features = int(self.W[0].shape[2])
-            nonzeros = [self._sparse.buffers(self.size * batch, features, self._density)]
             # where the first layer's z goes: into the chunk row (gelu & co.), or a buffer
             if self._saves == "input" and n > 1:
                 targets, array = [hidden[0] for hidden in slices], storage.numpy()
@@ -376,7 +373,7 @@ class StackedMLP:
                     t.stride(1)) for t in (hidden[-1] for hidden in slices)] if (
             cpu and n > 1 and self._saves == "output") else None
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
-                           storage.numpy() if cpu else None, row, delta_blocks, nonzeros, first,
+                           storage.numpy() if cpu else None, row, delta_blocks, first,
                            delta_at, dh, dh.view(-1).numpy() if cpu else None, head_in)
 
     # -- optimizer -------------------------------------------------------------------------------
@@ -510,15 +507,22 @@ class StackedMLP:
         """Whether the first layer's products skip zero inputs (``gradlab.sparse``)."""
         return self._sparse is not None
 
-    def list_nonzeros(self, rows: torch.Tensor, slot: int) -> dict:
-        """The nonzeros of ``rows`` (2-d, float32, on the CPU) listed for ``step``, in buffers
-        kept per ``slot`` (0 or 1): ``gather_batches``'s ``prepare``, run in its thread."""
+    def list_nonzeros(self, rows: torch.Tensor, slot: int, shapes: list[tuple[int, int]]
+                      ) -> dict:
+        """The nonzeros of ``rows`` (2-d, float32, on the CPU: several steps' x, step j's of
+        shape ``shapes[j]`` = (members, batch) + features) listed for ``step``, by row and, per
+        member's batch, by column, in buffers kept per ``slot``: 0 or 1 for ``gather_batches``'s
+        ``prepare``, run in its thread; 2 for a step given no lists."""
         count, features = rows.shape
+        segments = np.array([0] + [batch for members, batch in shapes for _ in range(members)],
+                            dtype=np.int64).cumsum()
         lists = self._group_lists[slot]
         if lists is None or len(lists["row_start"]) < count + 1:
-            lists = self._sparse.buffers(count, features, self._density)
-        self._group_lists[slot] = lists = self._sparse.list_nonzeros(
-            rows.reshape(-1).numpy(), count, features, lists)
+            lists = self._sparse.buffers(count, features, self._density, len(segments) - 1)
+        lists = self._sparse.list_nonzeros(rows.reshape(-1).numpy(), count, features, lists,
+                                           segments)
+        lists["steps"] = np.array([0] + [m * b for m, b in shapes], dtype=np.int64).cumsum()
+        self._group_lists[slot] = lists
         return lists
 
     def first_layers(self, x: torch.Tensor) -> list:
@@ -543,20 +547,24 @@ class StackedMLP:
     def _sparse_forward(self, x: torch.Tensor, out: torch.Tensor | None, nonzeros
                         ) -> torch.Tensor:
         """The first layer's z = b + x W^T over x's nonzeros (``nonzeros``: listed beforehand,
-        ``(lists, first_row, last_row)``), into ``out`` (a chunk row's) or a buffer."""
+        ``(lists, j)``: by ``list_nonzeros``, x being step j of them), into ``out`` (a chunk
+        row's) or a buffer."""
         views, sp = self._views, self._sparse
         members, batch, features = x.shape
         if nonzeros is None:
-            lists = views.nonzeros[0] = sp.list_nonzeros(x.reshape(-1).numpy(), members * batch,
-                                                         features, views.nonzeros[0])
-            row_start = lists["row_start"]
+            lists = self.list_nonzeros(x.reshape(-1, features), 2, [(members, batch)])
+            j = 0
         else:
-            lists, first_row, last_row = nonzeros
-            row_start = lists["row_start"][first_row:last_row + 1]
-        self._lists = row_start, lists["keys"], lists["values"]  # for the weight gradient
+            lists, j = nonzeros
+        first_row, last_row = lists["steps"][j:j + 2]
+        columns = members * features
+        # for the weight gradient: this step's nonzeros by column
+        self._columns = (lists["column_start"][j * columns:(j + 1) * columns + 1],
+                         lists["column_rows"], lists["column_values"])
         z, array, at, stride = views.first[self._chunk_rows if out is not None else 0]
-        sp.forward(*self._lists, members, batch, self._np["params"], self._first_at[0],
-                   self._first_at[1], int(self.widths[0]), array, at, stride)
+        sp.forward(lists["row_start"][first_row:last_row + 1], lists["keys"], lists["values"],
+                   members, batch, self._np["params"], self._first_at[0], self._first_at[1],
+                   int(self.widths[0]), array, at, stride)
         return z
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False, nonzeros=None
@@ -585,7 +593,7 @@ class StackedMLP:
             losses, delta = self._loss(logits, y, deltas[last], views)
         for layer in range(top, -1, -1):
             if layer == 0 and self._sparse:
-                self._sparse.weight_grad(*self._lists, m_count, batch, x.shape[2],
+                self._sparse.weight_grad(*self._columns, m_count, batch, x.shape[2],
                                          self._np["flat"], views.delta_at[0],
                                          int(self.widths[0]), self._np["grads"],
                                          self._first_at[0], self._first_at[1])

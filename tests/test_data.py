@@ -111,16 +111,19 @@ def test_gather_batches_prepares_each_group_in_alternating_slots():
     y = torch.arange(200)
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(1))
     indices = [perm[i:i + 10].view(2, 5) for i in range(0, 200, 10)] * 3
+    indices.append(perm[:6].view(2, 3))  # a short last step
     assert len(indices) > 2 * PREFETCH_STEPS
     for threaded in (True, False):
         slots = []
 
-        def prepare(rows, slot, slots=slots):
+        def prepare(rows, slot, shapes, slots=slots):
             slots.append(slot)
-            return rows.clone()
+            ends = np.cumsum([0] + [np.prod(shape) for shape in shapes])
+            return [rows[a:b].clone() for a, b in zip(ends, ends[1:])], shapes
 
         got = list(gather_batches(x, y, indices, threaded=threaded, prepare=prepare))
         assert slots == [k % 2 for k in range(len(slots))] and len(slots) == 4
-        for (bx, by, (rows, first, last)), index in zip(got, indices, strict=True):
+        for (bx, by, ((steps, shapes), j)), index in zip(got, indices, strict=True):
             assert torch.equal(bx, x[index]) and torch.equal(by, y[index])
-            assert torch.equal(rows[first:last], x[index.reshape(-1)])
+            assert shapes[j] == tuple(index.shape)
+            assert torch.equal(steps[j], x[index.reshape(-1)])

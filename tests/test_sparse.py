@@ -40,6 +40,25 @@ def test_nonzeros_lists_each_row_in_feature_order(features):
     assert buf["row_start"][3] == buf["row_start"][4]
 
 
+def test_nonzeros_by_column_within_each_segment():
+    features, sizes = 41, [5, 0, 7, 3]  # segments of rows, one empty
+    starts = np.cumsum([0] + sizes)
+    x = sparse_rows(starts[-1], features, seed=3)
+    x[1] = 0
+    x[8, 0] = np.nan
+    buf = sparse.list_nonzeros(x.reshape(-1), starts[-1], features,
+                               sparse.buffers(starts[-1], features, 0.3, 1), starts)
+    assert len(buf["column_start"]) >= len(sizes) * features + 1  # grown
+    for g, (a, b) in enumerate(zip(starts, starts[1:])):
+        for p in range(features):
+            c = g * features + p
+            lo, hi = buf["column_start"][c], buf["column_start"][c + 1]
+            want = np.flatnonzero(x[a:b, p] != 0)
+            np.testing.assert_array_equal(buf["column_rows"][lo:hi], want)
+            np.testing.assert_array_equal(buf["column_values"][lo:hi], x[a + want, p])
+    assert buf["column_start"][len(sizes) * features] == np.count_nonzero(x)
+
+
 @pytest.mark.parametrize("width", [5, 16, 128, 200, 300])
 def test_products_equal_the_dense_products(width):
     members, batch, features = 2, 7, 53
@@ -49,9 +68,9 @@ def test_products_equal_the_dense_products(width):
     w_at = np.array([3, 3 + features * width + width + 11], dtype=np.int64)
     b_at = w_at + features * width
     params = rng.standard_normal(int(b_at[-1]) + width + 5).astype(np.float32)
-    buf = sparse.buffers(members * batch, features)
-    sparse.nonzeros(x.reshape(-1), members * batch, features, buf["row_start"], buf["keys"],
-                    buf["values"])
+    buf = sparse.list_nonzeros(x.reshape(-1), members * batch, features,
+                               sparse.buffers(members * batch, features, 0.3, members),
+                               np.arange(0, members * batch + 1, batch))
     # z written with a row stride wider than width, into a buffer of sentinels
     stride = width + 9
     z_at = np.array([0, batch * stride], dtype=np.int64)
@@ -61,8 +80,8 @@ def test_products_equal_the_dense_products(width):
     deltas = rng.standard_normal(members * batch * width + 4).astype(np.float32)
     d_at = np.array([4, 4 + batch * width], dtype=np.int64)
     grads = np.full_like(params, 5.0)
-    sparse.weight_grad(buf["row_start"], buf["keys"], buf["values"], members, batch, features,
-                       deltas, d_at, width, grads, w_at, b_at)
+    sparse.weight_grad(buf["column_start"], buf["column_rows"], buf["column_values"], members,
+                       batch, features, deltas, d_at, width, grads, w_at, b_at)
     x64 = x.astype(np.float64).reshape(members, batch, features)
     z = z.reshape(members, batch, stride)
     for m in range(members):
