@@ -254,6 +254,22 @@ def _cores() -> int:
 
 
 PREFETCH_STEPS = 16  # steps whose batches are gathered together (3.2 MB for MNIST at batch 64)
+FIRST_STEPS = 2  # in the first group: the caller waits for it, the worker gathers the next
+
+_worker: tuple[int, object] | None = None  # (pid, executor): the gather thread, made once
+
+
+def _gather_worker():
+    """One thread for every ``gather_batches`` of this process, started on first use: a new
+    thread costs ~5 ms before its first gather (torch's per-thread setup). Made again in a
+    forked child, which inherits the executor but not its thread."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _worker
+    if _worker is None or _worker[0] != os.getpid():
+        _worker = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="gradlab-gather"))
+    return _worker[1]
 
 
 def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=None):
@@ -262,22 +278,23 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
 
     Rows are gathered ``PREFETCH_STEPS`` steps at a time with one ``index_select``; on a CPU
     with a core that torch's threads leave free (``threaded`` None), the next group is gathered
-    in a worker thread while the caller trains on this one. Randomly ordered rows of a 188 MB
-    array come from main memory at ~50 µs a step, which the second core then hides; the values
-    are the same either way.
+    in a worker thread while the caller trains on this one (the first group, which the caller
+    waits for, has only ``FIRST_STEPS``). Randomly ordered rows of a 188 MB array come from
+    main memory at ~50 µs a step, which the second core then hides; the values are the same
+    either way.
 
     ``prepare(rows, slot, shapes)``, if given, runs on each group's gathered rows (2-d: its
     steps' rows one after another, step j's ``index.shape`` being ``shapes[j]``) in the same
     thread, ``slot`` alternating 0, 1 (what it returns for a group may be reused two groups
     later); each step then yields ``(x, y, (prepared, j))``, j its place in the group.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import torch
 
     if threaded is None:  # only with a core to spare: OpenMP's threads spin on theirs
         threaded = x.device.type == "cpu" and torch.get_num_threads() < _cores()
-    groups = [indices[i:i + PREFETCH_STEPS] for i in range(0, len(indices), PREFETCH_STEPS)]
+    first = min(FIRST_STEPS, len(indices)) if threaded else 0
+    groups = [indices[:first]] if first else []
+    groups += [indices[i:i + PREFETCH_STEPS] for i in range(first, len(indices), PREFETCH_STEPS)]
 
     def gather(k):
         flat = torch.cat([index.reshape(-1) for index in groups[k]])
@@ -296,10 +313,14 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
         for k in range(len(groups)):
             yield from split(k, *gather(k))
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="gradlab-gather") as pool:
-        pending = pool.submit(gather, 0) if groups else None
+    pool = _gather_worker()
+    pending = pool.submit(gather, 0) if groups else None
+    try:
         for k in range(len(groups)):
             gathered = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(gather, k + 1)
             yield from split(k, *gathered)
+    finally:  # the caller stopped early (an error, a break): nothing left running
+        if pending is not None and not pending.cancel():
+            pending.exception()

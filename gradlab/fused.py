@@ -320,8 +320,20 @@ def _backward_row(g, g_at, a, a_at, n, code, slope, out, out_at):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
+def backward(g, a, a_at, a_stride, out, out_at, members, batch, n, code, slope):
+    """A hidden layer's dL/dz from dL/da and its output a, for each member m and example b:
+    dL/da (members, batch, n) contiguous in ``g``, a's row at ``a[a_at[m] + b * a_stride:]``,
+    dL/dz's written at ``out[out_at[m] + b * n:]`` (``_backward_row``: the formulas of
+    PyTorch's backward kernels; one call instead of a tensor op, ~20 µs less a step)."""
+    for m in range(members):
+        for b in range(batch):
+            _backward_row(g, (m * batch + b) * n, a, a_at[m] + b * a_stride, n, code, slope,
+                          out, out_at[m] + b * n)
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
 def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, members, batch,
-         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at, correct):
+         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at, prev_bias_at, correct):
     """The last (classifier) layer's whole step for each member m, in one pass:
 
     * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * h_stride:]``, ``width``
@@ -334,7 +346,8 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
       ``params``;
     * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward;
       or, when ``code`` is not -1 (h is the output of that activation, ``CODES``), that
-      layer's dL/dz itself, into ``deltas`` at ``prev_at[m] + b * width``.
+      layer's dL/dz itself, into ``deltas`` at ``prev_at[m] + b * width``, and its bias
+      gradient (their sum over the batch) into ``grads`` at ``prev_bias_at[m]``.
 
     With 10 classes these are ~0.2 MFLOP each, where a tensor op's own cost is most of the time:
     PyTorch takes six ops (~40 µs a step on the tutorial's net), this pass ~10 µs.
@@ -384,3 +397,10 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
             if code >= 0:
                 _backward_row(dh, g0, hidden, h_at[m] + b * h_stride, width, code, slope,
                               deltas, prev_at[m] + b * width)
+        if code >= 0:
+            gb = grads[prev_bias_at[m]:prev_bias_at[m] + width]
+            gb[:] = 0
+            for b in range(batch):
+                d = deltas[prev_at[m] + b * width:prev_at[m] + (b + 1) * width]
+                for j in range(width):
+                    gb[j] += d[j]

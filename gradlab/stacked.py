@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +46,7 @@ from .record import (
 )
 
 aten = torch.ops.aten
+_listed = None  # (weak reference to x, its version, lists): StackedMLP.first_layers' last x
 SEGMENT = 256  # floats per row of the norm view; every block starts at a multiple of it
 
 # For each activation: whether its backward reads its output a ("output") or its input z
@@ -149,7 +151,8 @@ class _BatchViews(NamedTuple):
     delta_at: np.ndarray  # (layers, members): where each dL/dz block starts in the flat buffer
     dh: torch.Tensor  # dL/d(input of the last layer), from fused.head
     dh_array: np.ndarray | None  # its storage as an array (on a CPU)
-    head_in: list | None  # per chunk row, where the last layer's input is: array, offsets, stride
+    hidden_at: list | None  # per chunk row and hidden layer, where its a is in ``storage``:
+    #                         the members' offsets, the row stride (a CPU, a saved as output)
 
 
 def _sparse_kernels(reference: torch.Tensor, fused: bool, input_density: float):
@@ -299,6 +302,10 @@ class StackedMLP:
                       for k in blocks for m in range(self.size)],
                      dtype=np.int64).reshape(2, self.size)
             for blocks in ((0, 1), (2 * n - 2, 2 * n - 1)))
+        # the bias of the layer below the last: its gradient comes from fused.head, with f'
+        self._below_bias_at = np.array(
+            [self._params.blocks[2 * n - 3][0] + m * self._params.blocks[2 * n - 3][1]
+             for m in range(self.size)] if n > 1 else [], dtype=np.int64)
         self._fused_args = (self._np["params"], self._np["grads"], self._neg_lr,
                             self._param_blocks, self._np["deltas"])
         self._norm_rows = self._np["norms"].reshape(self._norms.shape[0], -1)
@@ -369,12 +376,12 @@ class StackedMLP:
                              for d in deltas], dtype=np.int64)
         dh = torch.empty((self.size, batch, int(self.widths[-2]) if n > 1 else 0), **self._kw)
         cpu = storage.device.type == "cpu"
-        head_in = [(storage.numpy(), t.storage_offset() + t.stride(0) * np.arange(self.size),
-                    t.stride(1)) for t in (hidden[-1] for hidden in slices)] if (
+        hidden_at = [[(t.storage_offset() + t.stride(0) * np.arange(self.size), t.stride(1))
+                      for t in hidden] for hidden in slices] if (
             cpu and n > 1 and self._saves == "output") else None
         return _BatchViews(deltas, norms, chunk, slices, torch.empty(chunk.shape, **self._kw),
                            storage.numpy() if cpu else None, row, delta_blocks, first,
-                           delta_at, dh, dh.view(-1).numpy() if cpu else None, head_in)
+                           delta_at, dh, dh.view(-1).numpy() if cpu else None, hidden_at)
 
     # -- optimizer -------------------------------------------------------------------------------
     def _setup_optimizer(self, name: str, lr: float, momentum: float, weight_decay: float) -> None:
@@ -461,7 +468,8 @@ class StackedMLP:
         gradients, its dL/dz and dL/dh (``views.dh``); returns the logits and losses."""
         m_count, batch, width = h.shape
         if self._saves == "output":  # h is in a chunk row: where is known beforehand
-            array, at, stride = views.head_in[self._chunk_rows]
+            array = views.storage
+            at, stride = views.hidden_at[self._chunk_rows][-1]
         else:
             array, at, stride = h.view(-1).numpy(), np.arange(m_count) * (batch * width), width
         logits = torch.empty((m_count, batch, self.classes), **self._kw)
@@ -470,7 +478,8 @@ class StackedMLP:
                          self._head_at[1], self.classes, y.reshape(-1).numpy(), m_count, batch,
                          logits.view(-1).numpy(), losses.numpy(), self._np["flat"],
                          views.delta_at[-1], self._np["grads"], views.dh_array,
-                         self._head_code, self._stats_args[3], views.delta_at[-2], self._correct)
+                         self._head_code, self._stats_args[3], views.delta_at[-2],
+                         self._below_bias_at, self._correct)
         return logits, losses
 
     def take_correct(self) -> np.ndarray | None:
@@ -528,10 +537,17 @@ class StackedMLP:
     def first_layers(self, x: torch.Tensor) -> list:
         """For evaluation with the sparse first layer: per member, a function ``(start, stop)
         -> z`` giving its first-layer z = b + x W^T (current weights) for rows [start, stop) of
-        ``x`` (2-d), over x's nonzeros (listed once here, for every call)."""
+        ``x`` (2-d), over x's nonzeros (listed once, for every call and, while x is
+        unchanged, for the next engine: the groups of an ensemble share a test set)."""
+        global _listed
         count, features = x.shape
-        lists = self._sparse.list_nonzeros(x.reshape(-1).numpy(), count, features,
-                                           self._sparse.buffers(count, features, self._density))
+        if _listed is not None and _listed[0]() is x and _listed[1] == x._version:
+            lists = _listed[2]
+        else:
+            lists = self._sparse.list_nonzeros(
+                x.reshape(-1).numpy(), count, features,
+                self._sparse.buffers(count, features, self._density))
+            _listed = (weakref.ref(x), x._version, lists)
         width = int(self.widths[0])
 
         def first_layer(start: int, stop: int, member: int) -> torch.Tensor:
@@ -599,10 +615,11 @@ class StackedMLP:
                                          self._first_at[0], self._first_at[1])
             else:
                 torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.gW[layer])
-                torch.sum(delta, 1, out=self.gb[layer])
+                if not (head and layer == top and self._head_code >= 0):  # else fused.head's
+                    torch.sum(delta, 1, out=self.gb[layer])
             if layer > 0:
-                delta = self._backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
-                                       deltas[layer - 1])
+                delta = self._hidden_backward(torch.bmm(delta, self.W[layer]), saved[layer - 1],
+                                              deltas[layer - 1], views, layer - 1)
         if record and self._fused_sgd:
             # the update, every norm and f' of the step in one pass (see gradlab.fused)
             row = self._record(losses, views, norms=False)
@@ -619,6 +636,20 @@ class StackedMLP:
         if record:
             self._record_update(coef)
         return losses, logits
+
+    def _hidden_backward(self, g: torch.Tensor, a: torch.Tensor, out: torch.Tensor,
+                         views: _BatchViews, layer: int) -> torch.Tensor:
+        """Hidden layer ``layer``'s dL/dz into ``out`` from dL/da = g (M, B, width) and what
+        its backward reads (``a``): ``fused.backward`` (one call, PyTorch's formulas) when it
+        knows the activation, else the activation's PyTorch kernel."""
+        if self._fused is None or self._head_code < 0 or views.hidden_at is None:
+            return self._backward(g, a, out)
+        at, stride = views.hidden_at[self._chunk_rows][layer]
+        m_count, batch, width = g.shape
+        self._fused.backward(g.view(-1).numpy(), views.storage, at, stride, self._np["flat"],
+                             views.delta_at[layer], m_count, batch, width, self._head_code,
+                             self._stats_args[3])
+        return out
 
     # -- recording -----------------------------------------------------------------------------
     def _buffers(self, rows: int) -> None:

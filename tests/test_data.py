@@ -122,8 +122,48 @@ def test_gather_batches_prepares_each_group_in_alternating_slots():
             return [rows[a:b].clone() for a, b in zip(ends, ends[1:])], shapes
 
         got = list(gather_batches(x, y, indices, threaded=threaded, prepare=prepare))
-        assert slots == [k % 2 for k in range(len(slots))] and len(slots) == 4
+        groups = 5 if threaded else 4  # threaded, the first has FIRST_STEPS: 2, 16, 16, 16, 11
+        assert slots == [k % 2 for k in range(groups)]
         for (bx, by, ((steps, shapes), j)), index in zip(got, indices, strict=True):
             assert torch.equal(bx, x[index]) and torch.equal(by, y[index])
             assert shapes[j] == tuple(index.shape)
             assert torch.equal(steps[j], x[index.reshape(-1)])
+
+
+def _gather_in_child(queue):
+    import torch
+
+    from gradlab.data import gather_batches
+
+    x = torch.arange(40.0).view(20, 2)
+    got = list(gather_batches(x, torch.arange(20), [torch.arange(i, i + 2) for i in range(10)],
+                              threaded=True))
+    queue.put(len(got))
+
+
+def test_gather_batches_one_worker_thread_reused_after_an_early_stop_and_in_a_fork():
+    import multiprocessing
+    import threading
+
+    import torch
+
+    from gradlab.data import gather_batches
+
+    x = torch.arange(300.0).view(100, 3)
+    indices = [torch.arange(i, i + 2) for i in range(0, 100, 2)]
+    for _ in range(2):
+        for k, (bx, _) in enumerate(gather_batches(x, torch.arange(100), indices,
+                                                   threaded=True)):
+            if k == 20:
+                break  # the generator is closed with a group pending
+        got = list(gather_batches(x, torch.arange(100), indices, threaded=True))
+        assert len(got) == 50 and torch.equal(got[-1][0], x[98:])
+    workers = [t for t in threading.enumerate() if t.name.startswith("gradlab-gather")]
+    assert len(workers) == 1
+    # a forked child inherits the executor but not its thread: it must make its own
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_gather_in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and queue.get(timeout=5) == 10

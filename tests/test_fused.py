@@ -220,7 +220,8 @@ def test_head_equals_the_last_layers_torch_step():
     correct = np.array([5, 0])  # counts add up
     fused.head(hidden.numpy(), h_at, stride, width, params.numpy(), w_at, b_at, classes,
                y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh,
-               -1, np.float32(0.01), np.zeros(members, np.int64), correct)
+               -1, np.float32(0.01), np.zeros(members, np.int64), np.zeros(members, np.int64),
+               correct)
     for m in range(members):
         h = hidden[h_at[m]:h_at[m] + batch * stride].view(batch, stride)[:, :width]
         h = h.clone().requires_grad_()
@@ -263,13 +264,18 @@ def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
     for code in (-1, fused.CODES[activation]):
         deltas = np.zeros(batch * classes + batch * width, np.float32)
         dh = np.zeros(batch * width, np.float32)
+        grads = np.full(len(params) + width, 7.0, np.float32)  # + the layer below's bias
         fused.head(h.reshape(-1).numpy(), np.zeros(1, np.int64), width, width, params,
                    np.zeros(1, np.int64), np.array([classes * width]), classes, y, 1, batch,
                    np.zeros(batch * classes, np.float32), np.zeros(1, np.float32), deltas,
-                   np.zeros(1, np.int64), np.zeros_like(params), dh, code,
-                   np.float32(LEAKY_SLOPE), np.array([batch * classes]), np.zeros(1, np.int64))
-        out[code] = torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh
+                   np.zeros(1, np.int64), grads, dh, code, np.float32(LEAKY_SLOPE),
+                   np.array([batch * classes]), np.array([len(params)]), np.zeros(1, np.int64))
+        out[code] = (torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh,
+                     torch.from_numpy(grads[len(params):]))
     dh = torch.from_numpy(out[-1][1]).view(batch, width)
     want = ACTIVATION_KERNELS[activation][2](dh, h, torch.empty_like(dh))
     torch.testing.assert_close(out[fused.CODES[activation]][0], want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[fused.CODES[activation]][2], want.sum(0), rtol=1e-5,
+                               atol=1e-6)
     assert not out[-1][0].any()  # code -1: the layer below is left to the caller
+    assert (out[-1][2] == 7.0).all()

@@ -232,3 +232,24 @@ def test_sparse_engine_with_momentum_equals_the_dense_engine():
     for got, want in zip(fast.flush(list(range(12)), 1), dense.flush(list(range(12)), 1),
                          strict=True):
         assert_records_close(got, want, rtol=1e-4, atol=1e-8)
+
+
+def test_evaluation_lists_shared_by_engines_until_x_changes(monkeypatch):
+    calls = []
+    original = sparse.list_nonzeros
+    monkeypatch.setattr(sparse, "list_nonzeros", lambda *a: calls.append(1) or original(*a))
+    x = sparse_data(n_test=50).test.x.clone()
+    engines = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models = [build_mlp((784, 20, 10), "relu") for _ in range(2)]
+        engines.append((StackedMLP(models, "relu", batch_size=8, max_rows=4,
+                                   input_density=0.1), models))
+    for mutate in (False, False, True):
+        if mutate:
+            x[3, 5] = 0.5  # an in-place change: listed again
+        for engine, models in engines:
+            for first_layer, model in zip(engine.first_layers(x), models, strict=True):
+                torch.testing.assert_close(first_layer(10, 50), model[0](x[10:50]),
+                                           rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
