@@ -104,9 +104,11 @@ def test_ensemble_tasks_cut_seed_groups_to_the_cpu_group_size():
     from gradlab.ensemble import group_size
     from gradlab.sweep import ensemble_tasks
 
-    configs = [make_config(depth=3, widths=(128, 256), seed=s) for s in range(7)]
-    size = group_size(configs[0], __import__("torch").device("cpu"))
-    assert 1 < size < 7
+    size = group_size(make_config(depth=3, widths=(128, 256)), __import__("torch").device("cpu"))
+    assert size > 1
+    configs = [make_config(depth=3, widths=(128, 256), seed=s) for s in range(2 * size + 1)]
     tasks = ensemble_tasks(configs, "cpu")
-    assert [len(t) for t in tasks] == [size] * (7 // size) + ([7 % size] if 7 % size else [])
-    assert [c.seed for t in tasks for c in t] == list(range(7))
+    assert [len(t) for t in tasks] == [size, size, 1]
+    assert [c.seed for t in tasks for c in t] == list(range(2 * size + 1))
+    assert group_size(make_config(depth=6, widths=(1000,) * 5), __import__("torch").device(
+        "cpu")) == 1  # 38 MB a member
