@@ -5,7 +5,11 @@
 Both sides do the whole runs: setup, training, flushing the records, and evaluating the 10,000 test
 images each epoch. Throughput ratio = time(six solo runs) / time(ensemble), per repetition.
 
-    python benchmarks/bench_ensemble.py --data-dir ../shared/data [--write]
+By default each run trains one whole epoch of the 60,000 training images, as a run of
+``gradlab sweep`` does. ``--steps 300`` gives the shorter runs of earlier sessions, in which the
+per-epoch evaluation and the setup weigh about three times as much against the training.
+
+    python benchmarks/bench_ensemble.py --data-dir ../shared/data [--steps N] [--write]
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ def largest_difference(ensemble, solo) -> float:
 
 def bench_device(device: torch.device, args, facts: dict, threads: int) -> tuple[str, str]:
     """The table and the verdict of one device."""
-    data = load_data("mnist", args.data_dir, device=device, train_size=args.steps * 64)
+    train_size = args.steps * 64 if args.steps else None  # None: all 60,000
+    data = load_data("mnist", args.data_dir, device=device, train_size=train_size)
     configs = [make_config(depth=3, widths=(128, 256), activation="sigmoid", lr=0.01,
                            batch_size=64, epochs=args.epochs, log_every=1, seed=seed,
-                           train_size=args.steps * 64) for seed in SEEDS]
+                           train_size=train_size) for seed in SEEDS]
     last = {}
 
     def one_after_another(path: str):
@@ -68,7 +73,7 @@ def bench_device(device: torch.device, args, facts: dict, threads: int) -> tuple
     print(f"{device}: threads {threads}")
     times = common.interleaved(variants, args.reps)
     base = times["6 runs one after another, autograd"]
-    examples = len(SEEDS) * args.steps * 64 * args.epochs
+    examples = len(SEEDS) * len(data.train) * args.epochs
     rows = []
     for name, ts in times.items():
         rows.append([name, common.summary([t.wall for t in ts], "{:.2f}"),
@@ -95,6 +100,11 @@ def bench_device(device: torch.device, args, facts: dict, threads: int) -> tuple
             f"{table}"), verdict
 
 
+def describe_steps(steps: int) -> str:
+    return (f"{steps} steps ({steps * 64:,} training images)" if steps else
+            "938 steps (all 60,000 training images)")
+
+
 def run(args) -> str:
     threads = common.set_threads(args.threads)
     facts = common.machine()
@@ -107,17 +117,19 @@ def run(args) -> str:
     if len(devices) == 1:
         verdicts.append("No CUDA device here: the GPU rows were not run.")
     body = (f"Six seeds of the tutorial net (sigmoid 784-128-256-10, batch 64, SGD lr 0.01), "
-            f"{args.epochs} epoch(s) of {args.steps} steps recording every step, plus the "
-            f"10,000-image test evaluation per epoch; {args.reps} interleaved repetitions, "
-            f"median (min–max). {common.PATH_NOTE}\n\n" + "\n\n".join(sections) + "\n\n"
-            + "\n".join(f"- {v}" for v in verdicts))
+            f"{args.epochs} epoch(s) of {describe_steps(args.steps)} recording every step, "
+            f"plus the 10,000-image test evaluation per epoch; {args.reps} interleaved "
+            f"repetitions, median (min–max). {common.PATH_NOTE}\n\n"
+            + "\n\n".join(sections) + "\n\n" + "\n".join(f"- {v}" for v in verdicts))
     return common.section("Vectorised ensembles (issue 7)", common.command_line(), facts, body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps per epoch (batches of 64); 0: the whole training set, "
+                             "938 steps, as a run of `gradlab sweep` trains")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -127,7 +139,8 @@ def main() -> None:
     text = run(args)
     print(text)
     if args.write:
-        common.write_section(f"bench_ensemble_threads{args.threads}", text)
+        steps = f"_steps{args.steps}" if args.steps else ""
+        common.write_section(f"bench_ensemble_threads{args.threads}{steps}", text)
 
 
 if __name__ == "__main__":

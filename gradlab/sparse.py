@@ -23,8 +23,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .simd import (fma, load, load_first, nonzero_mask, splat, store, store_first,
-                   trailing_zeros, zeros)
+from .simd import (
+    fma,
+    load,
+    load_first,
+    nonzero_mask,
+    splat,
+    store,
+    store_first,
+    trailing_zeros,
+    zeros,
+)
 
 # Below this fraction of nonzero inputs the sparse products win (measured at batch 64 with 128
 # outputs: dense ~150 µs a product, sparse ~300 µs times the fraction, plus ~10 µs of listing).

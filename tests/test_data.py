@@ -152,8 +152,7 @@ def test_gather_batches_one_worker_thread_reused_after_an_early_stop_and_in_a_fo
     x = torch.arange(300.0).view(100, 3)
     indices = [torch.arange(i, i + 2) for i in range(0, 100, 2)]
     for _ in range(2):
-        for k, (bx, _) in enumerate(gather_batches(x, torch.arange(100), indices,
-                                                   threaded=True)):
+        for k, _ in enumerate(gather_batches(x, torch.arange(100), indices, threaded=True)):
             if k == 20:
                 break  # the generator is closed with a group pending
         got = list(gather_batches(x, torch.arange(100), indices, threaded=True))
