@@ -272,7 +272,8 @@ def _gather_worker():
     return _worker[1]
 
 
-def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=None):
+def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=None,
+                   buffers: list | None = None):
     """Yield ``(x[index], y[index])`` for each index tensor of ``indices``, in order, shaped
     ``index.shape + x.shape[1:]``.
 
@@ -287,6 +288,12 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
     steps' rows one after another, step j's ``index.shape`` being ``shapes[j]``) in the same
     thread, ``slot`` alternating 0, 1 (what it returns for a group may be reused two groups
     later); each step then yields ``(x, y, (prepared, j))``, j its place in the group.
+
+    ``buffers``: two slots (``[None, None]`` at first; pass the same list again, e.g. each
+    epoch) for the gathered x, used in turn and kept: no new memory per group, whose first touch
+    costs page faults (~2x the gather's time). A batch's x then stays valid only until the
+    generator has moved two groups on: for loops that are done with a batch when they ask for
+    the next.
     """
     import torch
 
@@ -295,10 +302,18 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
     first = min(FIRST_STEPS, len(indices)) if threaded else 0
     groups = [indices[:first]] if first else []
     groups += [indices[i:i + PREFETCH_STEPS] for i in range(first, len(indices), PREFETCH_STEPS)]
+    full = PREFETCH_STEPS * (indices[0].numel() if indices else 0)  # rows of a whole group
 
     def gather(k):
         flat = torch.cat([index.reshape(-1) for index in groups[k]])
-        gx, gy = x.index_select(0, flat), y.index_select(0, flat)
+        if buffers is None:
+            gx = x.index_select(0, flat)
+        else:
+            buffer = buffers[k % 2]
+            if buffer is None or len(buffer) < len(flat):
+                buffer = buffers[k % 2] = x.new_empty((max(len(flat), full), *x.shape[1:]))
+            gx = torch.index_select(x, 0, flat, out=buffer[:len(flat)])
+        gy = y.index_select(0, flat)
         shapes = [tuple(index.shape) for index in groups[k]]
         return gx, gy, (prepare(gx, k % 2, shapes) if prepare is not None else None)
 

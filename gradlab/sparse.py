@@ -11,8 +11,10 @@ them here: each example's nonzero pixels are listed once per step (``nonzeros``)
 
 The weights are stored transposed (input-major), so a pixel's weights are one contiguous row;
 both kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST
-at batch 64 the two take about 40 % of what the dense products take. The sums equal the dense
-products' up to float rounding (the additions come in another order).
+at batch 64, width 128, they take ~55 and ~40 µs a member-step where MKL's dense products take
+~140 each; listing the nonzeros both ways (~80 µs) is done in the thread that gathers the
+batches. The sums equal the dense products' up to float rounding (the additions come in another
+order).
 
 Arrays are 1-d float32 (or int64) with explicit offsets, so one call serves every member of a
 stacked engine and any row stride of the output.

@@ -162,6 +162,7 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
     book = _Bookkeeping([config], [model], data, on_epoch, progress, total)
     train_x, train_y = data.train.x, data.train.y
     predicted = torch.empty(n, dtype=torch.int64, device=device)
+    buffers = [None, None]  # gather_batches': each x is done with by the next step
     step = 0
     with book.training(), GradientRecorder(model, config.activation, schedule,
                                            optimizer=optimizer) as recorder:
@@ -172,7 +173,7 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
             first_step = step
             step_losses = []
             start = 0
-            for x, y in gather_batches(train_x, train_y, batches):
+            for x, y in gather_batches(train_x, train_y, batches, buffers=buffers):
                 recording = recorder.begin_step(step)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
@@ -342,6 +343,7 @@ def train_members(
     step = 0
     train_x, train_y = data.train.x, data.train.y
     counted = engine.take_correct()  # None: the engine does not count right answers
+    buffers = [None, None]  # gather_batches': each x is done with by the next step
     with book.training():
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -350,7 +352,8 @@ def train_members(
             step_losses, predictions, labels, steps = [], [], [], []
             indices = [torch.stack(step_indices) for step_indices in zip(*orders, strict=True)]
             # (members, batch, ...); x's nonzeros listed in the gather thread if they are used
-            for x, y, *nonzeros in gather_batches(train_x, train_y, indices, prepare=prepare):
+            for x, y, *nonzeros in gather_batches(train_x, train_y, indices, prepare=prepare,
+                                                  buffers=buffers):
                 record = step in recorded
                 losses, logits = engine.step(x, y, record, *nonzeros)
                 if record:

@@ -166,3 +166,21 @@ def test_gather_batches_one_worker_thread_reused_after_an_early_stop_and_in_a_fo
     child.start()
     child.join(30)
     assert child.exitcode == 0 and queue.get(timeout=5) == 10
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_gather_batches_into_reused_buffers(threaded):
+    from gradlab.data import gather_batches
+
+    x = torch.randn(500, 7)
+    y = torch.arange(500)
+    g = torch.Generator().manual_seed(2)
+    buffers = [None, None]
+    kept = []
+    for epoch in range(2):
+        indices = list(torch.randperm(500, generator=g).split(12))  # a short last batch
+        for (bx, by), index in zip(gather_batches(x, y, indices, threaded, buffers=buffers),
+                                   indices, strict=True):
+            assert torch.equal(bx, x[index]) and torch.equal(by, y[index])  # while it is used
+        kept.append([b.data_ptr() for b in buffers])
+    assert kept[0] == kept[1]  # the same memory the second epoch
