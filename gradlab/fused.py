@@ -319,6 +319,18 @@ def _backward_row(g, g_at, a, a_at, n, code, slope, out, out_at):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
+def bias_grad(deltas, at, batch, width, grads, grad_at):
+    """``grads[grad_at:][:width]`` = the sum of the ``batch`` rows of dL/dz at ``deltas[at:]``
+    (rows of ``width``), added in example order."""
+    gb = grads[grad_at:grad_at + width]
+    gb[:] = 0
+    for b in range(batch):
+        d = deltas[at + b * width:at + (b + 1) * width]
+        for j in range(width):
+            gb[j] += d[j]
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
 def backward(g, a, a_at, a_stride, out, out_at, members, batch, n, code, slope):
     """A hidden layer's dL/dz from dL/da and its output a, for each member m and example b:
     dL/da (members, batch, n) contiguous in ``g``, a's row at ``a[a_at[m] + b * a_stride:]``,
@@ -397,9 +409,4 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
                 _backward_row(dh, g0, hidden, h_at[m] + b * h_stride, width, code, slope,
                               deltas, prev_at[m] + b * width)
         if code >= 0:
-            gb = grads[prev_bias_at[m]:prev_bias_at[m] + width]
-            gb[:] = 0
-            for b in range(batch):
-                d = deltas[prev_at[m] + b * width:prev_at[m] + (b + 1) * width]
-                for j in range(width):
-                    gb[j] += d[j]
+            bias_grad(deltas, prev_at[m], batch, width, grads, prev_bias_at[m])

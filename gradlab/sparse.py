@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .fused import bias_grad
 from .simd import (
     fma,
     load,
@@ -218,12 +219,7 @@ def weight_grad(column_start, column_rows, column_values, members, batch, featur
                     a0 = fma(splat(column_values[k]), load_first(deltas, s, rest), a0)
                 store_first(grads, grad_at[m] + p * width + j, rest, a0)
             j += 16
-        gb = grads[bias_at[m]:bias_at[m] + width]
-        gb[:] = 0
-        for b in range(batch):
-            d = deltas[delta_at[m] + b * width:delta_at[m] + (b + 1) * width]
-            for j in range(width):
-                gb[j] += d[j]
+        bias_grad(deltas, delta_at[m], batch, width, grads, bias_at[m])
 
 
 def buffers(rows: int, features: int, density: float = 1.0, segments: int = 1
