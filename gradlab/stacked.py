@@ -526,11 +526,12 @@ class StackedMLP:
         segments = np.array([0] + [batch for members, batch in shapes for _ in range(members)],
                             dtype=np.int64).cumsum()
         lists = self._group_lists[slot]
-        if lists is None or len(lists["row_start"]) < count + 1:
+        if lists is None:
             lists = self._sparse.buffers(count, features, self._density, len(segments) - 1)
-        lists = self._sparse.list_nonzeros(rows.reshape(-1).numpy(), count, features, lists,
-                                           segments)
-        lists["steps"] = np.array([0] + [m * b for m, b in shapes], dtype=np.int64).cumsum()
+        lists = self._sparse.list_nonzeros(rows.reshape(-1).numpy(), features, lists, segments)
+        # where each step's pairs of rows start (each member's batch taken in pairs)
+        lists["steps"] = np.array([0] + [m * ((b + 1) // 2) for m, b in shapes],
+                                  dtype=np.int64).cumsum()
         self._group_lists[slot] = lists
         return lists
 
@@ -545,16 +546,19 @@ class StackedMLP:
             lists = _listed[2]
         else:
             lists = self._sparse.list_nonzeros(
-                x.reshape(-1).numpy(), count, features,
-                self._sparse.buffers(count, features, self._density))
+                x.reshape(-1).numpy(), features, self._sparse.buffers(count, features,
+                                                                      self._density),
+                np.array([0, count], dtype=np.int64), columns=False)
             _listed = (weakref.ref(x), x._version, lists)
         width = int(self.widths[0])
 
         def first_layer(start: int, stop: int, member: int) -> torch.Tensor:
+            if start % 2:  # the rows are listed in pairs from the first
+                raise ValueError(f"start={start} is invalid: it must be even")
             z = torch.empty((stop - start, width), **self._kw)
-            self._sparse.forward(lists["row_start"][start:stop + 1], lists["keys"],
-                                 lists["values"], 1, stop - start, self._np["params"],
-                                 self._first_at[0, member:member + 1],
+            self._sparse.forward(lists["pair_start"], lists["keys"], lists["first"],
+                                 lists["second"], start // 2, 1, stop - start,
+                                 self._np["params"], self._first_at[0, member:member + 1],
                                  self._first_at[1, member:member + 1], width,
                                  z.view(-1).numpy(), np.zeros(1, np.int64), width)
             return z
@@ -572,15 +576,14 @@ class StackedMLP:
             j = 0
         else:
             lists, j = nonzeros
-        first_row, last_row = lists["steps"][j:j + 2]
         columns = members * features
         # for the weight gradient: this step's nonzeros by column
         self._columns = (lists["column_start"][j * columns:(j + 1) * columns + 1],
                          lists["column_rows"], lists["column_values"])
         z, array, at, stride = views.first[self._chunk_rows if out is not None else 0]
-        sp.forward(lists["row_start"][first_row:last_row + 1], lists["keys"], lists["values"],
-                   members, batch, self._np["params"], self._first_at[0], self._first_at[1],
-                   int(self.widths[0]), array, at, stride)
+        sp.forward(lists["pair_start"], lists["keys"], lists["first"], lists["second"],
+                   int(lists["steps"][j]), members, batch, self._np["params"],
+                   self._first_at[0], self._first_at[1], int(self.widths[0]), array, at, stride)
         return z
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool = False, nonzeros=None

@@ -23,21 +23,25 @@ def sparse_rows(rows, features, seed=0, density=0.2):
 
 
 @pytest.mark.parametrize("features", [37, 784])
-def test_nonzeros_lists_each_row_in_feature_order(features):
+def test_nonzeros_lists_each_pair_of_rows_in_feature_order(features):
     x = sparse_rows(9, features)
     x[3] = 0  # a row with none
     x[4, -1] = np.nan  # nan counts as nonzero: it must reach the products
-    small = sparse.buffers(9, features, 0.01)
-    assert sparse.nonzeros(x.reshape(-1), 9, features, small["row_start"], small["keys"],
-                           small["values"]) == -1  # too small: said, not overrun
-    buf = sparse.list_nonzeros(x.reshape(-1), 9, features, small)
+    x[2, :] = 0  # so pair (2, 3) has none
+    starts = np.array([0, 5, 9])  # two segments: pairs (0, 1), (2, 3), (4,) and (5, 6), (7, 8)
+    small = sparse.buffers(9, features, 0.01, 2)
+    assert sparse.nonzeros(x.reshape(-1), starts, features, small["pair_start"], small["keys"],
+                           small["first"], small["second"]) == -1  # too small: said, not overrun
+    buf = sparse.list_nonzeros(x.reshape(-1), features, small, starts, columns=False)
     assert len(buf["keys"]) == 9 * features  # grown
-    for q in range(9):
-        lo, hi = buf["row_start"][q], buf["row_start"][q + 1]
-        want = np.flatnonzero(x[q] != 0)
+    for k, (a, b) in enumerate([(0, 1), (2, 3), (4, None), (5, 6), (7, 8)]):
+        lo, hi = buf["pair_start"][k], buf["pair_start"][k + 1]
+        second = x[b] if b is not None else np.zeros(features, np.float32)
+        want = np.flatnonzero((x[a] != 0) | (second != 0))
         np.testing.assert_array_equal(buf["keys"][lo:hi], want)
-        np.testing.assert_array_equal(buf["values"][lo:hi], x[q, want])
-    assert buf["row_start"][3] == buf["row_start"][4]
+        np.testing.assert_array_equal(buf["first"][lo:hi], x[a, want])
+        np.testing.assert_array_equal(buf["second"][lo:hi], second[want])
+        assert (k == 1) == (lo == hi)
 
 
 def test_nonzeros_by_column_within_each_segment():
@@ -46,7 +50,7 @@ def test_nonzeros_by_column_within_each_segment():
     x = sparse_rows(starts[-1], features, seed=3)
     x[1] = 0
     x[8, 0] = np.nan
-    buf = sparse.list_nonzeros(x.reshape(-1), starts[-1], features,
+    buf = sparse.list_nonzeros(x.reshape(-1), features,
                                sparse.buffers(starts[-1], features, 0.3, 1), starts)
     assert len(buf["column_start"]) >= len(sizes) * features + 1  # grown
     for g, (a, b) in enumerate(zip(starts, starts[1:])):
@@ -68,14 +72,15 @@ def test_products_equal_the_dense_products(width):
     w_at = np.array([3, 3 + features * width + width + 11], dtype=np.int64)
     b_at = w_at + features * width
     params = rng.standard_normal(int(b_at[-1]) + width + 5).astype(np.float32)
-    buf = sparse.list_nonzeros(x.reshape(-1), members * batch, features,
+    buf = sparse.list_nonzeros(x.reshape(-1), features,
                                sparse.buffers(members * batch, features, 0.3, members),
                                np.arange(0, members * batch + 1, batch))
     # z written with a row stride wider than width, into a buffer of sentinels
     stride = width + 9
     z_at = np.array([0, batch * stride], dtype=np.int64)
     z = np.full(members * batch * stride, 7.0, dtype=np.float32)
-    sparse.forward(buf["row_start"], buf["keys"], buf["values"], members, batch, params, w_at,
+    sparse.forward(buf["pair_start"], buf["keys"], buf["first"], buf["second"], 0, members,
+                   batch, params, w_at,
                    b_at, width, z, z_at, stride)
     deltas = rng.standard_normal(members * batch * width + 4).astype(np.float32)
     d_at = np.array([4, 4 + batch * width], dtype=np.int64)
@@ -237,7 +242,8 @@ def test_sparse_engine_with_momentum_equals_the_dense_engine():
 def test_evaluation_lists_shared_by_engines_until_x_changes(monkeypatch):
     calls = []
     original = sparse.list_nonzeros
-    monkeypatch.setattr(sparse, "list_nonzeros", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(sparse, "list_nonzeros",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     x = sparse_data(n_test=50).test.x.clone()
     engines = []
     for seed in (0, 1):
