@@ -3,16 +3,18 @@
 About four fifths of MNIST's pixels are exactly 0 (background), and they stay 0 after ``ToTensor``
 scales them. The first layer's forward product ``x W^T`` and its weight gradient ``delta^T x``
 (the largest products of a tutorial-sized net, whose first layer holds 74 % of its weights) skip
-them here: each example's nonzero pixels are listed once per step (``nonzeros``), then
+them here: the nonzero pixels of each pair of examples are listed once per step (``nonzeros``),
+then
 
-* ``forward``: ``z[b] = bias + sum over b's nonzero pixels p of x[b, p] W^T[p]``;
+* ``forward``: ``z[b] = bias + sum over b's nonzero pixels p of x[b, p] W^T[p]``, two examples
+  at a time over the union of their pixels, so that each weight row loaded serves both;
 * ``weight_grad``: ``gW^T[p] = sum over the examples b where pixel p is nonzero of x[b, p]
   delta[b]``, from the same nonzeros listed by pixel (``by_column``).
 
 The weights are stored transposed (input-major), so a pixel's weights are one contiguous row;
 both kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST
-at batch 64, width 128, they take ~55 and ~40 µs a member-step where MKL's dense products take
-~140 each; listing the nonzeros both ways (~80 µs) is done in the thread that gathers the
+at batch 64, width 128, they take ~47 and ~40 µs a member-step where MKL's dense products take
+~140 each; listing the nonzeros both ways (~100-150 µs) is done in the thread that gathers the
 batches. The sums equal the dense products' up to float rounding (the additions come in another
 order).
 

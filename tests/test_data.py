@@ -177,7 +177,7 @@ def test_gather_batches_into_reused_buffers(threaded):
     g = torch.Generator().manual_seed(2)
     buffers = [None, None]
     kept = []
-    for epoch in range(2):
+    for _ in range(2):
         indices = list(torch.randperm(500, generator=g).split(12))  # a short last batch
         for (bx, by), index in zip(gather_batches(x, y, indices, threaded, buffers=buffers),
                                    indices, strict=True):
