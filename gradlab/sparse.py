@@ -337,13 +337,14 @@ def buffers(rows: int, features: int, density: float = 1.0, segments: int = 1
 
 
 def list_nonzeros(x: np.ndarray, features: int, lists: dict, segment_start: np.ndarray,
-                  columns: bool = True) -> dict:
+                  columns: bool = True, density: float = 1.0) -> dict:
     """``nonzeros`` of x's rows in the segments ``segment_start`` (int64) into ``lists`` (from
-    ``buffers``), or into new buffers when those are too small, and ``by_column`` too if
-    ``columns``; returns the buffers used."""
+    ``buffers``), or into new buffers when those are too small (sized for ``density``, or
+    whole if that is short too), and ``by_column`` too if ``columns``; returns the buffers
+    used."""
     rows, segments = int(segment_start[-1]), len(segment_start) - 1
     if len(lists["pair_start"]) < rows // 2 + segments + 1:
-        lists = buffers(rows, features, 1.0, segments)
+        lists = buffers(rows, features, density, segments)
     if nonzeros(x, segment_start, features, lists["pair_start"], lists["keys"], lists["first"],
                 lists["second"]) < 0:
         lists = buffers(rows, features, 1.0, segments)

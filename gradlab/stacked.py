@@ -528,7 +528,8 @@ class StackedMLP:
         lists = self._group_lists[slot]
         if lists is None:
             lists = self._sparse.buffers(count, features, self._density, len(segments) - 1)
-        lists = self._sparse.list_nonzeros(rows.reshape(-1).numpy(), features, lists, segments)
+        lists = self._sparse.list_nonzeros(rows.reshape(-1).numpy(), features, lists, segments,
+                                           density=self._density)
         # where each step's pairs of rows start (each member's batch taken in pairs)
         lists["steps"] = np.array([0] + [m * ((b + 1) // 2) for m, b in shapes],
                                   dtype=np.int64).cumsum()

@@ -259,3 +259,18 @@ def test_evaluation_lists_shared_by_engines_until_x_changes(monkeypatch):
                 torch.testing.assert_close(first_layer(10, 50), model[0](x[10:50]),
                                            rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
+
+
+def test_lists_grow_for_a_larger_group_at_the_data_density():
+    x = sparse_rows(40, 50, density=0.1)
+    small = sparse.buffers(4, 50, 0.1, 2)
+    grown = sparse.list_nonzeros(x.reshape(-1), 50, small, np.arange(0, 41, 10), density=0.1)
+    assert len(grown["pair_start"]) >= 40 // 2 + 4 + 1
+    assert len(grown["keys"]) < 40 * 50 // 2  # sized for the density, not for every entry
+    reference = sparse.list_nonzeros(x.reshape(-1), 50, sparse.buffers(40, 50, 1.0, 4),
+                                     np.arange(0, 41, 10))
+    n = reference["pair_start"][20]
+    assert grown["pair_start"][20] == n
+    np.testing.assert_array_equal(grown["keys"][:n], reference["keys"][:n])
+    np.testing.assert_array_equal(grown["column_rows"][:np.count_nonzero(x)],
+                                  reference["column_rows"][:np.count_nonzero(x)])
