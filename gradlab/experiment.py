@@ -155,7 +155,7 @@ def build(
     """
     from . import __version__
     from .plots import write_figures
-    from .store import Results, _atomic, git_sha, load, write_json
+    from .store import Results, atomic_write, git_sha, load, write_json
     from .sweep import format_summary, run_sweep, summary_table
 
     out = Path(out) if out is not None else Path("results") / experiment.name
@@ -171,10 +171,10 @@ def build(
     results = Results(mine(results.grads), mine(results.epochs), mine(results.runs),
                       results.problems)
     table = summary_table(results)
-    _atomic(out / "summary.csv",
+    atomic_write(out / "summary.csv",
             lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g",
                                      lineterminator="\n"))
-    _atomic(out / "summary.md", lambda tmp: tmp.write_text(markdown_summary(
+    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(markdown_summary(
         experiment, format_summary(table))))
     figures = write_figures(out, experiment.formats, experiment.only)
     digest = records_digest([results.grads, results.epochs])

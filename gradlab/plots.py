@@ -33,7 +33,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullFormatter, PercentFormatter
 
 from .config import ConfigError
-from .store import Results, StoreError, _atomic, load, make_folder
+from .store import Results, StoreError, atomic_write, load, make_folder
 from .tables import (  # noqa: F401  (final_accuracy_table, vanishing_table: re-exported)
     SIGMOID_BOUND,
     final_accuracy,
@@ -775,6 +775,6 @@ def write_figures(results_dir: str | os.PathLike, formats: Sequence[str] = ("png
         for fmt in formats:
             path = out / f"{name}.{fmt}"
             data = render(fig, fmt)
-            _atomic(path, lambda tmp, data=data: tmp.write_bytes(data))
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data))
             paths.append(path)
     return paths

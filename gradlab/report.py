@@ -16,7 +16,7 @@ import pandas as pd
 from . import __version__
 from .config import CONFIG_FIELDS
 from .plots import CAPTIONS, Prepared, figures, prepare, render
-from .store import RUNS, _atomic, load
+from .store import RUNS, atomic_write, load
 from .tables import SIGMOID_BOUND, table_keys, vanishing_table
 
 PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
@@ -52,7 +52,7 @@ def write_report(results_dir: str | os.PathLike) -> Path:
     data = prepare(load(results_dir), results_dir)
     page = render_report(data, results_dir)
     path = results_dir / "report.html"
-    _atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path
 
 

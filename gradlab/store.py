@@ -42,7 +42,7 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` to a temporary name in the same folder, then rename;
     a path that cannot be written is a one-line StoreError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -73,7 +73,7 @@ def write_json(path: Path, obj: Any) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 # Types of record columns that a frame without rows cannot tell (all others are floats): a run
@@ -90,7 +90,7 @@ def write_parquet(path: Path, frame: pd.DataFrame, run_id: str) -> None:
     frame = frame.copy()
     frame.insert(0, "run_id", run_id)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def git_sha() -> str | None:
@@ -212,7 +212,7 @@ def config_columns(config: dict) -> dict[str, Any]:
     return row
 
 
-def _run_dirs(path: Path) -> list[Path]:
+def run_dirs(path: Path) -> list[Path]:
     if (path / "config.json").exists() or (path / "status.json").exists():
         return [path]
     if (path / RUNS).is_dir():
@@ -250,7 +250,7 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
     if not path.exists():
         raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
     metas, grads, epochs, problems = [], [], [], []
-    for rd in _run_dirs(path):
+    for rd in run_dirs(path):
         try:
             meta = read_run_meta(rd)
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:

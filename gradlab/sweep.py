@@ -611,7 +611,7 @@ def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     if not path.is_dir():
         raise store.StoreError(f"{path} is not a gradlab results folder: no such folder")
     rows, problems = [], []
-    for rd in store._run_dirs(path):
+    for rd in store.run_dirs(path):
         name = rd.name if rd.parent.name == store.RUNS else str(rd)
         if not (rd / "config.json").exists():
             problems.append(f"{name}: no config.json (a run that never started); skipped")
