@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 from .config import RunConfig
 from .data import load_data
-from .store import begin_run, ensure_out, finish_run, run_dir
+from .store import begin_run, ensure_out, finish_run
 from .train import RunResult, resolve_device, train
 
 
@@ -22,8 +22,11 @@ def execute(
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     engine: str = "autograd",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train ``config`` and write ``out/runs/<run_id>/``; returns the status dict.
+
+    ``on_step(steps_done, steps_total)`` is passed on to ``train`` (progress as the run trains).
 
     Data errors propagate (nothing is written for a run that never started). Any failure
     during training is stored as status ``failed`` with whatever records were made, so one bad
@@ -35,9 +38,10 @@ def execute(
     data = load_data(config.dataset, data_dir, device=dev, train_size=config.train_size,
                      standardize=config.standardize)
     path = begin_run(out, config, str(dev), engine=engine)
+    extra = {"on_step": on_step} if on_step is not None and accepts(train, "on_step") else {}
     try:
         result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch,
-                       engine=engine)
+                       engine=engine, **extra)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # stored, not raised: the sweep goes on
@@ -76,5 +80,7 @@ def execute_ensemble(
     return [finish_run(path, result) for path, result in zip(paths, results, strict=True)]
 
 
-def run_path(out: str | os.PathLike, config: RunConfig) -> Path:
-    return run_dir(out, config.run_id())
+def accepts(function: Callable, name: str) -> bool:
+    """Whether ``function`` takes a keyword ``name`` (``train`` gains ``on_step`` this session;
+    runs are passed it only once it does)."""
+    return name in inspect.signature(function).parameters
