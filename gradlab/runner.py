@@ -38,7 +38,8 @@ def execute(
     data = load_data(config.dataset, data_dir, device=dev, train_size=config.train_size,
                      standardize=config.standardize)
     path = begin_run(out, config, str(dev), engine=engine)
-    extra = {"on_step": on_step} if on_step is not None and accepts(train, "on_step") else {}
+    steps_reported = on_step is not None and accepts(train, "on_step")
+    extra = {"on_step": on_step} if steps_reported else {}
     try:
         result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch,
                        engine=engine, **extra)
@@ -47,7 +48,10 @@ def execute(
     except Exception as e:  # stored, not raised: the sweep goes on
         result = RunResult.failed(config, str(dev), e)
         (path / "error.txt").write_text(traceback.format_exc())
-    return finish_run(path, result)
+    status = finish_run(path, result)
+    if on_step is not None and not steps_reported:  # a train without on_step: the end only
+        on_step(result.steps, result.steps)
+    return status
 
 
 def execute_ensemble(

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import CONFIG_FIELDS, RunConfig
-from .validate import Damaged, is_gradlab_run, read_config, read_records, strict
+from .validate import Damaged, digests, is_gradlab_run, read_config, read_records, strict
 from .validate import read_status as read_valid_status
 
 RUNS = "runs"
@@ -108,7 +108,8 @@ def write_parquet(path: Path, frame: pd.DataFrame, run_id: str) -> None:
     frame = frame.copy()
     frame.insert(0, "run_id", run_id)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    # page checksums: damage inside the data, not only a cut file, is found when read back
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
 
 
 def git_sha() -> str | None:
@@ -212,6 +213,8 @@ def finish_run(path: Path, result) -> dict:
         "diverged_step": result.diverged_step,
         "error": result.error,
         "finished": meta["provenance"]["finished"],
+        # what the files were when the run finished: a change to any byte later is damage
+        "sha256": digests(path),
     }
     write_json(path / "status.json", status)
     return status

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 
 from . import store
 from .config import CONFIG_FIELDS, RunConfig
-from .executors import EXECUTORS, RAY_MISSING, SweepError, import_ray, run_inline, run_pool, run_ray
+from .executors import (
+    EXECUTORS,
+    RAY_MISSING,
+    SweepError,
+    check_ray_address,
+    import_ray,
+    run_inline,
+    run_pool,
+    run_ray,
+)
 from .listing import LS_COLUMNS, format_runs, list_runs
 from .locks import LOCKED, lock_path, run_lock
 from .summary import format_summary, summary_table, sweep_summary
@@ -191,6 +200,8 @@ def run_sweep(
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
     if executor == "ray":
         import_ray()
+        if ray_address:  # before any line is printed: a dead address is one line
+            check_ray_address(ray_address)
     todo, outcomes = plan(configs, out)  # reads only
     if todo:  # nothing is written before the data are known to be there
         check_data(todo, data_dir)

@@ -9,6 +9,7 @@ copied folder (``cp -a runs/A runs/B``) is a named skip, never counted twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -24,6 +25,8 @@ from .config import ConfigError, make_config
 STATUSES = ("complete", "diverged", "failed")
 RECORDS = ("grads.parquet", "epochs.parquet")
 OPTIONAL_RECORDS = ("dists.parquet",)
+# The files whose digests status.json holds (those there when the run finished).
+DIGESTED = ("config.json", *RECORDS, *OPTIONAL_RECORDS)
 
 # Columns each record file must have, and the kind of each column gradlab knows (any other
 # column is accepted as it is). Columns new this session (layer_name, applied_update_ratio) are
@@ -69,11 +72,18 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise Damaged(f"{path.name} missing") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise Damaged(f"{path.name} unreadable ({type(e).__name__})") from None
+        raise Damaged(f"{path.name} unreadable ({reason(e)})") from None
     try:
         return strict(json.loads(text))
     except ValueError as e:
         raise Damaged(f"{path.name} unreadable (not JSON: {e})") from None
+
+
+def reason(error: BaseException) -> str:
+    """An exception as a short phrase for a one-line message."""
+    text = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def describe(value: Any) -> str:
@@ -93,8 +103,12 @@ def is_kind(value: Any, kind: str) -> bool:
 
 def read_status(run: Path) -> dict | None:
     """The run's status.json, validated; None when there is none (an unfinished run)."""
-    if not (run / "status.json").exists():
+    try:
+        (run / "status.json").stat()
+    except FileNotFoundError:
         return None
+    except OSError as e:  # e.g. a name too long
+        raise Damaged(f"status.json unreadable ({e.strerror or type(e).__name__})") from None
     status = read_json(run / "status.json")
     if not isinstance(status, dict):
         raise Damaged(f"status.json invalid: {describe(status)} is not an object")
@@ -106,7 +120,17 @@ def read_status(run: Path) -> dict | None:
             raise Damaged(f"status.json invalid: {key} is {describe(status[key])}, expected "
                           f"{kind} or null")
     check_run_id(run, "status.json", status.get("run_id", run.name))
+    sums = status.get("sha256", {})
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise Damaged(f"status.json invalid: sha256 is {describe(sums)}, expected an object of "
+                      f"file name: hex digest")
     return status
+
+
+def digests(run: Path) -> dict[str, str]:
+    """The sha256 of each file of DIGESTED that the run folder holds."""
+    return {name: hashlib.sha256((run / name).read_bytes()).hexdigest()
+            for name in DIGESTED if (run / name).is_file()}
 
 
 def check_run_id(run: Path, name: str, run_id: Any) -> None:
@@ -171,9 +195,9 @@ def read_records(run: Path, name: str) -> pd.DataFrame:
     if not path.exists():
         raise Damaged(f"{name} missing")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
-        raise Damaged(f"{name} unreadable ({type(e).__name__})") from None
+        raise Damaged(f"{name} unreadable ({reason(e)})") from None
     check_schema(name, table.schema)
     ids = set(table.column("run_id").unique().to_pylist())
     if ids - {run.name}:
@@ -221,4 +245,22 @@ def check_run(run: Path) -> tuple[dict | None, list[str]]:
             continue
         if needs_rows and frame.empty:
             problems.append(f"{name} invalid: no rows, but the run is {status['status']}")
+    if not problems:  # every file reads: has any byte changed since the run finished?
+        problems = changed(run, status.get("sha256", {}))
     return status, problems
+
+
+def changed(run: Path, sums: dict[str, str]) -> list[str]:
+    """One line per file whose sha256 is not the one status.json holds (runs written before
+    status.json held digests have none to compare)."""
+    problems = []
+    for name, digest in sums.items():
+        try:
+            now = hashlib.sha256((run / name).read_bytes()).hexdigest()
+        except OSError as e:
+            problems.append(f"{name} unreadable ({reason(e)})")
+            continue
+        if now != digest:
+            problems.append(f"{name} changed since the run finished (its sha256 is not the "
+                            f"one in status.json)")
+    return problems
