@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 from .config import RunConfig
 from .data import load_data
-from .store import begin_run, ensure_out, finish_run, run_dir
+from .store import begin_run, ensure_out, finish_run
 from .train import RunResult, resolve_device, train
 
 
@@ -21,7 +20,7 @@ def execute(
     device: str = "auto",
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
-    engine: str = "autograd",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train ``config`` and write ``out/runs/<run_id>/``; returns the status dict.
 
@@ -34,10 +33,10 @@ def execute(
     dev = resolve_device(device)
     data = load_data(config.dataset, data_dir, device=dev, train_size=config.train_size,
                      standardize=config.standardize)
-    path = begin_run(out, config, str(dev), engine=engine)
+    path = begin_run(out, config, str(dev))
     try:
         result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch,
-                       engine=engine)
+                       on_step=on_step)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # stored, not raised: the sweep goes on
@@ -54,17 +53,17 @@ def execute_ensemble(
     device: str = "auto",
 ) -> list[dict]:
     """Train ``configs`` (equal but for ``seed``) as one vectorised ensemble
-    (``gradlab.ensemble.train_ensemble``) and write each run's folder; returns their status
+    (``gradlab.engines.ensemble.train_ensemble``) and write each run's folder; returns their status
     dicts, in order. A failure during training is stored as ``failed`` for every run of the
     ensemble, as ``execute`` stores it for one run."""
-    from .ensemble import train_ensemble
+    from .engines.ensemble import train_ensemble
 
     out = ensure_out(out)
     dev = resolve_device(device)
     first = configs[0]
     data = load_data(first.dataset, data_dir, device=dev, train_size=first.train_size,
                      standardize=first.standardize)
-    paths = [begin_run(out, config, str(dev), engine="ensemble") for config in configs]
+    paths = [begin_run(out, config, str(dev), ensemble=len(configs)) for config in configs]
     try:
         results = train_ensemble(configs, data=data, device=dev)
     except (KeyboardInterrupt, SystemExit):
@@ -74,7 +73,3 @@ def execute_ensemble(
         for path in paths:
             (path / "error.txt").write_text(traceback.format_exc())
     return [finish_run(path, result) for path, result in zip(paths, results, strict=True)]
-
-
-def run_path(out: str | os.PathLike, config: RunConfig) -> Path:
-    return run_dir(out, config.run_id())

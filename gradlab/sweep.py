@@ -86,8 +86,7 @@ def _clear_temp_files(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int,
-            engine: str = "autograd") -> dict:
+def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int) -> dict:
     """Train one run unless it is finished or locked; the task of every executor.
 
     Args:
@@ -96,7 +95,6 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         data_dir: dataset root, see ``gradlab.data.resolve_data_dir``.
         device: ``auto``, ``cpu``, ``cuda``...
         threads: torch threads for this run, so parallel runs do not fight over cores.
-        engine: how the run is trained (``gradlab.train.ENGINES``).
 
     Returns an outcome dict: ``run_id``, ``status`` (complete, diverged, failed, or LOCKED /
     DONE_ELSEWHERE when another process has or had it), accuracy, seconds, error.
@@ -118,7 +116,7 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            status = execute(cfg, out, data_dir=data_dir, device=device, engine=engine)
+            status = execute(cfg, out, data_dir=data_dir, device=device)
         finally:
             torch.set_num_threads(before)
     return {**status, "seconds": time.perf_counter() - t0}
@@ -165,12 +163,12 @@ def run_ensemble(configs: list[dict], out: str, data_dir: str | None, device: st
 
 
 def run_task(configs: list[dict], out: str, data_dir: str | None, device: str, threads: int,
-             engine: str, ensemble: bool) -> list[dict]:
+             ensemble: bool) -> list[dict]:
     """A task of every executor: one run (``run_one``) or one ensemble (``run_ensemble``);
     returns the outcome dict of each of its runs."""
     if ensemble:
         return run_ensemble(configs, out, data_dir, device, threads)
-    return [run_one(configs[0], out, data_dir, device, threads, engine)]
+    return [run_one(configs[0], out, data_dir, device, threads)]
 
 
 # -- executors: each yields lists of outcome dicts as tasks finish -------------------------------
@@ -183,12 +181,11 @@ class Task:
     data_dir: str | None
     device: str
     threads: int
-    engine: str = "autograd"
     ensemble: bool = False
 
     def args(self) -> tuple:
         return ([c.to_dict() for c in self.configs], self.out, self.data_dir, self.device,
-                self.threads, self.engine, self.ensemble)
+                self.threads, self.ensemble)
 
 
 def _failed(task: Task, error: BaseException) -> list[dict]:
@@ -415,10 +412,10 @@ def seed_groups(configs: list[RunConfig]) -> list[tuple[RunConfig, ...]]:
 
 
 def ensemble_tasks(configs: list[RunConfig], device: str) -> list[tuple[RunConfig, ...]]:
-    """The seed groups of ``configs``, each cut into ensembles of ``gradlab.ensemble``'s group
-    size for ``device`` (a few members of a small net on a CPU, all of them on a GPU), so that
-    ``--jobs`` trains several ensembles at once."""
-    from .ensemble import group_size
+    """The seed groups of ``configs``, each cut into ensembles of the group size of
+    ``gradlab.engines.ensemble`` for ``device`` (a few members of a small net on a CPU, all of
+    them on a GPU), so that ``--jobs`` trains several ensembles at once."""
+    from .engines.ensemble import group_size
     from .train import resolve_device
 
     tasks = []
@@ -440,7 +437,6 @@ def run_sweep(
     on_start: Callable[[int, int], None] | None = None,
     on_run: Callable[[RunConfig, dict], None] | None = None,
     threads: int = THREADS,
-    engine: str = "autograd",
     ensemble: bool = False,
 ) -> SweepResult:
     """Run every config of a grid into ``out``; finished runs are skipped.
@@ -456,9 +452,9 @@ def run_sweep(
         on_run: called with each run's config and outcome as it finishes.
         threads: torch threads (and Ray CPUs) per run; fixed, so that records do not depend
             on ``jobs``.
-        engine: how each run is trained (``gradlab.train.ENGINES``).
         ensemble: train the runs that differ only in seed together, as one vectorised
-            ensemble per configuration (``gradlab.ensemble``; ``engine`` is then not used).
+            ensemble per configuration (``gradlab.engines.ensemble``; the configs' engine must
+            be ``fused``).
     """
     if executor not in EXECUTORS:
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
@@ -472,7 +468,7 @@ def run_sweep(
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
     groups = ensemble_tasks(todo, device) if ensemble else [(c,) for c in todo]
-    tasks = [Task(group, str(out), data_dir, device, threads, engine, ensemble)
+    tasks = [Task(group, str(out), data_dir, device, threads, ensemble)
              for group in groups]
     if not tasks:
         stream: Iterator[dict] = iter(())
@@ -592,7 +588,7 @@ def sweep_summary(out: str | os.PathLike, run_ids: Iterable[str]) -> pd.DataFram
 
 # -- listing (gradlab ls) ----------------------------------------------------------------------
 
-LS_COLUMNS = ("run_id", "status", "depth", "widths", "activation", "init", "lr", "seed",
+LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
               "epochs", "final_test_accuracy", "note")
 
 
