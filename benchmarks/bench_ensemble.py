@@ -23,7 +23,7 @@ import torch
 
 from gradlab.config import make_config
 from gradlab.data import load_data
-from gradlab.ensemble import train_ensemble
+from gradlab.engines.ensemble import train_ensemble
 
 TARGET = 3.0
 SEEDS = (0, 1, 2, 3, 4, 5)

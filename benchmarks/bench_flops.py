@@ -23,7 +23,8 @@ import common
 import torch
 
 from gradlab.config import make_config
-from gradlab.data import load_data, nonzero_fraction
+from gradlab.data import load_data
+from gradlab.engines.batches import nonzero_fraction
 
 NETS = {  # name: (widths, steps per measurement, target fraction of peak)
     "tutorial 784-128-256-10": ((128, 256), 300, 0.50),

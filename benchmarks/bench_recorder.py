@@ -27,10 +27,11 @@ import torch
 from torch.nn import functional as F
 
 from gradlab.config import make_config
-from gradlab.data import Data, Split, load_data, nonzero_fraction
+from gradlab.data import Data, Split, load_data
+from gradlab.engines.batches import nonzero_fraction
+from gradlab.engines.stacked import StackedMLP
 from gradlab.models import build_mlp
 from gradlab.record import GradientRecorder
-from gradlab.stacked import StackedMLP
 from gradlab.train import resolve_device
 
 SCHEDULES = (0, 1, 10)

@@ -160,10 +160,10 @@ def engine_option(f):
     from .config import ENGINE_HELP, ENGINES
 
     text = "; ".join(f"{name}: {ENGINE_HELP[name]}" for name in ENGINES)
-    return click.option("--engine", type=click.Choice(ENGINES), default="autograd",
-                        help=f"how runs are trained (a finished run is not trained again "
-                             f"with another engine; its config.json names the one that ran). "
-                             f"{text}")(f)
+    return click.option("--engine", type=click.Choice(ENGINES), default=None,
+                        help=f"how runs are trained; part of the run's config, so the two "
+                             f"engines' runs never share a run id [default: autograd; fused "
+                             f"with --ensemble]. {text}")(f)
 
 
 def device_option(f):
@@ -198,7 +198,7 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
     from .store import ensure_out, run_dir
     from .tasks import ready
 
-    config = make_config(**grid_from_options(options))
+    config = make_config(**grid_from_options(options), engine=engine)
     check_device(device)
     ensure_data(config.dataset, resolve_data_dir(data_dir), config.train_size)
     ensure_out(out)
@@ -233,7 +233,7 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
 
         torch.set_num_threads(threads)
         status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
-                         on_epoch=on_epoch, engine=engine)
+                         on_epoch=on_epoch)
     click.echo(summary_line(status, path))
     return 0 if status["status"] == "complete" else 1
 
@@ -268,7 +268,7 @@ def jobs_options(f):
 @click.option("--ensemble", is_flag=True,
               help="train the seeds of each configuration together in one process, as one "
                    "vectorised ensemble (the fused engine with stacked members; their records "
-                   "equal their runs' alone to float rounding); --engine is then not used")
+                   "equal their runs' alone to float rounding); implies --engine fused")
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
 def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, ensemble,
@@ -287,13 +287,17 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     from .config import expand_grid
     from .sweep import format_summary, run_sweep, sweep_summary
 
-    configs = expand_grid(grid_from_options(options))
+    if ensemble and engine not in (None, "fused"):
+        raise click.UsageError("--ensemble trains with the fused engine: drop --engine "
+                               f"{engine}, or --ensemble")
+    engine = "fused" if ensemble else engine
+    configs = expand_grid({**grid_from_options(options), "engine": engine or "autograd"})
     if executor == "local" or ray_address is None:  # a Ray cluster may have devices that
         check_device(device)                          # this machine lacks
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
-                           engine=engine, ensemble=ensemble, on_start=progress.on_start,
+                           ensemble=ensemble, on_start=progress.on_start,
                            on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
     for line in result.repaired():  # damaged runs, trained again

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "silu", "softsign")
+from .activations import NAMES as ACTIVATIONS  # the registry's names
+
 WEIGHT_INITS = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
     "lecun_normal", "orthogonal", "normal:STD", "uniform:A",
@@ -22,7 +23,8 @@ MAX_DEPTH = 64
 MAX_WIDTH = 8192
 MAX_EPOCHS = 10_000
 # How a run is trained. Both give the same records to float rounding (the tests hold them to
-# each other and to autograd); which one ran is provenance, like the device, not config.
+# each other and to autograd), yet the engine is part of the config (and the run_id), so that a
+# folder never mixes the two engines' records under one id.
 ENGINES = ("autograd", "fused")
 ENGINE_HELP = {  # for --help
     "autograd": "nn.Sequential, autograd and torch.optim, recorded by GradientRecorder's hooks "
@@ -34,6 +36,10 @@ ENGINE_HELP = {  # for --help
 
 # Bumped when the meaning of a recorded column changes, so old and new records never share an id.
 RECORD_VERSION = 1
+# Fields added after version 1's configs were first hashed: each enters ``run_id``'s hash only
+# when it differs from its default, so that every earlier config keeps its id (and the
+# committed experiments their runs).
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd"}
 
 
 class ConfigError(ValueError):
@@ -126,6 +132,7 @@ class RunConfig:
     standardize: bool = False
     log_every: int = 1
     log_spaced: bool = False
+    engine: str = "autograd"
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -162,6 +169,7 @@ class RunConfig:
         _check_int("log_every", self.log_every, 0)
         if not isinstance(self.log_spaced, bool):
             _fail("log_spaced", self.log_spaced, "true or false")
+        _check_choice("engine", self.engine, ENGINES)
         for name in ("lr", "momentum", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
             if value is not None:
@@ -179,7 +187,9 @@ class RunConfig:
 
     def run_id(self) -> str:
         """A short, stable hash of the resolved config: same config, same id, on any machine."""
-        payload = json.dumps({"v": RECORD_VERSION, **self.to_dict()}, sort_keys=True)
+        values = {k: v for k, v in self.to_dict().items()
+                  if k not in NEW_FIELD_DEFAULTS or v != NEW_FIELD_DEFAULTS[k]}
+        payload = json.dumps({"v": RECORD_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -235,17 +245,6 @@ def expand_grid(grid: dict[str, Any]) -> list[RunConfig]:
         config = make_config(**dict(zip(axes, combo, strict=False)))
         configs.setdefault(config.run_id(), config)
     return list(configs.values())
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """A named grid of runs; ``runs()`` expands it."""
-
-    name: str
-    grid: dict[str, Any]
-
-    def runs(self) -> list[RunConfig]:
-        return expand_grid(self.grid)
 
 
 def load_toml(path: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ A spec (see ``experiments/*.toml``)::
     activation = ["sigmoid", "relu"]
     seed = [0, 1, 2]
     [figures]                      # optional
-    only = ["grad_by_layer"]       # default: every figure
+    only = ["grad_norm_by_layer"]  # default: every figure
     formats = ["png"]              # png, pdf, svg
 
 ``build(spec)`` runs what is missing (resumably, as a sweep), then writes to ``results/NAME/``:

@@ -11,7 +11,7 @@ import pandas as pd
 from . import store
 from .validate import Damaged, check_run
 
-LS_COLUMNS = ("run_id", "status", "depth", "widths", "activation", "init", "lr", "seed",
+LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
               "epochs", "final_test_accuracy", "note")
 
 

@@ -4,64 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .activations import ACTIVATIONS, LEAKY_SLOPE, get  # noqa: F401  (ACTIVATIONS: re-exported)
 from .config import parse_init
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An activation with what the recorder needs to know about it.
-
-    ``derivative`` maps pre-activations z to f'(z) in closed form; the tests check it against
-    autograd. ``max_derivative`` scales the saturation threshold (f' < 0.05 * max f').
-    """
-
-    module: Callable[[], nn.Module]
-    derivative: Callable[[torch.Tensor], torch.Tensor]
-    max_derivative: float
-    saturating: bool = False  # sigmoid, tanh, softsign: saturated_frac is defined
-    relu_family: bool = False  # relu, leaky_relu: dead_frac is defined
-
-
-def _sigmoid_prime(z):
-    s = torch.sigmoid(z)
-    return s - s * s
-
-
-def _gelu_prime(z):
-    # exact (erf) GELU: d/dz z*Phi(z) = Phi(z) + z*phi(z)
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(
-        2 * math.pi
-    )
-
-
-def _silu_prime(z):
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
-LEAKY_SLOPE = 0.01
-
-ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(nn.Sigmoid, _sigmoid_prime, 0.25, saturating=True),
-    "tanh": Activation(nn.Tanh, lambda z: 1 - torch.tanh(z) ** 2, 1.0, saturating=True),
-    "relu": Activation(nn.ReLU, lambda z: (z > 0).to(z.dtype), 1.0, relu_family=True),
-    "leaky_relu": Activation(
-        lambda: nn.LeakyReLU(LEAKY_SLOPE),
-        lambda z: torch.where(z > 0, 1.0, LEAKY_SLOPE).to(z.dtype),
-        1.0,
-        relu_family=True,
-    ),
-    "elu": Activation(nn.ELU, lambda z: torch.where(z > 0, torch.ones_like(z), torch.exp(z)), 1.0),
-    "gelu": Activation(nn.GELU, _gelu_prime, 1.129),  # max of Phi(z)+z*phi(z), at z = sqrt(2)
-    "silu": Activation(nn.SiLU, _silu_prime, 1.0998),  # max at z ~ 2.40
-    "softsign": Activation(nn.Softsign, lambda z: 1 / (1 + z.abs()) ** 2, 1.0, saturating=True),
-}
 
 
 def _lecun_normal_(w: torch.Tensor) -> None:
@@ -117,7 +65,7 @@ def build_mlp(
         init: weight init spec, e.g. ``kaiming_normal`` or ``normal:0.5``.
         bias_init: bias init spec.
     """
-    act = ACTIVATIONS[activation]
+    act = get(activation)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     depth = len(sizes) - 1
     for i in range(depth):

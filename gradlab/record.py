@@ -43,36 +43,24 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .models import ACTIVATIONS, LEAKY_SLOPE, Activation, linear_layers
+from . import compat
+from .activations import SATURATION, Activation, get
+from .models import linear_layers
 
 COLUMNS = (
     "grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm", "update_ratio",
     "act_grad_mean", "saturated_frac", "dead_frac", "loss",
 )
-SATURATION = 0.05  # a unit is saturated where f'(z) < SATURATION * max f'
 LOG_POINTS_PER_DECADE = 20
 CHUNK_BYTES = 2 << 20  # activations buffered before their stats are taken (and as much scratch)
 
-# f' as a function of the activation's output a = f(z), where that is exact and cheap, written
-# into ``out``: sigmoid a(1 - a), tanh 1 - a² (the closed forms of ``models.ACTIVATIONS``
-# evaluate f(z) first); z > 0 exactly where a > 0 for the relu family; for ELU,
-# f' = min(a + 1, 1) (autograd's own ELU backward uses a + 1).
-OUTPUT_DERIVATIVES = {
-    "sigmoid": lambda a, out: torch.addcmul(a, a, a, value=-1, out=out),  # a - a*a
-    "tanh": lambda a, out: torch.mul(a, a, out=out).neg_().add_(1),
-    "relu": lambda a, out: torch.clamp(a, max=1, out=out).ceil_(),  # a >= 0: 1 where a > 0
-    "leaky_relu": lambda a, out: torch.clamp(a, 0, 1, out=out).ceil_().mul_(
-        1 - LEAKY_SLOPE).add_(LEAKY_SLOPE),
-    "elu": lambda a, out: torch.add(a, 1, out=out).clamp_(max=1),
-}
-
-
 def derivative_into(activation: str, from_output: bool):
-    """f' as ``fn(t, out) -> out`` of the activation's output (``from_output``) or input."""
+    """f' as ``fn(t, out) -> out`` of the activation's output (``from_output``: see the
+    registry's ``Activation.from_output``) or input."""
+    act = get(activation)
     if from_output:
-        return OUTPUT_DERIVATIVES[activation]
-    closed_form = ACTIVATIONS[activation].derivative
-    return lambda z, out: out.copy_(closed_form(z))
+        return act.from_output
+    return lambda z, out: out.copy_(act.derivative(z))
 
 
 # update_ratio modes of a recorded row
@@ -100,7 +88,7 @@ def _is_plain_mlp(model: nn.Module, linears: list[nn.Linear], activation: str) -
     activation, so that each Linear after the first receives the previous activation's output."""
     if not isinstance(model, nn.Sequential):
         return False
-    act_type = type(ACTIVATIONS[activation].module())
+    act_type = type(get(activation).module())
     children = list(model.children())
     expected = [linears[i // 2] if i % 2 == 0 else None for i in range(2 * len(linears) - 1)]
     return len(children) == len(expected) and all(
@@ -149,7 +137,7 @@ class GradientRecorder:
     def __init__(self, model: nn.Module, activation: str, steps: np.ndarray, *,
                  optimizer: torch.optim.Optimizer | None = None):
         self.linears = linear_layers(model)
-        self.activation = ACTIVATIONS[activation]
+        self.activation = get(activation)
         n = len(self.linears)
         self._steps = set(int(s) for s in steps)
         self._weight_params = [m.weight for m in self.linears]
@@ -158,7 +146,7 @@ class GradientRecorder:
         self._optimizer = optimizer
         self._update_source = _sgd_update_source(optimizer, [m.weight for m in self.linears])
         # Where f' comes from: the next Linear's input (the activation output) or z itself.
-        self._from_output = (activation in OUTPUT_DERIVATIVES
+        self._from_output = (self.activation.from_output is not None
                              and _is_plain_mlp(model, self.linears, activation))
         self._derivative = derivative_into(activation, self._from_output)
         self._copy_z = any(getattr(m, "inplace", False) for m in model.modules())
@@ -263,7 +251,7 @@ class GradientRecorder:
         tensors += [m.bias.grad if m.bias is not None and m.bias.grad is not None else nan
                     for m in self.linears]
         tensors += self._weights
-        norms = torch._foreach_norm(tensors)
+        norms = compat.foreach_norm(tensors)
         if loss.dtype != self._norms.dtype:
             loss = loss.to(self._norms.dtype)
         torch.stack([*norms, loss], out=self._norms[self._row])
@@ -276,11 +264,11 @@ class GradientRecorder:
         if self._update_source is None or any(g is None for g in grads):
             if self._prev is None:
                 self._prev = [torch.empty_like(w) for w in self._weights]
-            torch._foreach_copy_(self._prev, self._weights)
+            compat.foreach_copy_(self._prev, self._weights)
             self._mode = _SNAPSHOT
         else:
             # remember the gradients as recorded, to see whether clipping changed them
-            self._recorded_grads = [(g, g._version) for g in grads]
+            self._recorded_grads = [(g, compat.version(g)) for g in grads]
             self._mode = _FROM_TENSORS if self._update_source == "momentum" else _FROM_GRAD_NORM
 
     @torch.no_grad()
@@ -291,8 +279,8 @@ class GradientRecorder:
         self._pending_update = False
         mode, scale = self._mode, 1.0
         if mode == _SNAPSHOT:
-            deltas = torch._foreach_sub(self._weights, self._prev)
-            torch.stack(torch._foreach_norm(deltas), out=self._update[self._row])
+            deltas = compat.foreach_sub(self._weights, self._prev)
+            torch.stack(compat.foreach_norm(deltas), out=self._update[self._row])
         else:
             group = self._optimizer.param_groups[0]
             scale = group["lr"]
@@ -301,13 +289,13 @@ class GradientRecorder:
                 applied = [state[w].get("momentum_buffer", self._nan) for w in self._weight_params]
             else:
                 applied = [g for g, _ in self._recorded_grads]
-                if any(w.grad is not g or g._version != v
+                if any(w.grad is not g or compat.version(g) != v
                        for w, (g, v) in zip(self._weight_params, self._recorded_grads,
                                             strict=True)):
                     mode = _FROM_TENSORS  # clipped (or replaced): measure what was applied
                     applied = [w.grad for w in self._weight_params]
             if mode == _FROM_TENSORS:
-                torch.stack(torch._foreach_norm(applied), out=self._update[self._row])
+                torch.stack(compat.foreach_norm(applied), out=self._update[self._row])
             self._recorded_grads = []
         self._update_mode[-1], self._update_scale[-1] = mode, scale
 
@@ -395,7 +383,7 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
             saturated = fp.sub_(SATURATION * activation.max_derivative).floor_().sum(-2).neg_()
         if activation.relu_family:  # dead: no example has z > 0, i.e. f(z) > 0
             # relu's f' is 1 exactly where z > 0, so its sum already counts the positives
-            positive = (total if activation is ACTIVATIONS["relu"]
+            positive = (total if activation.name == "relu"
                         else torch.clamp(a, 0, 1, out=work).ceil_().sum(-2))
             dead = positive.eq(0).to(total.dtype)
         stats = torch.stack([total, saturated, dead], -2)  # (..., 3, units)

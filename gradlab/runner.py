@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import traceback
 from collections.abc import Callable
@@ -21,12 +20,9 @@ def execute(
     device: str = "auto",
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
-    engine: str = "autograd",
     on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train ``config`` and write ``out/runs/<run_id>/``; returns the status dict.
-
-    ``on_step(steps_done, steps_total)`` is passed on to ``train`` (progress as the run trains).
 
     Data errors propagate (nothing is written for a run that never started). Any failure
     during training is stored as status ``failed`` with whatever records were made, so one bad
@@ -37,21 +33,16 @@ def execute(
     dev = resolve_device(device)
     data = load_data(config.dataset, data_dir, device=dev, train_size=config.train_size,
                      standardize=config.standardize)
-    path = begin_run(out, config, str(dev), engine=engine)
-    steps_reported = on_step is not None and accepts(train, "on_step")
-    extra = {"on_step": on_step} if steps_reported else {}
+    path = begin_run(out, config, str(dev))
     try:
         result = train(config, data=data, device=dev, progress=progress, on_epoch=on_epoch,
-                       engine=engine, **extra)
+                       on_step=on_step)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # stored, not raised: the sweep goes on
         result = RunResult.failed(config, str(dev), e)
         (path / "error.txt").write_text(traceback.format_exc())
-    status = finish_run(path, result)
-    if on_step is not None and not steps_reported:  # a train without on_step: the end only
-        on_step(result.steps, result.steps)
-    return status
+    return finish_run(path, result)
 
 
 def execute_ensemble(
@@ -62,17 +53,17 @@ def execute_ensemble(
     device: str = "auto",
 ) -> list[dict]:
     """Train ``configs`` (equal but for ``seed``) as one vectorised ensemble
-    (``gradlab.ensemble.train_ensemble``) and write each run's folder; returns their status
+    (``gradlab.engines.ensemble.train_ensemble``) and write each run's folder; returns their status
     dicts, in order. A failure during training is stored as ``failed`` for every run of the
     ensemble, as ``execute`` stores it for one run."""
-    from .ensemble import train_ensemble
+    from .engines.ensemble import train_ensemble
 
     out = ensure_out(out)
     dev = resolve_device(device)
     first = configs[0]
     data = load_data(first.dataset, data_dir, device=dev, train_size=first.train_size,
                      standardize=first.standardize)
-    paths = [begin_run(out, config, str(dev), engine="ensemble") for config in configs]
+    paths = [begin_run(out, config, str(dev), ensemble=len(configs)) for config in configs]
     try:
         results = train_ensemble(configs, data=data, device=dev)
     except (KeyboardInterrupt, SystemExit):
@@ -82,9 +73,3 @@ def execute_ensemble(
         for path in paths:
             (path / "error.txt").write_text(traceback.format_exc())
     return [finish_run(path, result) for path, result in zip(paths, results, strict=True)]
-
-
-def accepts(function: Callable, name: str) -> bool:
-    """Whether ``function`` takes a keyword ``name`` (``train`` gains ``on_step`` this session;
-    runs are passed it only once it does)."""
-    return name in inspect.signature(function).parameters

@@ -181,7 +181,7 @@ def ensure_out(out: str | os.PathLike) -> Path:
     return out
 
 
-def begin_run(out: Path, config: RunConfig, device: str, engine: str = "autograd") -> Path:
+def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = None) -> Path:
     """Clear a stale run folder and write its config.json (the status file comes last)."""
     path = run_dir(out, config.run_id())
     path.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,8 @@ def begin_run(out: Path, config: RunConfig, device: str, engine: str = "autograd
         "run_id": config.run_id(),
         "config": config.to_dict(),
         "layer_sizes": list(config.layer_sizes),
-        "provenance": {**provenance(device), "engine": engine, "started": now()},
+        # ensemble: trained as one of that many stacked members (gradlab sweep --ensemble)
+        "provenance": {**provenance(device), "ensemble": ensemble, "started": now()},
     })
     return path
 

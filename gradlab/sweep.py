@@ -148,10 +148,10 @@ def seed_groups(configs: list[RunConfig]) -> list[tuple[RunConfig, ...]]:
 
 
 def ensemble_tasks(configs: list[RunConfig], device: str) -> list[tuple[RunConfig, ...]]:
-    """The seed groups of ``configs``, each cut into ensembles of ``gradlab.ensemble``'s group
-    size for ``device`` (a few members of a small net on a CPU, all of them on a GPU), so that
-    ``--jobs`` trains several ensembles at once."""
-    from .ensemble import group_size
+    """The seed groups of ``configs``, each cut into ensembles of the group size of
+    ``gradlab.engines.ensemble`` for ``device`` (a few members of a small net on a CPU, all of
+    them on a GPU), so that ``--jobs`` trains several ensembles at once."""
+    from .engines.ensemble import group_size
     from .train import resolve_device
 
     tasks = []
@@ -173,7 +173,6 @@ def run_sweep(
     on_start: Callable[[int, int], None] | None = None,
     on_run: Callable[[RunConfig, dict], None] | None = None,
     threads: int = THREADS,
-    engine: str = "autograd",
     ensemble: bool = False,
     on_progress: Progress | None = None,
 ) -> SweepResult:
@@ -190,9 +189,9 @@ def run_sweep(
         on_run: called with each run's config and outcome as it finishes.
         threads: torch threads (and Ray CPUs) per run; fixed, so that records do not depend
             on ``jobs``.
-        engine: how each run is trained (``gradlab.train.ENGINES``).
         ensemble: train the runs that differ only in seed together, as one vectorised
-            ensemble per configuration (``gradlab.ensemble``; ``engine`` is then not used).
+            ensemble per configuration (``gradlab.engines.ensemble``; the configs' engine must
+            be ``fused``).
         on_progress: called in this process with (run_id, steps done, steps in all) as runs
             train (Ray and ensembles: once per finished run).
     """
@@ -210,7 +209,7 @@ def run_sweep(
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
     groups = ensemble_tasks(todo, device) if ensemble else [(c,) for c in todo]
-    tasks = [Task(group, str(out), data_dir, device, threads, engine, ensemble)
+    tasks = [Task(group, str(out), data_dir, device, threads, ensemble)
              for group in groups]
     if not tasks:
         stream: Iterator[dict] = iter(())

@@ -47,7 +47,7 @@ def ready(out: str, run_id: str) -> tuple[dict | None, str | None]:
 
 
 def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int,
-            engine: str = "autograd", on_progress: Progress | None = None) -> dict:
+            on_progress: Progress | None = None) -> dict:
     """Train one run unless it is finished or locked; the task of every executor.
 
     Args:
@@ -56,7 +56,6 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         data_dir: dataset root, see ``gradlab.data.resolve_data_dir``.
         device: ``auto``, ``cpu``, ``cuda``...
         threads: torch threads for this run, so parallel runs do not fight over cores.
-        engine: how the run is trained (``gradlab.train.ENGINES``).
         on_progress: called with (run_id, steps done, steps in all) as the run trains.
 
     Returns an outcome dict: ``run_id``, ``status`` (complete, diverged, failed, or LOCKED /
@@ -83,8 +82,7 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            status = execute(cfg, out, data_dir=data_dir, device=device, engine=engine,
-                             on_step=on_step)
+            status = execute(cfg, out, data_dir=data_dir, device=device, on_step=on_step)
         finally:
             torch.set_num_threads(before)
     return {**status, "seconds": time.perf_counter() - t0,
@@ -144,21 +142,20 @@ class Task:
     data_dir: str | None
     device: str
     threads: int
-    engine: str = "autograd"
     ensemble: bool = False
 
     def args(self) -> tuple:
         return ([c.to_dict() for c in self.configs], self.out, self.data_dir, self.device,
-                self.threads, self.engine, self.ensemble)
+                self.threads, self.ensemble)
 
 
 def run_task(configs: list[dict], out: str, data_dir: str | None, device: str, threads: int,
-             engine: str, ensemble: bool, on_progress: Progress | None = None) -> list[dict]:
+             ensemble: bool, on_progress: Progress | None = None) -> list[dict]:
     """A task of every executor: one run (``run_one``) or one ensemble (``run_ensemble``);
     returns the outcome dict of each of its runs."""
     if ensemble:
         return run_ensemble(configs, out, data_dir, device, threads)
-    return [run_one(configs[0], out, data_dir, device, threads, engine, on_progress)]
+    return [run_one(configs[0], out, data_dir, device, threads, on_progress)]
 
 
 def failed(task: Task, error: BaseException) -> list[dict]:

@@ -14,17 +14,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ENGINES, RunConfig
-from .data import Data, Split, batch_order, gather_batches, load_data, nonzero_fraction
+from .config import RunConfig
+from .data import Data, Split, batch_order, load_data
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
-from .stacked import StackedMLP
 
 EVAL_BATCH = 10_000  # test rows per forward pass of an evaluation
-# The stacked engine on a CPU evaluates 2,000 rows at a time: each layer's output (2 MB at
-# width 256) then stays near the core, ~1/3 faster than 10,000 (the same values up to float
-# rounding). The autograd path keeps 10,000: the committed results were evaluated so.
-STACKED_CPU_EVAL_BATCH = 2_000
+# Engines other than this module's autograd loop, by name: "module:function", imported only
+# when a run asks for one (they live in the optional gradlab.engines wing).
+ENGINES = {"fused": "gradlab.engines.members:train_one"}
 EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
 
 
@@ -70,12 +68,11 @@ class RunResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH,
-             first_layer: Callable[[int, int], torch.Tensor] | None = None
-             ) -> tuple[float, float]:
+             forward: Callable[[int, int], torch.Tensor] | None = None) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on a split (large batches, no grad).
 
-    ``first_layer(start, stop)``: the first Linear's output for those rows of the split, when
-    something computes it faster than the module (``StackedMLP.first_layer``).
+    ``forward(start, stop)``: the logits of those rows of the split, when an engine computes
+    them its own way; by default ``model(x)``.
     """
     was_training = model.training
     model.eval()
@@ -83,8 +80,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH,
     correct = torch.zeros((), dtype=torch.int64, device=split.x.device)
     for start in range(0, len(split), batch_size):
         x, y = split.x[start:start + batch_size], split.y[start:start + batch_size]
-        logits = model(x) if first_layer is None else model[1:](
-            first_layer(start, start + len(y)))
+        logits = model(x) if forward is None else forward(start, start + len(y))
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
@@ -92,7 +88,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH,
     return loss.item() / n, correct.item() / n
 
 
-def _seeded_model(config: RunConfig, device: torch.device) -> nn.Module:
+def seeded_model(config: RunConfig, device: torch.device) -> nn.Module:
     # Seed the global RNG only inside this block, so the caller's random state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -108,32 +104,40 @@ def train(
     device: str | torch.device = "auto",
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
-    engine: str = "autograd",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Train one configuration, recording gradients per ``config.log_every``; evaluate each epoch.
 
     Args:
-        config: the run.
+        config: the run; ``config.engine`` says how it is trained (``autograd``: this module's
+            plain PyTorch loop; others: see ``ENGINES``).
         data: preloaded data (on ``device``); loaded from ``data_dir`` when None.
         data_dir: see ``gradlab.data.resolve_data_dir``.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``...
         progress: show a tqdm bar of steps.
         on_epoch: called with each epoch's summary dict (for printing).
-        engine: one of ``ENGINES`` (see ``ENGINE_HELP``).
+        on_step: called with (steps done, steps in the run) every 50 steps and at epoch ends.
 
     A run whose loss becomes NaN/inf stops at the end of that epoch, returns ``diverged`` with the
     first bad step, and keeps the records up to that step. Any other exception during training
     returns ``failed`` with the records made so far (KeyboardInterrupt propagates).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r} is invalid: one of {', '.join(ENGINES)}")
     device = resolve_device(str(device))
     if data is None:
         data = load_data(config.dataset, data_dir, device=device, train_size=config.train_size,
                          standardize=config.standardize)
-    if engine == "fused":
-        return train_members([config], data, device, progress=progress, on_epoch=on_epoch)[0]
-    return _train_with_hooks(config, data, device, progress=progress, on_epoch=on_epoch)
+    run = train_autograd if config.engine == "autograd" else engine(config.engine)
+    return run(config, data, device, progress=progress, on_epoch=on_epoch, on_step=on_step)
+
+
+def engine(name: str) -> Callable[..., RunResult]:
+    """The training function of engine ``name`` (see ``ENGINES``), imported on first use."""
+    import importlib
+
+    if name not in ENGINES:
+        raise ValueError(f"engine={name!r} is invalid: one of autograd, {', '.join(ENGINES)}")
+    module, _, function = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
@@ -144,14 +148,12 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
                            weight_decay=config.weight_decay, foreach=True)
 
 
-def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
-                      progress: bool, on_epoch: Callable[[dict], None] | None) -> RunResult:
-    """The reference path: ``nn.Sequential``, autograd, ``torch.optim`` and the hook recorder.
-
-    ``train_members`` (the stacked engine, for ensembles) computes the same records by its own
-    backward pass; the tests hold the two to float tolerance.
-    """
-    model = _seeded_model(config, device)
+def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
+                   progress: bool = False, on_epoch: Callable[[dict], None] | None = None,
+                   on_step: Callable[[int, int], None] | None = None) -> RunResult:
+    """The reference engine: ``nn.Sequential``, autograd, ``torch.optim`` and the hook recorder,
+    as in PyTorch's MNIST example (see ``train`` for the arguments)."""
+    model = seeded_model(config, device)
     params = list(model.parameters())
     optimizer = make_optimizer(config, params)
     n = len(data.train)
@@ -159,10 +161,9 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
     total = steps_per_epoch * config.epochs
     schedule = recorded_steps(total, config.log_every, config.log_spaced)
     generator = torch.Generator().manual_seed(config.seed)
-    book = _Bookkeeping([config], [model], data, on_epoch, progress, total)
+    book = Bookkeeping([config], [model], data, on_epoch, progress, total, on_step)
     train_x, train_y = data.train.x, data.train.y
     predicted = torch.empty(n, dtype=torch.int64, device=device)
-    buffers = [None, None]  # gather_batches': each x is done with by the next step
     step = 0
     with book.training(), GradientRecorder(model, config.activation, schedule,
                                            optimizer=optimizer) as recorder:
@@ -173,7 +174,8 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
             first_step = step
             step_losses = []
             start = 0
-            for x, y in gather_batches(train_x, train_y, batches, buffers=buffers):
+            for batch in batches:
+                x, y = train_x[batch], train_y[batch]
                 recording = recorder.begin_step(step)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
@@ -194,7 +196,7 @@ def _train_with_hooks(config: RunConfig, data: Data, device: torch.device, *,
                 start = stop
                 step += 1
                 book.tick(step)
-            seconds = _seconds_since(t0, device)
+            seconds = seconds_since(t0, device)
             losses = torch.stack(step_losses).cpu().numpy()[:, None]
             correct = (predicted == train_y[torch.cat(batches)]).sum().cpu().numpy()[None]
             sizes = np.array([len(b) for b in batches], dtype=np.float64)
@@ -212,22 +214,25 @@ def _progress_bar(progress: bool, total: int):
     return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
 
 
-def _seconds_since(t0: float, device: torch.device) -> float:
+def seconds_since(t0: float, device: torch.device) -> float:
     """Wall seconds since ``t0`` once the device's queued work is done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
-class _Bookkeeping:
+class Bookkeeping:
     """What both training loops share: the progress bar, epoch ends (divergence, evaluation,
     rows), and turning a training error into ``failed`` results."""
 
     def __init__(self, configs, models, data, on_epoch, progress: bool = False, total: int = 0,
-                 first_layers: list | None = None, eval_batch: int = EVAL_BATCH):
+                 on_step: Callable[[int, int], None] | None = None,
+                 evaluators: list[Callable[[], tuple[float, float]]] | None = None):
         self.configs, self.models, self.data, self.on_epoch = configs, models, data, on_epoch
-        self.eval_batch = eval_batch
-        self.first_layers = first_layers or [None] * len(models)  # see evaluate()
+        self.on_step, self.total = on_step, total
+        # per member: its test loss and accuracy now (an engine may compute them its own way)
+        self.evaluators = evaluators or [
+            lambda model=model: evaluate(model, data.test) for model in models]
         self.rows: list[list[dict]] = [[] for _ in configs]
         self.frames: list[list[pd.DataFrame]] = [[] for _ in configs]
         self.out = [RunResult(c, "", epochs=pd.DataFrame(columns=list(EPOCH_COLUMNS)),
@@ -249,8 +254,11 @@ class _Bookkeeping:
                 self.bar.close()
 
     def tick(self, step: int) -> None:
-        if self.bar is not None and step % 50 == 0:
-            self.bar.update(50)
+        if step % 50 == 0:
+            if self.bar is not None:
+                self.bar.update(50)
+            if self.on_step is not None:
+                self.on_step(step, self.total)
 
     def epoch(self, epoch, first_step, step, frames, losses, correct, sizes, seconds) -> bool:
         """Close an epoch: ``losses`` is (steps, members), ``correct`` per member; returns
@@ -270,8 +278,7 @@ class _Bookkeeping:
             train_loss = float((losses[:, m].astype(np.float64) * sizes).sum() / n)
             train_acc = int(correct[m]) / n
             t1 = time.perf_counter()
-            test_loss, test_acc = evaluate(self.models[m], self.data.test, self.eval_batch,
-                                           first_layer=self.first_layers[m])
+            test_loss, test_acc = self.evaluators[m]()
             eval_seconds = time.perf_counter() - t1
             self.rows[m] += [
                 dict(epoch=epoch, split="train", step=step, loss=train_loss,
@@ -286,6 +293,8 @@ class _Bookkeeping:
                                "seconds": seconds})
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
+        if self.on_step is not None:
+            self.on_step(step, self.total)
         return bool(self.running)
 
     def fail(self, e: BaseException) -> None:
@@ -303,74 +312,3 @@ class _Bookkeeping:
             if self.frames[m]:
                 result.grads = pd.concat(self.frames[m], ignore_index=True)
         return self.out
-
-
-def train_members(
-    configs: list[RunConfig],
-    data: Data,
-    device: torch.device,
-    *,
-    progress: bool = False,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> list[RunResult]:
-    """Train configurations that differ only in ``seed`` together, as one ``StackedMLP``.
-
-    Each member has its own initialisation and its own batch order from its seed, exactly as
-    when trained alone; a member that diverges stops being recorded and evaluated at the end of
-    that epoch (its arithmetic goes on, unseen, until all members are done). ``seconds`` is the
-    wall time of the joint epoch.
-    """
-    config = configs[0]
-    models = [_seeded_model(c, device) for c in configs]
-    n = len(data.train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    schedule = recorded_steps(total, config.log_every, config.log_spaced)
-    per_epoch = np.bincount(schedule // steps_per_epoch, minlength=config.epochs)
-    engine = StackedMLP(models, config.activation, batch_size=config.batch_size,
-                        optimizer=config.optimizer, lr=config.lr,
-                        momentum=config.momentum, weight_decay=config.weight_decay,
-                        clip_grad_norm=config.clip_grad_norm, max_rows=int(per_epoch.max()),
-                        input_density=nonzero_fraction(data.train.x))
-    prepare = engine.list_nonzeros if engine.sparse else None
-    recorded = set(schedule.tolist())
-    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
-    # the test set's nonzeros listed once, for every evaluation
-    first_layers = engine.first_layers(data.test.x) if engine.sparse else None
-    eval_batch = STACKED_CPU_EVAL_BATCH if device.type == "cpu" else EVAL_BATCH
-    book = _Bookkeeping(configs, models, data, on_epoch, progress, total, first_layers,
-                        eval_batch)
-    step = 0
-    train_x, train_y = data.train.x, data.train.y
-    counted = engine.take_correct()  # None: the engine does not count right answers
-    buffers = [None, None]  # gather_batches': each x is done with by the next step
-    with book.training():
-        for epoch in range(1, config.epochs + 1):
-            t0 = time.perf_counter()
-            orders = [batch_order(n, config.batch_size, g, device) for g in generators]
-            first_step = step
-            step_losses, predictions, labels, steps = [], [], [], []
-            indices = [torch.stack(step_indices) for step_indices in zip(*orders, strict=True)]
-            # (members, batch, ...); x's nonzeros listed in the gather thread if they are used
-            for x, y, *nonzeros in gather_batches(train_x, train_y, indices, prepare=prepare,
-                                                  buffers=buffers):
-                record = step in recorded
-                losses, logits = engine.step(x, y, record, *nonzeros)
-                if record:
-                    steps.append(step)
-                step_losses.append(losses)
-                if counted is None:  # the engine does not count right answers: argmax here
-                    predictions.append(logits.argmax(-1))
-                    labels.append(y)
-                step += 1
-                book.tick(step)
-            seconds = _seconds_since(t0, device)
-            frames = engine.flush(steps, epoch)
-            losses = torch.stack(step_losses).cpu().numpy()  # (steps, members)
-            correct = counted = engine.take_correct()
-            if correct is None:
-                correct = (torch.cat(predictions, 1) == torch.cat(labels, 1)).sum(1).cpu().numpy()
-            sizes = np.array([len(b) for b in orders[0]], dtype=np.float64)
-            if not book.epoch(epoch, first_step, step, frames, losses, correct, sizes, seconds):
-                break
-    return book.results(step)

@@ -88,7 +88,7 @@ def test_fashion_mnist_from_debian(tmp_path):
 def test_gather_batches_gives_each_steps_rows_threaded_or_not():
     import torch
 
-    from gradlab.data import PREFETCH_STEPS, gather_batches
+    from gradlab.engines.batches import PREFETCH_STEPS, gather_batches
 
     x = torch.arange(300 * 3, dtype=torch.float32).view(300, 3)
     y = torch.arange(300)
@@ -105,7 +105,7 @@ def test_gather_batches_gives_each_steps_rows_threaded_or_not():
 def test_gather_batches_prepares_each_group_in_alternating_slots():
     import torch
 
-    from gradlab.data import PREFETCH_STEPS, gather_batches
+    from gradlab.engines.batches import PREFETCH_STEPS, gather_batches
 
     x = torch.arange(200 * 3, dtype=torch.float32).view(200, 3)
     y = torch.arange(200)
@@ -133,7 +133,7 @@ def test_gather_batches_prepares_each_group_in_alternating_slots():
 def _gather_in_child(queue):
     import torch
 
-    from gradlab.data import gather_batches
+    from gradlab.engines.batches import gather_batches
 
     x = torch.arange(40.0).view(20, 2)
     got = list(gather_batches(x, torch.arange(20), [torch.arange(i, i + 2) for i in range(10)],
@@ -147,7 +147,7 @@ def test_gather_batches_one_worker_thread_reused_after_an_early_stop_and_in_a_fo
 
     import torch
 
-    from gradlab.data import gather_batches
+    from gradlab.engines.batches import gather_batches
 
     x = torch.arange(300.0).view(100, 3)
     indices = [torch.arange(i, i + 2) for i in range(0, 100, 2)]
@@ -170,7 +170,7 @@ def test_gather_batches_one_worker_thread_reused_after_an_early_stop_and_in_a_fo
 
 @pytest.mark.parametrize("threaded", [True, False])
 def test_gather_batches_into_reused_buffers(threaded):
-    from gradlab.data import gather_batches
+    from gradlab.engines.batches import gather_batches
 
     x = torch.randn(500, 7)
     y = torch.arange(500)

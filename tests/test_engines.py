@@ -1,5 +1,7 @@
 """``--engine fused`` against ``--engine autograd``: the same runs, records equal to rounding."""
 
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -8,7 +10,7 @@ from click.testing import CliRunner
 
 import gradlab
 from gradlab.cli import cli
-from gradlab.config import make_config
+from gradlab.config import ConfigError, make_config
 from gradlab.train import train
 
 NORMS = ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
@@ -27,7 +29,7 @@ def invoke(*args):
 def test_train_engines_agree(tiny_data, options):
     config = make_config(depth=3, widths=(24, 16), epochs=2, batch_size=32, lr=0.1, **options)
     ref = train(config, data=tiny_data, device="cpu")
-    fast = train(config, data=tiny_data, device="cpu", engine="fused")
+    fast = train(dataclasses.replace(config, engine="fused"), data=tiny_data, device="cpu")
     assert ref.status == fast.status == "complete"
     assert fast.grads[["step", "epoch", "layer"]].equals(ref.grads[["step", "epoch", "layer"]])
     for column in NORMS:
@@ -40,9 +42,21 @@ def test_train_engines_agree(tiny_data, options):
     np.testing.assert_allclose(fast.epochs["accuracy"], ref.epochs["accuracy"], atol=0.02)
 
 
-def test_train_refuses_an_unknown_engine(tiny_data):
-    with pytest.raises(ValueError, match="engine='jit' is invalid: one of autograd, fused"):
-        train(make_config(depth=2, widths=(8,), epochs=1), data=tiny_data, engine="jit")
+def test_config_refuses_an_unknown_engine():
+    with pytest.raises(ConfigError, match="engine='jit' is invalid: one of autograd, fused"):
+        make_config(depth=2, widths=(8,), epochs=1, engine="jit")
+
+
+def test_engine_is_part_of_the_run_id_only_when_not_the_default():
+    """Configs made before the engine field keep their ids; a fused run gets its own."""
+    config = make_config(depth=3, widths=(24, 16), epochs=2)
+    assert config.run_id() == make_config(depth=3, widths=(24, 16), epochs=2,
+                                           engine="autograd").run_id()
+    assert dataclasses.replace(config, engine="fused").run_id() != config.run_id()
+    # the id of the tutorial's net as version 1 hashed it (before the engine field existed)
+    payload = json.dumps({"v": 1, **{k: v for k, v in config.to_dict().items()
+                                     if k != "engine"}}, sort_keys=True)
+    assert config.run_id() == hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):
@@ -50,13 +64,14 @@ def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):
     r = invoke("train", *args, "--out", tmp_path / "a", "--engine", "fused", "--quiet")
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "a" / "runs").iterdir()
-    provenance = json.loads((run / "config.json").read_text())["provenance"]
-    assert provenance["engine"] == "fused" and provenance["threads"] == 1
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["config"]["engine"] == "fused" and meta["provenance"]["threads"] == 1
     r = invoke("sweep", "--depths", "2,3", "--widths", 8, "--epochs", 1, "--data-dir",
                fake_mnist, "--out", tmp_path / "b", "--engine", "fused", "--jobs", 1)
     assert r.exit_code == 0, r.output
     results = gradlab.load(tmp_path / "b")
     assert len(results.runs) == 2 and (results.runs["status"] == "complete").all()
+    assert (results.runs["engine"] == "fused").all()
     bad = CliRunner().invoke(cli, ["train", *map(str, args), "--out", str(tmp_path / "c"),
                                    "--engine", "jit"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from gradlab.config import ConfigError, make_config
-from gradlab.ensemble import train_ensemble
-from gradlab.train import train, train_members
+from gradlab.engines.ensemble import train_ensemble
+from gradlab.engines.members import train_members
+from gradlab.train import train
 
 NUMERIC = ["loss", "accuracy"]
 
@@ -70,7 +71,7 @@ def test_a_diverging_member_does_not_disturb_the_others(tiny_data):
 
 def test_groups_on_cpu(tiny_data, monkeypatch):
     """Runs too large to stack in one cache-sized group are trained in groups, in order."""
-    monkeypatch.setattr("gradlab.ensemble.CPU_GROUP_BYTES", 2 * 8 * 26_506)  # two members
+    monkeypatch.setattr("gradlab.engines.ensemble.CPU_GROUP_BYTES", 2 * 8 * 26_506)  # two members
     runs = configs([0, 1, 2, 3, 4], epochs=1)
     results = train_ensemble(runs, data=tiny_data, device="cpu")
     assert [r.extra["ensemble_size"] for r in results] == [2, 2, 2, 2, 1]

@@ -1,4 +1,4 @@
-"""The numba kernels of ``gradlab.fused`` against the eager PyTorch steps they replace."""
+"""The numba kernels of ``gradlab.engines.fused`` against the eager PyTorch steps they replace."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gradlab import fused
+from gradlab.engines import fused
+from gradlab.engines.stacked import StackedMLP
 from gradlab.models import build_mlp
-from gradlab.stacked import StackedMLP
 
 SIZES = (784, 37, 29, 10)
 
@@ -108,11 +108,12 @@ def test_sgd_step_norms_keeps_inf_and_nan_and_skips_unlisted_elements():
 def test_without_numba_the_engine_falls_back_to_eager(monkeypatch):
     import sys
 
-    import gradlab
+    import gradlab.engines
 
-    monkeypatch.setitem(sys.modules, "gradlab.fused", None)  # import raises ImportError
-    monkeypatch.delattr(gradlab, "fused")
-    fast, eager = engines("sigmoid")
+    monkeypatch.setitem(sys.modules, "gradlab.engines.fused", None)  # import raises ImportError
+    monkeypatch.delattr(gradlab.engines, "fused")
+    with pytest.warns(UserWarning, match=r"eager PyTorch path.*pip install 'gradlab\[fast\]'"):
+        fast, eager = engines("sigmoid")
     assert fast._fused is None and not fast._fused_sgd
     for x, y in batches(3, 2):
         assert torch.equal(fast.step(x, y, True)[0], eager.step(x, y, True)[0])
@@ -250,8 +251,7 @@ def test_head_equals_the_last_layers_torch_step():
 
 @pytest.mark.parametrize("activation", sorted(fused.CODES))
 def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
-    from gradlab.models import ACTIVATIONS, LEAKY_SLOPE
-    from gradlab.stacked import ACTIVATION_KERNELS
+    from gradlab.activations import ACTIVATIONS, LEAKY_SLOPE
 
     g = torch.Generator().manual_seed(1)
     batch, width, classes = 6, 21, 10
@@ -273,7 +273,7 @@ def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
         out[code] = (torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh,
                      torch.from_numpy(grads[len(params):]))
     dh = torch.from_numpy(out[-1][1]).view(batch, width)
-    want = ACTIVATION_KERNELS[activation][2](dh, h, torch.empty_like(dh))
+    want = ACTIVATIONS[activation].backward(dh, h, torch.empty_like(dh))
     torch.testing.assert_close(out[fused.CODES[activation]][0], want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out[fused.CODES[activation]][2], want.sum(0), rtol=1e-5,
                                atol=1e-6)

@@ -1,14 +1,18 @@
-"""The sparse first layer (``gradlab.sparse``) against dense products and the dense engine."""
+"""The sparse first layer (``gradlab.engines.sparse``) against dense products and the dense
+engine."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from gradlab import sparse
 from gradlab.config import make_config
-from gradlab.data import Data, Split, nonzero_fraction
+from gradlab.data import Data, Split
+from gradlab.engines import sparse
+from gradlab.engines.batches import nonzero_fraction
+from gradlab.engines.stacked import StackedMLP
 from gradlab.models import build_mlp, linear_layers
-from gradlab.stacked import StackedMLP
 from gradlab.train import train
 from tests.test_fused import assert_records_close, engine_pair
 
@@ -180,8 +184,8 @@ def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
     data = sparse_data()
     config = make_config(depth=3, widths=(32, 24), activation="tanh", batch_size=32, epochs=2,
                          lr=0.2, log_every=1)
-    fused = train(config, data=data, engine="fused")
-    reference = train(config, data=data, engine="autograd")
+    fused = train(dataclasses.replace(config, engine="fused"), data=data)
+    reference = train(config, data=data)
     assert len(calls) == 12 + 2  # every step (2 epochs of 6), and each epoch's evaluation
     for column in ("loss", "accuracy"):
         np.testing.assert_allclose(fused.epochs[column], reference.epochs[column], rtol=1e-5)
@@ -191,7 +195,7 @@ def test_train_fused_on_sparse_inputs_records_as_autograd(monkeypatch):
 
 @pytest.mark.parametrize("threaded", [True, False])
 def test_nonzeros_listed_in_the_gather_thread_equal_those_listed_in_the_step(threaded):
-    from gradlab.data import gather_batches
+    from gradlab.engines.batches import gather_batches
 
     data = sparse_data(n_train=40 * 24 + 5)  # 40 full steps of 2 members and a short one
     pair = []

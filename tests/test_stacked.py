@@ -8,9 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradlab.config import ACTIVATIONS as ACT_NAMES
+from gradlab.engines.stacked import StackedMLP
 from gradlab.models import build_mlp, linear_layers
 from gradlab.record import COLUMNS, GradientRecorder
-from gradlab.stacked import StackedMLP
 from tests.test_record import reference
 
 

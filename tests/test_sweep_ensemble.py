@@ -36,7 +36,8 @@ def test_seed_groups_keep_grid_order():
 def test_ensemble_sweep_matches_the_runs_trained_alone(fake_mnist, tmp_path):
     r = sweep(fake_mnist, tmp_path / "ens", "--ensemble")
     assert r.exit_code == 0, r.output
-    assert sweep(fake_mnist, tmp_path / "solo").exit_code == 0
+    # the same runs (same ids: the config's engine is fused) trained one at a time
+    assert sweep(fake_mnist, tmp_path / "solo", "--engine", "fused").exit_code == 0
     ens, solo = store.load(tmp_path / "ens"), store.load(tmp_path / "solo")
     assert len(ens.runs) == 12 and (ens.runs["status"] == "complete").all()
     keys = {"grads": ["run_id", "step", "layer"], "epochs": ["run_id", "epoch", "split"]}
@@ -50,7 +51,7 @@ def test_ensemble_sweep_matches_the_runs_trained_alone(fake_mnist, tmp_path):
             np.testing.assert_allclose(a[column], b[column], rtol=1e-4, atol=1e-7,
                                        err_msg=f"{frame}.{column}")
     meta = json.loads(next((tmp_path / "ens" / "runs").glob("*/config.json")).read_text())
-    assert meta["provenance"]["engine"] == "ensemble"
+    assert meta["config"]["engine"] == "fused" and meta["provenance"]["ensemble"] == 3
     again = sweep(fake_mnist, tmp_path / "ens", "--ensemble")
     assert again.exit_code == 0 and "12 already finished" in again.output
 
@@ -68,12 +69,12 @@ def test_a_locked_run_is_left_out_of_its_ensemble(fake_mnist, tmp_path):
 
 
 def test_a_failed_ensemble_stores_each_run_as_failed(fake_mnist, tmp_path, monkeypatch):
-    import gradlab.ensemble
+    import gradlab.engines.ensemble
 
     def broken(configs, **kwargs):
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(gradlab.ensemble, "train_ensemble", broken)
+    monkeypatch.setattr(gradlab.engines.ensemble, "train_ensemble", broken)
     r = sweep(fake_mnist, tmp_path, "--ensemble")
     assert r.exit_code == 1 and "Traceback" not in r.output
     runs = store.load(tmp_path).runs
@@ -101,7 +102,7 @@ def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, executor):
 
 
 def test_ensemble_tasks_cut_seed_groups_to_the_cpu_group_size():
-    from gradlab.ensemble import group_size
+    from gradlab.engines.ensemble import group_size
     from gradlab.sweep import ensemble_tasks
 
     size = group_size(make_config(depth=3, widths=(128, 256)), __import__("torch").device("cpu"))

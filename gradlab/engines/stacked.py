@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from typing import NamedTuple
 
@@ -35,8 +36,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .models import ACTIVATIONS, LEAKY_SLOPE, linear_layers
-from .record import (
+from ..activations import LEAKY_SLOPE, get
+from ..compat import version
+from ..models import linear_layers
+from ..record import (
     CHUNK_BYTES,
     SATURATION,
     activation_stats,
@@ -45,32 +48,8 @@ from .record import (
     hidden_segments,
 )
 
-aten = torch.ops.aten
 _listed = None  # (weak reference to x, its version, lists): StackedMLP.first_layers' last x
 SEGMENT = 256  # floats per row of the norm view; every block starts at a multiple of it
-
-# For each activation: whether its backward reads its output a ("output") or its input z
-# ("input"); for "output", f(z) written into ``out``; dL/dz from dL/da = g written into ``out``.
-# The kernels are those of the nn modules and of autograd's formulas.
-ACTIVATION_KERNELS = {
-    "sigmoid": ("output", lambda z, out: torch.sigmoid(z, out=out),
-                lambda g, a, out: aten.sigmoid_backward.grad_input(g, a, grad_input=out)),
-    "tanh": ("output", lambda z, out: torch.tanh(z, out=out),
-             lambda g, a, out: aten.tanh_backward.grad_input(g, a, grad_input=out)),
-    "relu": ("output", lambda z, out: aten.relu.out(z, out=out),
-             lambda g, a, out: aten.threshold_backward.grad_input(g, a, 0, grad_input=out)),
-    "leaky_relu": ("output", lambda z, out: aten.leaky_relu.out(z, LEAKY_SLOPE, out=out),
-                   lambda g, a, out: aten.leaky_relu_backward.grad_input(
-                       g, a, LEAKY_SLOPE, True, grad_input=out)),
-    "elu": ("output", lambda z, out: aten.elu.out(z, 1.0, 1, 1, out=out),
-            lambda g, a, out: aten.elu_backward.grad_input(g, 1.0, 1, 1, True, a,
-                                                           grad_input=out)),
-    "gelu": ("input", None,
-             lambda g, z, out: aten.gelu_backward.grad_input(g, z, grad_input=out)),
-    "silu": ("input", None, lambda g, z, out: aten.silu_backward.grad_input(g, z, grad_input=out)),
-    "softsign": ("input", None,
-                 lambda g, z, out: torch.mul(g, ACTIVATIONS["softsign"].derivative(z), out=out)),
-}
 
 
 def _padded(numel: int) -> int:
@@ -229,9 +208,10 @@ class StackedMLP:
                     lin.bias.data = self.b[layer][m]
         self._Wt = [w.transpose(1, 2) for w in self.W]
         self._b3 = [b.unsqueeze(1) for b in self.b]
-        self.activation = ACTIVATIONS[activation]
+        self.activation = get(activation)
         self._act = self.activation.module()
-        self._saves, self._act_into, self._backward = ACTIVATION_KERNELS[activation]
+        self._saves = self.activation.saves
+        self._act_into, self._backward = self.activation.forward_into, self.activation.backward
         self._derivative = derivative_into(activation, self._saves == "output")
         self._segments = hidden_segments([int(w) for w in self.widths[:-1]], self.device)
         self._kw = dict(device=self.device, dtype=self.dtype)
@@ -262,14 +242,16 @@ class StackedMLP:
             return None
         try:
             from . import fused
-        except (ImportError, OSError, RuntimeError):  # numba missing or broken: eager, slower
+        except (ImportError, OSError, RuntimeError) as e:  # numba missing or broken: eager
+            warnings.warn(f"the fused engine runs its eager PyTorch path, without its numba "
+                          f"kernels ({type(e).__name__}: {e}); pip install 'gradlab[fast]' "
+                          f"for them", stacklevel=2)
             return None
         n = self.depth
         self._fused_sgd = (self._adam is None and self.momentum == 0 and self.weight_decay == 0
                            and self.clip is None)
         self._bounds = np.cumsum([0, *self.widths[:-1]]).astype(np.int64)
-        if self._saves == "output" and activation in fused.CODES:
-            self._stats_code = fused.CODES[activation]
+        self._stats_code = self.activation.code
         self._fused_stats = self._fused_sgd and self._stats_code is not None and n > 1
         # fused.head also takes the layer below's f' when it is a function of h, its output
         self._head_code = self._stats_code if self._stats_code is not None else -1
@@ -543,14 +525,14 @@ class StackedMLP:
         unchanged, for the next engine: the groups of an ensemble share a test set)."""
         global _listed
         count, features = x.shape
-        if _listed is not None and _listed[0]() is x and _listed[1] == x._version:
+        if _listed is not None and _listed[0]() is x and _listed[1] == version(x):
             lists = _listed[2]
         else:
             lists = self._sparse.list_nonzeros(
                 x.reshape(-1).numpy(), features, self._sparse.buffers(count, features,
                                                                       self._density),
                 np.array([0, count], dtype=np.int64), columns=False)
-            _listed = (weakref.ref(x), x._version, lists)
+            _listed = (weakref.ref(x), version(x), lists)
         width = int(self.widths[0])
 
         def first_layer(start: int, stop: int, member: int) -> torch.Tensor:

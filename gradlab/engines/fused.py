@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..activations import ACTIVATIONS
 from .simd import (
     LANES,
     add,
@@ -43,9 +44,11 @@ from .simd import (
 _FLAGS = {"reassoc", "contract"}
 TILE = 2048  # floats summed in float32 before they are added to a float64 total
 
-# activation codes of ``activation_stats`` (f' as a function of the output a = f(z))
-SIGMOID, TANH, RELU, LEAKY_RELU, ELU = range(5)
-CODES = {"sigmoid": SIGMOID, "tanh": TANH, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU}
+# activation codes of ``activation_stats`` (f' as a function of the output a = f(z)): the
+# registry's ``code`` of each activation that has one
+CODES = {a.name: a.code for a in ACTIVATIONS.values() if a.code is not None}
+SIGMOID, TANH, RELU, LEAKY_RELU, ELU = (CODES[name] for name in (
+    "sigmoid", "tanh", "relu", "leaky_relu", "elu"))
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)

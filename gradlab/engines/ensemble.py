@@ -20,9 +20,10 @@ import dataclasses
 
 import torch
 
-from .config import ConfigError, RunConfig
-from .data import Data
-from .train import RunResult, resolve_device, train_members
+from ..config import ConfigError, RunConfig
+from ..data import Data
+from ..train import RunResult, resolve_device
+from .members import train_members
 
 CPU_GROUP_BYTES = 8 << 20
 

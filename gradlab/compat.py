@@ -1,0 +1,68 @@
+"""The few PyTorch internals gradlab uses, each behind one function with a public fallback.
+
+Private APIs can change between releases; here they are in one place, each tested
+(``tests/test_compat.py``), so a new torch breaks at most this module and only in speed: every
+function falls back to public operations when the private one is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_aten = getattr(torch.ops, "aten", None)
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each tensor: one fused call (``torch._foreach_norm``) where it exists."""
+    fused = getattr(torch, "_foreach_norm", None)
+    if fused is not None:
+        return list(fused(tensors))
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``t.copy_(s)`` for each pair, fused where torch has ``_foreach_copy_``."""
+    fused = getattr(torch, "_foreach_copy_", None)
+    if fused is not None:
+        fused(targets, sources)
+        return
+    for t, s in zip(targets, sources, strict=True):
+        t.copy_(s)
+
+
+def foreach_sub(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``x - y`` for each pair, fused where torch has ``_foreach_sub``."""
+    fused = getattr(torch, "_foreach_sub", None)
+    if fused is not None:
+        return list(fused(a, b))
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def version(tensor: torch.Tensor) -> int:
+    """A counter that changes whenever ``tensor`` is modified in place (autograd's own);
+    -1 where torch does not expose it (then callers must assume a change)."""
+    return getattr(tensor, "_version", -1)
+
+
+def _aten_op(name: str, overload: str):
+    packet = getattr(_aten, name, None) if _aten is not None else None
+    return getattr(packet, overload, None) if packet is not None else None
+
+
+def backward_into(name: str, *args, out: torch.Tensor, fallback) -> torch.Tensor:
+    """An activation's backward kernel ``aten.<name>.grad_input(*args)`` written into ``out``
+    (the kernel autograd itself runs, so the bits match autograd's); ``fallback()`` computes the
+    same value with public ops where the kernel is missing."""
+    op = _aten_op(name, "grad_input")
+    if op is not None:
+        return op(*args, grad_input=out)
+    return out.copy_(fallback())
+
+
+def forward_into(name: str, z: torch.Tensor, *args, out: torch.Tensor, fallback) -> torch.Tensor:
+    """The activation ``aten.<name>.out(z, *args)`` written into ``out`` (no new tensor);
+    ``fallback()`` where the kernel is missing."""
+    op = _aten_op(name, "out")
+    if op is not None:
+        return op(z, *args, out=out)
+    return out.copy_(fallback())

@@ -1,0 +1,13 @@
+"""Optional fast training engines for ``build_mlp`` networks (``pip install 'gradlab[fast]'``).
+
+The core (``gradlab.train``) imports an engine only when a run's config names it
+(``RunConfig.engine``): ``fused`` is ``members.train_one``. Modules:
+
+* ``stacked``: ``StackedMLP``, members of one architecture trained in lockstep by a hand-written
+  backward pass on one flat buffer, recording the same columns as ``GradientRecorder``;
+* ``fused``, ``sparse``, ``simd``: numba kernels for it on a CPU (the SGD update with the norms,
+  the classifier layer in one pass, a first layer that skips zero pixels; a 16-float vector type);
+* ``batches``: batches gathered ahead in a worker thread, into reused buffers;
+* ``members``: the training loop (``train_members``, ``train_one``);
+* ``ensemble``: the seeds of one configuration trained together (``gradlab sweep --ensemble``).
+"""
