@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .options import grid_from_options, sweep_options, train_options
+from .startup import Terminated
 
 # Errors the library raises for bad input; each message is one line. Imported lazily by name so
 # that this module stays light.
@@ -26,12 +27,6 @@ class Interrupted(Exception):
     def __init__(self, code: int = 130):
         super().__init__(code)
         self.code = code
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers and ``timeout`` send), raised where Ctrl-C would be, so that
-    both stop a command the same way: writers clean up, workers are stopped, finished runs
-    are kept."""
 
 
 def _terminate(signum, frame):

@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+from .startup import Terminated
 from .tasks import Progress, Task, failed, run_task
 
 EXECUTORS = ("local", "ray")
@@ -178,19 +179,32 @@ def check_ray_address(address: str) -> None:
 
 
 def start_ray(ray, address: str | None, cpus: int) -> None:
-    """Connect to the cluster at ``address``, or start a local instance of ``cpus`` CPUs."""
+    """Connect to the cluster at ``address``, or start a local instance of ``cpus`` CPUs.
+
+    ``ray.init`` sets its own SIGTERM handler (``sys.exit(15)``); the command's own is put
+    back, and a SIGTERM during ``ray.init`` is raised as ``Terminated``, so that SIGTERM stops
+    a Ray sweep as Ctrl-C does."""
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         if address:
             check_ray_address(address)
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    except SystemExit as e:
+        if e.code == signal.SIGTERM:  # Ray's handler
+            raise Terminated() from None
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         if isinstance(e, SweepError):
             raise
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SweepError(f"cannot start Ray{f' at {address}' if address else ''}: "
                          f"{line}") from None
+    finally:
+        if main and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def run_ray(tasks: list[Task], jobs: int, address: str | None,
@@ -203,10 +217,10 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None,
     """
     ray = import_ray()
     started = not ray.is_initialized()
-    if started:
-        # a local instance sized so that ``jobs`` runs of ``threads`` CPUs fit at once
-        start_ray(ray, address, jobs * tasks[0].threads)
     try:
+        if started:
+            # a local instance sized so that ``jobs`` runs of ``threads`` CPUs fit at once
+            start_ray(ray, address, jobs * tasks[0].threads)
         uses_gpu = any(t.device.startswith("cuda") for t in tasks)
         # each task asks for its torch threads' worth of CPUs (a GPU task for a GPU instead, so
         # that GPUs set the pace); on a cluster, its capacity decides how many run at once

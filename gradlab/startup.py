@@ -13,6 +13,12 @@ import signal
 import sys
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``timeout`` send), raised where Ctrl-C would be, so that
+    both stop a command the same way: writers clean up, workers are stopped, finished runs
+    are kept (``gradlab.cli`` installs the handler that raises it)."""
+
+
 def started_as_command() -> bool:
     """Whether this process is the ``gradlab`` console script or ``python -m gradlab``."""
     argv = getattr(sys, "orig_argv", [])
