@@ -156,22 +156,28 @@ def test_flush_checks_the_step_count():
         engine.step(torch.rand(1, 4, 784), torch.randint(0, 10, (1, 4)), record=True)
 
 
-def test_block_norms_fallback_path_and_nonfinite_blocks():
-    """The index_add_ path (devices without segment_reduce) equals the segment_reduce path, and
-    an inf in one member's block leaves the others' norms finite."""
+def test_block_norms_paths_agree_and_keep_nonfinite_blocks_apart():
+    """The numba path (a CPU with the kernels), the segment_reduce path and the index_add_ path
+    (devices without segment_reduce) give the same float64 squared norms, and an inf in one
+    member's block leaves the others' norms finite."""
     models = members("relu", (784, 12, 10), [0, 1])
     engine = StackedMLP(models, "relu", batch_size=8, max_rows=2)
     x, y = torch.rand(2, 8, 784), torch.randint(0, 10, (2, 8))
     engine.step(x, y, record=True)
     views = engine._batch_views(8)
-    fast = torch.empty(views.norms.order.shape[0])
-    views.norms(engine._flat, fast)
-    views.norms._ids = torch.repeat_interleave(torch.arange(views.norms.count),
-                                               views.norms.lengths)
-    slow = torch.empty_like(fast)
-    views.norms(engine._flat, slow)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+    norms, flat = views.norms, engine.buffer.flat
+    assert norms.kernels is not None
+    fast = torch.empty(norms.order.shape[0], dtype=torch.float64)
+    norms(flat, fast)
+    norms.kernels = None
+    reduced = torch.empty_like(fast)
+    norms(flat, reduced)
+    norms.ids = torch.repeat_interleave(torch.arange(norms.count), norms.lengths)
+    added = torch.empty_like(fast)
+    norms(flat, added)
+    torch.testing.assert_close(fast, reduced, rtol=1e-6, atol=0)  # float32 sums per tile
+    torch.testing.assert_close(reduced, added, rtol=1e-12, atol=0)
     engine.W[0][1, 0, 0] = float("inf")
-    views.norms(engine._flat, slow)
-    per_member = slow.view(2, -1)
+    norms(flat, added)
+    per_member = added.view(2, -1)
     assert torch.isfinite(per_member[0]).all() and not torch.isfinite(per_member[1]).all()
