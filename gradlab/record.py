@@ -2,7 +2,7 @@
 
 The statistics live in device buffers indexed by a host-side counter, so the step loop never waits
 for the device; ``flush()`` copies them to the host once, at an epoch end, as tidy rows.
-``gradlab.watch`` (``watch.py``) drives this recorder from PyTorch's own hooks instead of calls.
+``gradlab.watch`` (``watcher.py``) drives this recorder from PyTorch's own hooks instead of calls.
 
 Which layers: every ``nn.Linear`` by default, ``nn.Conv1d/2d`` or a name predicate on request
 (``layers.select``). Each carries its qualified name (``layer_name``); ``layer`` numbers them by
@@ -510,6 +510,10 @@ class GradientRecorder:
     def layer_order(self) -> list[int]:
         """Indices into ``names`` by first call in the forward pass (never called: last)."""
         return self._order + [i for i in range(len(self.linears)) if i not in self._order]
+
+    def pending(self) -> int:
+        """The number of recorded steps not yet flushed."""
+        return len(self._numel)
 
     def flush(self, epoch: int = 0) -> pd.DataFrame:
         """Move the buffered rows to the host as a tidy frame (one row per step and layer)."""
