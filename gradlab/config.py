@@ -39,7 +39,7 @@ RECORD_VERSION = 1
 # Fields added after version 1's configs were first hashed: each enters ``run_id``'s hash only
 # when it differs from its default, so that every earlier config keeps its id (and the
 # committed experiments their runs).
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd"}
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "applied_updates": False}
 
 
 class ConfigError(ValueError):
@@ -133,6 +133,7 @@ class RunConfig:
     log_every: int = 1
     log_spaced: bool = False
     engine: str = "autograd"
+    applied_updates: bool = False  # record applied_update_ratio (a weight copy per step)
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -170,6 +171,8 @@ class RunConfig:
         if not isinstance(self.log_spaced, bool):
             _fail("log_spaced", self.log_spaced, "true or false")
         _check_choice("engine", self.engine, ENGINES)
+        if not isinstance(self.applied_updates, bool):
+            _fail("applied_updates", self.applied_updates, "true or false")
         for name in ("lr", "momentum", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
             if value is not None:

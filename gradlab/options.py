@@ -98,6 +98,10 @@ RUN_OPTIONS: tuple[Opt, ...] = (
 )
 
 
+APPLIED_HELP = ("also record applied_update_ratio, the change of the weights as stored "
+                "(costs a weight copy per recorded step)")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -122,6 +126,8 @@ def train_options(command):
     command = click.option("--log-spaced", is_flag=True, default=False,
                            help="record about 20 log-spaced steps per decade instead of "
                                 "every --log-every steps (for long runs)")(command)
+    command = click.option("--applied-updates", is_flag=True, default=False,
+                           help=APPLIED_HELP)(command)
     return command
 
 
@@ -143,10 +149,13 @@ def sweep_options(command):
                            help="standardise inputs instead of only scaling to [0,1]")(command)
     command = click.option("--log-spaced", is_flag=True, default=False,
                            help="record log-spaced steps (see gradlab train --help)")(command)
+    command = click.option("--applied-updates", is_flag=True, default=False,
+                           help=APPLIED_HELP)(command)
     return command
 
 
 def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:
     """The run-option values of a parsed command as a grid (field -> value or list)."""
-    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced"}
+    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced",
+                                                  "applied_updates"}
     return {k: v for k, v in values.items() if k in keys and v is not None}

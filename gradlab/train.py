@@ -166,7 +166,8 @@ def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
     predicted = torch.empty(n, dtype=torch.int64, device=device)
     step = 0
     with book.training(), GradientRecorder(model, config.activation, schedule,
-                                           optimizer=optimizer) as recorder:
+                                           optimizer=optimizer,
+                                           applied_updates=config.applied_updates) as recorder:
         model.train()
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()

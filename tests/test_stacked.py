@@ -58,7 +58,7 @@ def test_gradients_and_records_match_autograd(activation, depth):
     losses, _ = engine.step(x, y, record=True)
     frames = engine.flush([0], epoch=1)
     for i, model in enumerate(models):
-        assert list(frames[i].columns) == ["step", "epoch", "layer", *COLUMNS]
+        assert list(frames[i].columns) == ["step", "epoch", "layer", "layer_name", *COLUMNS]
         assert losses[i].item() == pytest.approx(expected[i][0]["loss"], rel=1e-6)
         for layer in range(depth):
             for k, stacked in enumerate((engine.gW[layer][i], engine.gb[layer][i])):
