@@ -39,7 +39,12 @@ RECORD_VERSION = 1
 # Fields added after version 1's configs were first hashed: each enters ``run_id``'s hash only
 # when it differs from its default, so that every earlier config keeps its id (and the
 # committed experiments their runs).
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd"}
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "loss": "cross_entropy",
+                                      "dist_every": 0, "dist_log_spaced": False}
+# The training loss. ``sigmoid_bce``: sigmoid outputs with the binary cross-entropy summed over
+# the 10 outputs and averaged over the batch, the cost of Nielsen's network2.py (its
+# CrossEntropyCost), so that gradients compare with his book's in absolute value.
+LOSSES = ("cross_entropy", "sigmoid_bce")
 
 
 class ConfigError(ValueError):
@@ -133,6 +138,9 @@ class RunConfig:
     log_every: int = 1
     log_spaced: bool = False
     engine: str = "autograd"
+    loss: str = "cross_entropy"
+    dist_every: int = 0
+    dist_log_spaced: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -170,6 +178,15 @@ class RunConfig:
         if not isinstance(self.log_spaced, bool):
             _fail("log_spaced", self.log_spaced, "true or false")
         _check_choice("engine", self.engine, ENGINES)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_int("dist_every", self.dist_every, 0)
+        if not isinstance(self.dist_log_spaced, bool):
+            _fail("dist_log_spaced", self.dist_log_spaced, "true or false")
+        if self.engine != "autograd" and (self.dist_every or self.loss != "cross_entropy"):
+            what = "dist_every" if self.dist_every else "loss"
+            _fail("engine", self.engine, f"{what}={getattr(self, what)!r} needs engine "
+                  f"'autograd' (the fused engine records no distributions and trains with "
+                  f"cross_entropy only)")
         for name in ("lr", "momentum", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
             if value is not None:

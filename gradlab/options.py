@@ -14,6 +14,7 @@ from .config import (
     ACTIVATIONS,
     BIAS_INITS,
     DATASETS,
+    LOSSES,
     MAX_DEPTH,
     MAX_EPOCHS,
     MAX_WIDTH,
@@ -95,7 +96,13 @@ RUN_OPTIONS: tuple[Opt, ...] = (
     Opt("train_size", click.IntRange(1), "use only the first N training examples "
         "[default: all]"),
     Opt("log_every", click.IntRange(0), "record gradients every N steps (0: off)"),
+    Opt("loss", click.Choice(LOSSES), "training loss: cross_entropy (softmax), or sigmoid_bce "
+        "(sigmoid outputs, binary cross-entropy summed over the outputs: Nielsen's network2.py)"),
+    Opt("dist_every", click.IntRange(0), "record distributions (quantiles and histograms of "
+        "activations, dL/dz and dL/dW per layer; dists.parquet) every N steps (0: off)"),
 )
+DIST_SPACED_HELP = ("record distributions at about 20 log-spaced steps per decade instead of "
+                    "every --dist-every steps")
 
 
 def _flag(name: str) -> str:
@@ -122,6 +129,8 @@ def train_options(command):
     command = click.option("--log-spaced", is_flag=True, default=False,
                            help="record about 20 log-spaced steps per decade instead of "
                                 "every --log-every steps (for long runs)")(command)
+    command = click.option("--dist-log-spaced", is_flag=True, default=False,
+                           help=DIST_SPACED_HELP)(command)
     return command
 
 
@@ -143,10 +152,13 @@ def sweep_options(command):
                            help="standardise inputs instead of only scaling to [0,1]")(command)
     command = click.option("--log-spaced", is_flag=True, default=False,
                            help="record log-spaced steps (see gradlab train --help)")(command)
+    command = click.option("--dist-log-spaced", is_flag=True, default=False,
+                           help=DIST_SPACED_HELP)(command)
     return command
 
 
 def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:
     """The run-option values of a parsed command as a grid (field -> value or list)."""
-    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced"}
+    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced",
+                                                  "dist_log_spaced"}
     return {k: v for k, v in values.items() if k in keys and v is not None}

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from .config import CONFIG_FIELDS, ConfigError, RunConfig, make_config
 
 RUNS = "runs"
-FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
+FILES = ("config.json", "grads.parquet", "epochs.parquet", "dists.parquet", "status.json")
 
 
 class StoreError(RuntimeError):
@@ -171,6 +171,9 @@ def finish_run(path: Path, result) -> dict:
     run_id = result.config.run_id()
     write_parquet(path / "grads.parquet", result.grads, run_id)
     write_parquet(path / "epochs.parquet", result.epochs, run_id)
+    dists = getattr(result, "dists", None)
+    if dists is not None and not dists.empty:  # optional: only runs with dist_every > 0
+        write_parquet(path / "dists.parquet", dists, run_id)
     meta = json.loads((path / "config.json").read_text())
     meta["provenance"]["finished"] = now()
     write_json(path / "config.json", meta)
@@ -200,6 +203,7 @@ class Results:
     epochs: pd.DataFrame
     runs: pd.DataFrame
     problems: list[str] = field(default_factory=list)
+    dists: pd.DataFrame = field(default_factory=pd.DataFrame)  # dists.parquet's rows, if any
 
 
 def config_columns(config: dict) -> dict[str, Any]:
@@ -249,7 +253,7 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
-    metas, grads, epochs, problems = [], [], [], []
+    metas, grads, epochs, dists, problems = [], [], [], [], []
     for rd in run_dirs(path):
         try:
             meta = read_run_meta(rd)
@@ -266,6 +270,12 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
                 sink.append(pq.read_table(rd / name).to_pandas())
             except (OSError, pa.ArrowException) as e:
                 problems.append(f"{rd / name}: unreadable ({type(e).__name__}); skipped")
+        if (rd / "dists.parquet").exists():  # optional (dist_every > 0)
+            try:
+                dists.append(pq.read_table(rd / "dists.parquet").to_pandas())
+            except (OSError, pa.ArrowException) as e:
+                problems.append(f"{rd / 'dists.parquet'}: unreadable ({type(e).__name__}); "
+                                f"skipped")
     for problem in problems:
         warnings.warn(problem, stacklevel=2)
     runs = pd.DataFrame(metas)
@@ -277,4 +287,5 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
         frame = pd.concat(frames, ignore_index=True)
         return frame.merge(runs[config_cols], on="run_id", how="left")
 
-    return Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems)
+    return Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
+                   dists=join(dists))
