@@ -39,12 +39,13 @@ RECORD_VERSION = 1
 # Fields added after version 1's configs were first hashed: each enters ``run_id``'s hash only
 # when it differs from its default, so that every earlier config keeps its id (and the
 # committed experiments their runs).
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "loss": "cross_entropy",
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "criterion": "cross_entropy",
                                       "dist_every": 0, "dist_log_spaced": False}
-# The training loss. ``sigmoid_bce``: sigmoid outputs with the binary cross-entropy summed over
-# the 10 outputs and averaged over the batch, the cost of Nielsen's network2.py (its
-# CrossEntropyCost), so that gradients compare with his book's in absolute value.
-LOSSES = ("cross_entropy", "sigmoid_bce")
+# The training loss (``criterion``: ``loss`` is a recorded column). ``sigmoid_bce``: sigmoid
+# outputs with the binary cross-entropy summed over the 10 outputs and averaged over the batch,
+# the cost of Nielsen's network2.py (its CrossEntropyCost), so that gradients compare with his
+# book's in absolute value.
+CRITERIA = ("cross_entropy", "sigmoid_bce")
 
 
 class ConfigError(ValueError):
@@ -138,7 +139,7 @@ class RunConfig:
     log_every: int = 1
     log_spaced: bool = False
     engine: str = "autograd"
-    loss: str = "cross_entropy"
+    criterion: str = "cross_entropy"
     dist_every: int = 0
     dist_log_spaced: bool = False
 
@@ -178,12 +179,12 @@ class RunConfig:
         if not isinstance(self.log_spaced, bool):
             _fail("log_spaced", self.log_spaced, "true or false")
         _check_choice("engine", self.engine, ENGINES)
-        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("criterion", self.criterion, CRITERIA)
         _check_int("dist_every", self.dist_every, 0)
         if not isinstance(self.dist_log_spaced, bool):
             _fail("dist_log_spaced", self.dist_log_spaced, "true or false")
-        if self.engine != "autograd" and (self.dist_every or self.loss != "cross_entropy"):
-            what = "dist_every" if self.dist_every else "loss"
+        if self.engine != "autograd" and (self.dist_every or self.criterion != "cross_entropy"):
+            what = "dist_every" if self.dist_every else "criterion"
             _fail("engine", self.engine, f"{what}={getattr(self, what)!r} needs engine "
                   f"'autograd' (the fused engine records no distributions and trains with "
                   f"cross_entropy only)")

@@ -13,8 +13,8 @@ import click
 from .config import (
     ACTIVATIONS,
     BIAS_INITS,
+    CRITERIA,
     DATASETS,
-    LOSSES,
     MAX_DEPTH,
     MAX_EPOCHS,
     MAX_WIDTH,
@@ -96,8 +96,9 @@ RUN_OPTIONS: tuple[Opt, ...] = (
     Opt("train_size", click.IntRange(1), "use only the first N training examples "
         "[default: all]"),
     Opt("log_every", click.IntRange(0), "record gradients every N steps (0: off)"),
-    Opt("loss", click.Choice(LOSSES), "training loss: cross_entropy (softmax), or sigmoid_bce "
-        "(sigmoid outputs, binary cross-entropy summed over the outputs: Nielsen's network2.py)"),
+    Opt("criterion", click.Choice(CRITERIA), "training loss: cross_entropy (softmax), or "
+        "sigmoid_bce (sigmoid outputs, binary cross-entropy summed over the outputs: "
+        "Nielsen's network2.py)"),
     Opt("dist_every", click.IntRange(0), "record distributions (quantiles and histograms of "
         "activations, dL/dz and dL/dW per layer; dists.parquet) every N steps (0: off)"),
 )

@@ -151,7 +151,7 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def batch_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The training loss ``name`` (``RunConfig.loss``) of a batch."""
+    """The training loss ``name`` (``RunConfig.criterion``) of a batch."""
     if name == "sigmoid_bce":  # network2.py's CrossEntropyCost: summed over outputs
         target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / y.shape[0]
@@ -192,7 +192,7 @@ def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
                 recording = recorder.begin_step(step)
                 dists.begin_step(step)
                 logits = model(x)
-                loss = batch_loss(config.loss, logits, y)
+                loss = batch_loss(config.criterion, logits, y)
                 for p in params:  # zero_grad(set_to_none=True), without its per-call wrapper
                     p.grad = None
                 loss.backward()

@@ -123,18 +123,18 @@ def test_log_spaced_schedule_and_store_roundtrip(tiny_data, tmp_path):
 
 
 def test_new_options_validate_and_keep_old_run_ids():
-    assert make_config(depth=3).run_id() == make_config(depth=3, dist_every=0, loss="cross_entropy",
-                                                        dist_log_spaced=False).run_id()
+    same = make_config(depth=3, dist_every=0, criterion="cross_entropy", dist_log_spaced=False)
+    assert make_config(depth=3).run_id() == same.run_id()
     assert make_config(dist_every=5).run_id() != make_config().run_id()
-    assert make_config(loss="sigmoid_bce").run_id() != make_config().run_id()
+    assert make_config(criterion="sigmoid_bce").run_id() != make_config().run_id()
     with pytest.raises(ConfigError, match="dist_every"):
         make_config(dist_every=-1)
-    with pytest.raises(ConfigError, match="loss='mse' is invalid"):
-        make_config(loss="mse")
+    with pytest.raises(ConfigError, match="criterion='mse' is invalid"):
+        make_config(criterion="mse")
     with pytest.raises(ConfigError, match="engine='fused' is invalid: dist_every=10 needs"):
         make_config(engine="fused", dist_every=10)
-    with pytest.raises(ConfigError, match="loss='sigmoid_bce' needs"):
-        make_config(engine="fused", loss="sigmoid_bce")
+    with pytest.raises(ConfigError, match="criterion='sigmoid_bce' needs"):
+        make_config(engine="fused", criterion="sigmoid_bce")
 
 
 def test_sigmoid_bce_is_network2s_cross_entropy_cost():
