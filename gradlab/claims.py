@@ -109,7 +109,8 @@ def final_test(results, claim: dict) -> pd.Series:
 
 def dist_stat(results, claim: dict) -> pd.Series:
     """A distribution statistic of ``quantity`` (default activation) at ``layer``: ``stat``
-    ``quantile`` (level ``q``), ``mean`` or ``std``, at ``step``."""
+    ``quantile`` (level ``q``), ``mean`` or ``std``, at ``step``; with ``of_layer``, its ratio
+    to the same statistic of that layer."""
     dists = results.dists
     if dists.empty:
         raise ClaimError("measure dist_stat needs distribution records: set dist_every")
@@ -117,8 +118,12 @@ def dist_stat(results, claim: dict) -> pd.Series:
                  & (dists["stat"] == claim.get("stat", "quantile"))]
     if claim.get("stat", "quantile") == "quantile":
         rows = rows[np.isclose(rows["q"], claim.get("q", 0.5))]
-    rows = layer_rows(rows, claim.get("layer", 0))
-    return at_step(rows, rows["value"], claim.get("step", 0))
+    value = layer_rows(rows, claim.get("layer", 0))
+    value = at_step(value, value["value"], claim.get("step", 0))
+    if "of_layer" not in claim:
+        return value
+    other = layer_rows(rows, claim["of_layer"])
+    return value / at_step(other, other["value"], claim.get("step", 0))
 
 
 MEASURES: dict[str, Callable] = {

@@ -190,7 +190,8 @@ def draw_paper_figure(name: str, results) -> Figure:
         return dist_percentiles(dists, quantity=quantity, col=col)
     if name == "speed_of_learning":
         return speed_of_learning(results.grads)
-    return backward_variance(results.grads, results.runs)
+    hue = "init" if results.runs["init"].nunique() > 1 else "setup"
+    return backward_variance(results.grads, results.runs, hue=hue)
 
 
 def write_paper_figures(results, results_dir: str | os.PathLike, names: Sequence[str],
