@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .plots import WIDTH_DOUBLE, palette, paper_style, render
+from .plots.files import render
+from .plots.style import WIDTH_DOUBLE, palette, paper_style
 from .store import atomic_write, make_folder
 from .tables import with_setup
 
