@@ -19,4 +19,19 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "load"]
+def watch(model, optimizer, log_every=10, **kwargs):
+    """Record a model's gradients around an unmodified training loop (``gradlab.watcher``)."""
+    from .watcher import watch as _watch
+
+    return _watch(model, optimizer, log_every, **kwargs)
+
+
+def __getattr__(name):
+    if name == "GradientRecorder":  # imported on first use: ``import gradlab`` stays light
+        from .record import GradientRecorder
+
+        return GradientRecorder
+    raise AttributeError(f"module 'gradlab' has no attribute {name!r}")
+
+
+__all__ = ["GradientRecorder", "__version__", "load", "watch"]

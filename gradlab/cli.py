@@ -52,10 +52,15 @@ class Group(click.Group):
             raise Interrupted() from None
 
     def main(self, args=None, prog_name=None, **extra):
+        import warnings
+
         previous = install_signal_handlers() if threading_is_main() else {}
+        format_warning = warnings.formatwarning
+        warnings.formatwarning = one_line_warning
         try:
             self.main_with_one_line_errors(args, prog_name, **extra)
         finally:  # e.g. for CliRunner tests, which call main inside pytest
+            warnings.formatwarning = format_warning
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -88,6 +93,12 @@ class Group(click.Group):
                 sys.exit(2)
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command shows it: one line, without the source line it came from."""
+    text = str(message).strip().splitlines()
+    return f"Warning: {text[0] if text else category.__name__}\n"
 
 
 def threading_is_main() -> bool:

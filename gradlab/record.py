@@ -1,41 +1,66 @@
-"""``GradientRecorder``: hooks on every ``nn.Linear`` that record per-layer gradient statistics.
+"""``GradientRecorder``: hooks on a model's layers that record per-layer gradient statistics.
 
 The statistics live in device buffers indexed by a host-side counter, so the step loop never waits
 for the device; ``flush()`` copies them to the host once, at an epoch end, as tidy rows.
+``gradlab.watch`` (``watcher.py``) drives this recorder from PyTorch's own hooks instead of calls.
+
+Which layers: every ``nn.Linear`` by default, ``nn.Conv1d/2d`` or a name predicate on request
+(``layers.select``). Each carries its qualified name (``layer_name``); ``layer`` numbers them by
+their first call in the forward pass (modules never called come last, in registration order).
+A module called several times in one step (a shared block, a tied layer) is one layer: its
+calls are taken together as one larger batch - ``grad_output_norm`` is the norm of dL/dz over all
+calls (the square root of the sum of their squared norms), the f' statistics pool every call's
+z (a unit is dead when it is positive in no call), and its parameter columns are those of the
+accumulated ``.grad``, the one the optimizer uses.
 
 How each column is obtained (DESIGN, "What is recorded"):
 
-* ``grad_output_norm``: a forward hook on each Linear registers a *tensor* hook on its output z,
+* ``grad_output_norm``: a forward hook on each layer registers a *tensor* hook on its output z,
   which receives dL/dz. (A module full backward hook would break in-place activations that
   overwrite z, and would need the first layer's input to require grad.) A tensor hook registered
-  before an in-place op still receives the gradient w.r.t. the value before it.
-* ``grad_weight_norm`` / ``grad_bias_norm``: read from ``.grad`` in ``after_backward()``, i.e.
-  after accumulation (module backward hooks run before ``.grad`` is filled in) and *before* any
-  gradient clipping, so the records show the raw gradient.
-* ``act_grad_mean``, ``saturated_frac``, ``dead_frac``: f' of each hidden layer. In a plain
-  ``Linear, activation, Linear, …`` Sequential (``build_mlp``'s), f' of sigmoid, tanh and the relu
-  family is a function of the activation's *output*, which is the next Linear's input: it is
-  read there, so nothing is recomputed and in-place activations need no copy. Elsewhere z is
-  kept (copied when the model has in-place modules, which would overwrite it).
-* ``update_ratio``: ‖ΔW‖ / ‖W‖ of the optimizer's update, the norm taken before the update
-  (``weight_norm``). For ``torch.optim.SGD`` (without nesterov) the update is exactly
-  ``-lr * g`` (no momentum, no weight decay: g is the ``.grad`` just recorded, so the ratio needs
-  no extra pass over the weights) or ``-lr * momentum_buffer``; this is the update as computed,
-  before the new weights are rounded to float32, so where ``lr * g`` is far below the weights'
-  float spacing it is the intended update rather than the rounding noise of a difference. Any
-  other optimizer: the weights are snapshotted in ``after_backward()`` and differenced in
-  ``after_update()``.
+  before an in-place op still receives the gradient w.r.t. the value before it. A layer whose
+  forward hook never fires (``nn.MultiheadAttention`` calls ``F.linear`` on its ``out_proj``'s
+  weights) has this column and its f' columns empty; its parameter columns are still recorded.
+* ``grad_weight_norm`` / ``grad_bias_norm``: the ``.grad`` after accumulation and *before* any
+  gradient clipping (read in ``after_backward()``, or by ``watch`` as each ``.grad`` is
+  accumulated), so the records show the raw gradient.
+* ``act_grad_mean``, ``saturated_frac``, ``dead_frac``: f' of the activation that follows the
+  layer (``layers.layer_activations``: found from the model, given, or empty where unknown -
+  never computed with a guessed function). In a plain ``Linear, act, Linear, …`` Sequential
+  (``build_mlp``'s), f' of sigmoid, tanh and the relu family is a function of the activation's
+  *output*, which is the next Linear's input: it is read there, and the statistics of a whole
+  chunk of steps are taken at once. Elsewhere f'(z) is taken in the forward hook, before any
+  in-place activation can overwrite z. Units: output features (Linear) or channels (Conv).
+* ``update_ratio``: ‖ΔW‖ / ‖W‖ of the update the optimizer *intends*, ‖W‖ taken before the
+  update (``weight_norm``), each weight with its own parameter group's settings. SGD: lr times
+  the norm of the direction it applies - the gradient (``.grad`` as the optimizer sees it, so
+  after clipping), plus weight decay · W, the momentum buffer, or for Nesterov gradient +
+  momentum · buffer - taken before the new weights are rounded to their dtype, so where lr·g is
+  far below the weights' float spacing it is the intended update, not rounding noise. Adam,
+  AdamW and any other optimizer: the weights are snapshotted before the step and differenced
+  after it (the update as applied).
+* ``applied_update_ratio`` (``applied_updates=True``; costs a weight copy per recorded step):
+  ‖W_after − W_before‖ / ‖W_before‖ as actually stored in the weights' dtype.
 
-Cost. Per recorded step the device work is one fused norm over all gradients and weights, one
-stack into the row buffer and one concatenation of the hidden activations into a chunk buffer;
-the activation statistics are computed for a whole chunk of steps at once (a few large
-elementwise ops and one matmul), so the per-op dispatch cost is paid per chunk, not per step.
-Hooks are registered only while steps are recorded, so unrecorded steps run hook-free.
+Norms are exact down to the smallest positive float32 (a float32 square underflows below ~1e-19):
+on the CPU each norm is taken in float32 and taken again accumulating in float64 only where the
+float32 one is too small (or not finite) to be trusted - reading a CPU tensor is no device
+synchronisation; on other devices every norm accumulates in float64 (MPS, without float64:
+scaled by the largest entry first, as LAPACK's nrm2 does). The buffers hold float64.
+
+Under ``torch.amp.GradScaler`` the gradients that are recorded are those of the *scaled* loss
+(dL/dz and ``.grad`` times ``scaler.get_scale()``; ``update_ratio`` is unaffected for the
+snapshot optimizers); a step the scaler skips is not an optimizer step.
+
+Cost. Per recorded step the device work is one fused norm over all gradients and weights and a
+stack into the row buffer; hooks are registered only while steps are recorded, so unrecorded
+steps run hook-free.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import numpy as np
@@ -45,14 +70,18 @@ from torch import nn
 
 from . import compat
 from .activations import SATURATION, Activation, get
-from .models import linear_layers
+from .layers import Spec, layer_activations, select, unit_axis, units
 
 COLUMNS = (
     "grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm", "update_ratio",
-    "act_grad_mean", "saturated_frac", "dead_frac", "loss",
+    "applied_update_ratio", "act_grad_mean", "saturated_frac", "dead_frac", "loss",
 )
 LOG_POINTS_PER_DECADE = 20
 CHUNK_BYTES = 2 << 20  # activations buffered before their stats are taken (and as much scratch)
+# A float32 norm at least this large lost nothing to underflow: the squares that underflow
+# (below ~1e-45 each) add less than 1e-44 per entry to a sum of at least 1e-30.
+TRUSTED_NORM = 1e-15
+
 
 def derivative_into(activation: str, from_output: bool):
     """f' as ``fn(t, out) -> out`` of the activation's output (``from_output``: see the
@@ -63,7 +92,7 @@ def derivative_into(activation: str, from_output: bool):
     return lambda z, out: out.copy_(act.derivative(z))
 
 
-# update_ratio modes of a recorded row
+# how a layer's update_ratio is measured at a recorded step
 _SNAPSHOT, _FROM_GRAD_NORM, _FROM_TENSORS = 0, 1, 2
 
 
@@ -83,10 +112,36 @@ def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = Fals
     return steps[steps < total_steps]
 
 
-def _is_plain_mlp(model: nn.Module, linears: list[nn.Linear], activation: str) -> bool:
+def exact_norms(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The 2-norm of each tensor (None stays None), exact down to the smallest positive float32
+    (see the module docstring)."""
+    real = [t for t in tensors if t is not None]
+    if not real:
+        return list(tensors)
+    device = real[0].device
+    if device.type == "cpu":
+        norms = compat.foreach_norm(real)
+        for i, value in enumerate(torch.stack(norms).tolist()):
+            if not TRUSTED_NORM <= value < math.inf:
+                norms[i] = torch.linalg.vector_norm(real[i], dtype=torch.float64)
+    elif device.type == "mps":
+        norms = [_scaled_norm(t) for t in real]
+    else:
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]
+    found = iter(norms)
+    return [None if t is None else next(found) for t in tensors]
+
+
+def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
+    largest = t.abs().amax()
+    scaled = torch.linalg.vector_norm(t / largest) * largest
+    return torch.where(largest > 0, scaled, largest)
+
+
+def _is_plain_mlp(model: nn.Module, linears: list[nn.Module], activation) -> bool:
     """Whether ``model`` is ``Linear, act, Linear, act, …, Linear`` with ``act`` the named
     activation, so that each Linear after the first receives the previous activation's output."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Sequential) or not isinstance(activation, str):
         return False
     act_type = type(get(activation).module())
     children = list(model.children())
@@ -96,25 +151,34 @@ def _is_plain_mlp(model: nn.Module, linears: list[nn.Linear], activation: str) -
         for child, want in zip(children, expected, strict=True))
 
 
-def _sgd_update_source(optimizer, weights: list[torch.Tensor]) -> str | None:
-    """How the update of ``weights`` by ``optimizer`` is known without a snapshot (see the module
-    docstring): ``"grad"`` or ``"momentum"``; None when it is not (then a snapshot is taken)."""
-    if type(optimizer) is not torch.optim.SGD:
-        return None
-    groups = [g for g in optimizer.param_groups
-              if any(p is w for p in g["params"] for w in weights)]
-    if len(groups) != 1 or not all(any(p is w for p in groups[0]["params"]) for w in weights):
-        return None
-    group = groups[0]
-    if group["nesterov"] or isinstance(group["lr"], torch.Tensor):
-        return None
-    if group["momentum"] != 0:
-        return "momentum"
-    return "grad" if group["weight_decay"] == 0 else None
+def _update_plan(optimizer, weight: torch.Tensor, groups: dict[int, dict]):
+    """How the intended update of ``weight`` is known: ``(mode, lr, group)`` (see the module
+    docstring); a snapshot where it cannot be read from the optimizer."""
+    group = groups.get(id(weight))
+    if type(optimizer) is not torch.optim.SGD or group is None or isinstance(
+            group["lr"], torch.Tensor):
+        return _SNAPSHOT, 1.0, None
+    if group["momentum"] == 0 and group["weight_decay"] == 0:
+        return _FROM_GRAD_NORM, group["lr"], group
+    return _FROM_TENSORS, group["lr"], group
+
+
+def _sgd_direction(weight: nn.Parameter, before: torch.Tensor | None, group: dict,
+                   state: dict) -> torch.Tensor:
+    """The direction SGD just applied to ``weight`` (its update is -lr times it)."""
+    momentum = group["momentum"]
+    if momentum != 0 and not group["nesterov"]:
+        return state[weight]["momentum_buffer"]
+    direction = weight.grad
+    if group["weight_decay"] != 0:
+        direction = direction + group["weight_decay"] * before
+    if momentum != 0:
+        direction = direction + momentum * state[weight]["momentum_buffer"]
+    return direction
 
 
 class GradientRecorder:
-    """Record per-layer gradient statistics of every ``nn.Linear`` of ``model``.
+    """Record per-layer gradient statistics of a model's layers (see the module docstring).
 
     Use as a context manager (hooks are removed on exit), and per step::
 
@@ -125,51 +189,79 @@ class GradientRecorder:
             rec.after_update()
         rows = rec.flush()            # at an epoch end: a tidy DataFrame
 
+    ``gradlab.watch`` makes these calls from PyTorch's hooks; use this class directly for loops
+    without a ``torch.optim`` optimizer.
+
     Args:
-        model: any module; every ``nn.Linear`` in it is recorded, numbered 0… in forward order.
-        activation: the activation name that follows each hidden Linear (for f', saturation,
-            dead units); the last Linear is taken as the output layer.
-        steps: the steps to record (see ``recorded_steps``).
+        model: any module.
+        activation: what follows each recorded layer, for f', saturation and dead units: None
+            (found from the model where it says so; elsewhere those columns stay empty), a
+            mapping from layer names to activation names (None: no activation), or one name
+            for every layer but the output layer (the one first called last).
+        steps: the steps to record (see ``recorded_steps``), or an int N: every N-th step.
         optimizer: the optimizer that updates the model, if known: for ``torch.optim.SGD`` the
             update norm is then read from what SGD applies instead of a weight snapshot.
+        modules: which modules to record (see ``layers.select``): every ``nn.Linear`` by default.
+        applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
     """
 
-    def __init__(self, model: nn.Module, activation: str, steps: np.ndarray, *,
-                 optimizer: torch.optim.Optimizer | None = None):
-        self.linears = linear_layers(model)
-        self.activation = get(activation)
+    def __init__(self, model: nn.Module, activation: Spec = None,
+                 steps: Iterable[int] | int = 1, *,
+                 optimizer: torch.optim.Optimizer | None = None, modules=None,
+                 applied_updates: bool = False):
+        named = select(model, modules)
+        self.names = [name for name, _ in named]
+        self.linears = [module for _, module in named]  # every recorded module, Linear or not
+        self.activations = layer_activations(model, self.names, activation)
+        # one name for every layer: the output layer, known once the forward pass ran, has none
+        self._drop_last = isinstance(activation, str)
         n = len(self.linears)
-        self._steps = set(int(s) for s in steps)
-        self._weight_params = [m.weight for m in self.linears]
+        self._every = steps if isinstance(steps, int) else None
+        self._steps = set() if self._every is not None else {int(s) for s in steps}
+        params = [(m.weight, getattr(m, "bias", None)) for m in self.linears]
+        self._weight_params = [w for w, _ in params]
+        self._bias_params = [b if isinstance(b, torch.Tensor) else None for _, b in params]
         self._weights = [w.detach() for w in self._weight_params]  # aliases, no autograd
-        self._prev: list[torch.Tensor] | None = None  # weight snapshot, for other optimizers
+        self._prev: list[torch.Tensor] | None = None  # weight snapshot
         self._optimizer = optimizer
-        self._update_source = _sgd_update_source(optimizer, [m.weight for m in self.linears])
-        # Where f' comes from: the next Linear's input (the activation output) or z itself.
-        self._from_output = (self.activation.from_output is not None
-                             and _is_plain_mlp(model, self.linears, activation))
-        self._derivative = derivative_into(activation, self._from_output)
-        self._copy_z = any(getattr(m, "inplace", False) for m in model.modules())
+        self.applied_updates = applied_updates
+        self._plain = _is_plain_mlp(model, self.linears, activation)
+        self.activation = get(activation) if isinstance(activation, str) else None
+        if self._plain:  # f' from the next Linear's input (the activation output), or z itself
+            self._from_output = self.activation.from_output is not None
+            self._derivative = derivative_into(activation, self._from_output)
+            self._copy_z = any(getattr(m, "inplace", False) for m in model.modules())
+        self._axes = [unit_axis(m) for m in self.linears]
+        self._widths = np.array([units(m) for m in self.linears], dtype=np.float64)
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
         self._grad_hooks = [partial(self._grad_output_hook, i) for i in range(n)]
         self._handles: list = []
         self._entered = False
         self._active = False
+        self._read = False  # the gradients of the current row have been read
         self._pending_update = False
+        self._order: list[int] = []  # recorded modules by first call in the forward pass
         self._recorded: list[int] = []
-        self._batch: list[int] = []  # batch size of each recorded row
-        self._update_mode: list[int] = []  # per recorded row: how update_ratio is measured
-        self._update_scale: list[float] = []  # ...and the factor (lr) its norm is scaled by
+        self._numel: list[np.ndarray] = []  # per recorded row: elements of z per layer
+        self._update_mode: list[np.ndarray] = []  # per row and layer: how update_ratio is known
+        self._update_scale: list[np.ndarray] = []  # ...and the factor (lr) its norm is scaled by
         self._row = -1
         self._hidden: list[torch.Tensor | None] = [None] * max(n - 1, 0)
-        self._grad_out: list[torch.Tensor | None] = [None] * n
+        self._reset_step()
         self._chunk: torch.Tensor | None = None
         self._chunk_start = 0  # recorded row of the chunk's first entry
         self._chunk_rows = 0
         self._buffers_for(16)
-        self._widths = np.array([m.out_features for m in self.linears], dtype=np.float64)
-        self._segments = hidden_segments([m.out_features for m in self.linears[:-1]],
+        self._segments = hidden_segments([units(m) for m in self.linears[:-1]],
                                          self._nan.device)
+
+    def _reset_step(self) -> None:
+        n = len(self.linears)
+        self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
+        self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive somewhere
+        self._step_numel = np.zeros(n)
+        self._param_norms: list[torch.Tensor | None] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> GradientRecorder:
@@ -192,33 +284,63 @@ class GradientRecorder:
             self._handles = []
 
     def _forward_hook(self, index: int, module, inputs, z: torch.Tensor) -> None:
-        if not self._active:
+        if not self._active or not torch.is_grad_enabled():
             return
+        if index not in self._order:
+            self._order.append(index)
         if z.requires_grad:
             z.register_hook(self._grad_hooks[index])
-        if self._from_output:
-            if index > 0:
-                self._hidden[index - 1] = inputs[0]  # autograd saves it: nothing overwrites it
-        elif index < len(self._hidden):
-            self._hidden[index] = z.detach().clone() if self._copy_z else z.detach()
+        if self._plain:
+            if self._from_output:
+                if index > 0:
+                    self._hidden[index - 1] = inputs[0]  # autograd saves it: nothing overwrites it
+            elif index < len(self._hidden):
+                self._hidden[index] = z.detach().clone() if self._copy_z else z.detach()
+        elif self.activations[index] is not None:
+            self._layer_stats(index, z.detach())
 
     def _grad_output_hook(self, index: int, grad: torch.Tensor) -> None:
-        self._grad_out[index] = grad
+        self._grad_out[index].append(grad)
+
+    @torch.no_grad()
+    def _layer_stats(self, index: int, z: torch.Tensor) -> None:
+        """Add one call's f' statistics of a layer (any shape, units on its unit axis)."""
+        act = self.activations[index]
+        fp = act.derivative(z)
+        saturated = ((fp < SATURATION * act.max_derivative).sum() if act.saturating
+                     else fp.new_zeros(()))
+        sums = torch.stack([fp.sum(), saturated.to(fp.dtype)])
+        axis = self._axes[index] % z.dim()
+        positive = z.amax(dim=[d for d in range(z.dim()) if d != axis]) > 0
+        if self._sums[index] is None:
+            self._sums[index], self._positive[index] = sums, positive
+        else:
+            self._sums[index] = self._sums[index] + sums
+            self._positive[index] = self._positive[index] | positive
+        self._step_numel[index] += z.numel()
 
     # -- buffers -------------------------------------------------------------------------------
     def _buffers_for(self, rows: int, device: torch.device | None = None) -> None:
-        device = device or self.linears[0].weight.device
+        device = device or self._weights[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         n = len(self.linears)
         # norms: grad_output, grad_weight, grad_bias, weight (n each), then the loss
-        self._norms = torch.full((rows, 4 * n + 1), math.nan, device=device)
-        self._update = torch.full((rows, n), math.nan, device=device)
+        self._norms = torch.full((rows, 4 * n + 1), math.nan, device=device, dtype=dtype)
+        self._update = torch.full((rows, n), math.nan, device=device, dtype=dtype)
+        self._applied = torch.full((rows, n), math.nan, device=device, dtype=dtype)
         # act: sum f'(z), count saturated, count dead
         self._act = torch.full((rows, n, 3), math.nan, device=device)
-        self._nan = torch.tensor(math.nan, device=device)
+        self._nan = torch.tensor(math.nan, device=device, dtype=dtype)
+
+    def is_recorded(self, step: int) -> bool:
+        """Whether step ``step`` is one this recorder records."""
+        if self._every is not None:
+            return self._every > 0 and step % self._every == 0
+        return step in self._steps
 
     def begin_step(self, step: int) -> bool:
         """Start step ``step``; returns whether it is recorded (then call the two methods below)."""
-        active = step in self._steps
+        active = self.is_recorded(step)
         if self._entered and active != bool(self._handles):
             self._set_hooks(active)  # unrecorded steps run without hooks
         self._active = active
@@ -227,49 +349,84 @@ class GradientRecorder:
             if self._row == self._norms.shape[0]:
                 self._grow()
             self._recorded.append(step)
-            self._batch.append(0)
-            self._update_mode.append(_SNAPSHOT)
-            self._update_scale.append(1.0)
+            self._reset_step()
+            self._read = False
         return active
 
     def _grow(self) -> None:
-        old = (self._norms, self._update, self._act)
+        old = (self._norms, self._update, self._applied, self._act)
         self._buffers_for(2 * old[0].shape[0], old[0].device)
-        for new, prev in zip((self._norms, self._update, self._act), old, strict=True):
+        for new, prev in zip((self._norms, self._update, self._applied, self._act), old,
+                             strict=True):
             new[: prev.shape[0]] = prev
 
     @torch.no_grad()
-    def after_backward(self, loss: torch.Tensor) -> None:
-        """Read the gradients (call after ``backward``, before clipping and the optimizer step)."""
+    def read_gradients(self) -> None:
+        """Take the norms of the recorded layers' ``.grad`` now (``after_backward`` does, unless
+        this was called for the step: ``watch`` calls it as the last ``.grad`` is accumulated,
+        before any clipping)."""
+        if self._active:
+            self._param_norms = exact_norms(self._param_grads())
+            self._read = True
+
+    def _param_grads(self) -> list[torch.Tensor | None]:
+        """The recorded layers' ``.grad`` (weights, then biases); notes them, to see later
+        whether clipping changed them."""
+        self._recorded_grads = [(w.grad, compat.version(w.grad) if w.grad is not None else 0)
+                                for w in self._weight_params]
+        return [p.grad if p is not None else None
+                for p in self._weight_params + self._bias_params]
+
+    @torch.no_grad()
+    def after_backward(self, loss: torch.Tensor | None = None) -> None:
+        """Read the gradients (call after ``backward``, before clipping and the optimizer step);
+        ``loss``: the batch loss, if known."""
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
-        nan = self._nan
-        grads = [w.grad for w in self._weight_params]
-        tensors = [g if g is not None else nan for g in self._grad_out]
-        tensors += [g if g is not None else nan for g in grads]
-        tensors += [m.bias.grad if m.bias is not None and m.bias.grad is not None else nan
-                    for m in self.linears]
-        tensors += self._weights
-        norms = compat.foreach_norm(tensors)
-        if loss.dtype != self._norms.dtype:
-            loss = loss.to(self._norms.dtype)
-        torch.stack([*norms, loss], out=self._norms[self._row])
-        self._grad_out = [None] * len(self.linears)
-        self._store_hidden()
-        self._prepare_update(grads)
+        n, nan = len(self.linears), self._nan
+        flat = [g for grads in self._grad_out for g in grads]
+        params = [] if self._read else self._param_grads()
+        norms = exact_norms(flat + params + self._weights)  # one fused call
+        if not self._read:
+            self._param_norms = norms[len(flat):len(flat) + 2 * n]
+        values = [*self._output_norms(norms[:len(flat)]), *self._param_norms,
+                  *norms[-n:]]
+        values.append(nan if loss is None else loss.detach())
+        values = [nan if v is None else v for v in values]
+        torch.stack(values, out=self._norms[self._row])
+        self._store_stats()
+        self._numel.append(self._step_numel)
+        self._prepare_update(n)
         self._pending_update = True
 
-    def _prepare_update(self, grads: list[torch.Tensor | None]) -> None:
-        if self._update_source is None or any(g is None for g in grads):
+    def _output_norms(self, norms: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per layer, the norm of dL/dz over all its calls (None: its hooks never fired)."""
+        found = iter(norms)
+        out = []
+        for grads in self._grad_out:
+            parts = [next(found) for _ in grads]
+            if len(parts) > 1:
+                parts = [torch.stack(parts).square().sum().sqrt()]
+            out.append(parts[0] if parts else None)
+        return out
+
+    def _prepare_update(self, n: int) -> None:
+        groups = {} if self._optimizer is None else {
+            id(p): g for g in self._optimizer.param_groups for p in g["params"]}
+        plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
+        self._plans = plans
+        modes = np.array([mode for mode, _, _ in plans])
+        self._update_mode.append(modes)
+        self._update_scale.append(np.array([lr for _, lr, _ in plans], dtype=np.float64))
+        needs_before = self.applied_updates or any(
+            mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
+                                  and group["nesterov"]) for mode, _, group in plans)
+        self._snapshot = needs_before
+        if needs_before:
             if self._prev is None:
                 self._prev = [torch.empty_like(w) for w in self._weights]
             compat.foreach_copy_(self._prev, self._weights)
-            self._mode = _SNAPSHOT
-        else:
-            # remember the gradients as recorded, to see whether clipping changed them
-            self._recorded_grads = [(g, compat.version(g)) for g in grads]
-            self._mode = _FROM_TENSORS if self._update_source == "momentum" else _FROM_GRAD_NORM
 
     @torch.no_grad()
     def after_update(self) -> None:
@@ -277,38 +434,52 @@ class GradientRecorder:
         if not self._pending_update:
             return
         self._pending_update = False
-        mode, scale = self._mode, 1.0
-        if mode == _SNAPSHOT:
-            deltas = compat.foreach_sub(self._weights, self._prev)
-            torch.stack(compat.foreach_norm(deltas), out=self._update[self._row])
-        else:
-            group = self._optimizer.param_groups[0]
-            scale = group["lr"]
-            if mode == _FROM_TENSORS:
-                state = self._optimizer.state
-                applied = [state[w].get("momentum_buffer", self._nan) for w in self._weight_params]
+        modes = self._update_mode[-1]
+        deltas = (compat.foreach_sub(self._weights, self._prev) if self._snapshot
+                  else [None] * len(self._weights))
+        state = self._optimizer.state if self._optimizer is not None else {}
+        tensors: list[torch.Tensor | None] = []
+        for i, (mode, _, group) in enumerate(self._plans):
+            weight = self._weight_params[i]
+            grad, version = self._recorded_grads[i]
+            if mode == _SNAPSHOT:
+                tensors.append(deltas[i])
+            elif mode == _FROM_GRAD_NORM and weight.grad is grad and (
+                    grad is None or compat.version(grad) == version):
+                tensors.append(None)  # the recorded gradient norm is the update's
             else:
-                applied = [g for g, _ in self._recorded_grads]
-                if any(w.grad is not g or compat.version(g) != v
-                       for w, (g, v) in zip(self._weight_params, self._recorded_grads,
-                                            strict=True)):
-                    mode = _FROM_TENSORS  # clipped (or replaced): measure what was applied
-                    applied = [w.grad for w in self._weight_params]
-            if mode == _FROM_TENSORS:
-                torch.stack(compat.foreach_norm(applied), out=self._update[self._row])
-            self._recorded_grads = []
-        self._update_mode[-1], self._update_scale[-1] = mode, scale
+                modes[i] = _FROM_TENSORS  # e.g. clipped: measure what was applied
+                prev = self._prev[i] if self._snapshot else None
+                tensors.append(None if weight.grad is None
+                               else _sgd_direction(weight, prev, group, state))
+        norms = exact_norms(tensors)
+        if any(t is not None for t in norms):
+            torch.stack([self._nan if t is None else t for t in norms],
+                        out=self._update[self._row])
+        if self.applied_updates:
+            torch.stack(exact_norms(deltas), out=self._applied[self._row])
+        self._recorded_grads = []
 
-    # -- activation statistics, a chunk of recorded steps at a time ------------------------------
+    # -- activation statistics -----------------------------------------------------------------
+    def _store_stats(self) -> None:
+        if self._plain:
+            self._store_hidden()
+            return
+        for i, sums in enumerate(self._sums):
+            if sums is not None:
+                dead = (~self._positive[i]).sum().to(sums.dtype)
+                torch.cat([sums, dead[None]], out=self._act[self._row, i])
+
     def _store_hidden(self) -> None:
+        """The plain MLP's activations, kept for their statistics a chunk of steps at a time."""
         hidden = self._hidden
         if not hidden:
             return
-        if any(h is None for h in hidden):  # e.g. a model that skipped a layer: no statistics
+        if any(h is None for h in hidden):  # a layer that was skipped: no statistics
             self._hidden = [None] * len(hidden)
             return
         batch = hidden[0].shape[0]
-        self._batch[-1] = batch
+        self._step_numel[:-1] = batch * self._widths[:-1]
         chunk = self._chunk
         if chunk is not None and (chunk.shape[1] != batch or self._chunk_rows == chunk.shape[0]
                                   or self._chunk_start + self._chunk_rows != self._row):
@@ -336,25 +507,44 @@ class GradientRecorder:
         self._chunk_rows = 0
 
     # -- output --------------------------------------------------------------------------------
+    def layer_order(self) -> list[int]:
+        """Indices into ``names`` by first call in the forward pass (never called: last)."""
+        return self._order + [i for i in range(len(self.linears)) if i not in self._order]
+
+    def pending(self) -> int:
+        """The number of recorded steps not yet flushed."""
+        return len(self._numel)
+
     def flush(self, epoch: int = 0) -> pd.DataFrame:
         """Move the buffered rows to the host as a tidy frame (one row per step and layer)."""
-        self._process_chunk()
-        rows = len(self._recorded)
+        if self._plain:
+            self._process_chunk()
+        rows = len(self._numel)  # rows whose gradients were read
         n = len(self.linears)
-        norms = self._norms[:rows].double().cpu().numpy()
-        update = self._update[:rows].double().cpu().numpy()
-        act = self._act[:rows].double().cpu().numpy()
-        modes = np.asarray(self._update_mode, dtype=np.int64)
-        scales = np.asarray(self._update_scale, dtype=np.float64)
-        steps, batch = self._recorded, self._batch
-        self._recorded, self._batch, self._row = [], [], -1
+        norms = self._norms[:rows].double().cpu().numpy().copy()  # no alias of the buffer
+        update = self._update[:rows].double().cpu().numpy().copy()  # no alias of the buffer
+        applied = self._applied[:rows].double().cpu().numpy().copy()  # no alias of the buffer
+        act = self._act[:rows].double().cpu().numpy().copy()  # no alias of the buffer
+        modes = np.array(self._update_mode, dtype=np.int64).reshape(rows, n)
+        scales = np.array(self._update_scale, dtype=np.float64).reshape(rows, n)
+        numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
+        steps = self._recorded[:rows]
+        self._recorded, self._numel, self._row = [], [], -1  # an unfinished step is dropped
         self._update_mode, self._update_scale = [], []
-        self._norms.fill_(math.nan)
-        self._update.fill_(math.nan)
-        self._act.fill_(math.nan)
-        update = np.where((modes == _FROM_GRAD_NORM)[:, None], norms[:, n:2 * n], update)
-        return grads_frame(steps, epoch, norms[:, :4 * n], norms[:, 4 * n],
-                           update * scales[:, None], act, batch, self._widths, self.activation)
+        for buffer in (self._norms, self._update, self._applied, self._act):
+            buffer.fill_(math.nan)
+        update = np.where(modes == _FROM_GRAD_NORM, norms[:, n:2 * n], update) * scales
+        order = self.layer_order()
+        activations = [self.activations[i] for i in order]
+        if self._drop_last and not self._plain and self._order:
+            activations[len(self._order) - 1] = None  # the output layer
+        if self._plain:
+            activations[-1] = None
+        blocks = np.concatenate([norms[:, b * n:(b + 1) * n][:, order] for b in range(4)], 1)
+        return grads_frame(steps, epoch, blocks, norms[:, 4 * n], update[:, order],
+                           act[:, order], None, self._widths[order], activations,
+                           layer_names=[self.names[i] for i in order],
+                           applied=applied[:, order], numel=numel[:, order])
 
 
 def activation_stats(a: torch.Tensor, derivative, activation: Activation,
@@ -393,36 +583,53 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
 
 def grads_frame(steps, epoch: int, norms: np.ndarray, loss: np.ndarray, update: np.ndarray,
                 act: np.ndarray, batch, widths: np.ndarray,
-                activation: Activation) -> pd.DataFrame:
+                activation: Activation | list[Activation | None], *,
+                layer_names: list[str] | None = None, applied: np.ndarray | None = None,
+                numel: np.ndarray | None = None) -> pd.DataFrame:
     """The tidy grads frame of one run from its host buffers (one row per step and layer).
 
     ``norms`` (rows, 4n): grad_output, grad_weight, grad_bias and weight norms, n layers each;
     ``loss`` (rows,); ``update`` (rows, n): ‖ΔW‖; ``act`` (rows, n, 3): sum f', saturated and
-    dead counts; ``batch`` (rows,): batch sizes; ``widths`` (n,): each layer's output width.
+    dead counts; ``batch`` (rows,): batch sizes; ``widths`` (n,): each layer's units;
+    ``activation``: the one after every layer but the last, or per layer (None: unknown, the f'
+    columns stay empty). ``layer_names`` (n,): default ``fc0 …``, ``build_mlp``'s names;
+    ``applied`` (rows, n): ‖W_after − W_before‖ (default: not recorded, empty); ``numel``
+    (rows, n): elements of z per layer (default: batch × widths).
     """
     rows, n = len(steps), len(widths)
     if rows == 0:
         return empty_frame()
+    if isinstance(activation, Activation):
+        activation = [activation] * (n - 1) + [None]
 
     def per_layer(block: int) -> np.ndarray:
         return norms[:, block * n:(block + 1) * n]
 
-    numel = np.asarray(batch, dtype=np.float64)[:, None] * widths  # elements of z per layer
-    hidden = np.arange(n) < n - 1
+    if numel is None:
+        numel = np.asarray(batch, dtype=np.float64)[:, None] * widths  # elements of z
+    known = np.array([a is not None for a in activation])
+    saturating = np.array([a is not None and a.saturating for a in activation])
+    relu_family = np.array([a is not None and a.relu_family for a in activation])
+    names = layer_names if layer_names is not None else [f"fc{i}" for i in range(n)]
+    if applied is None:
+        applied = np.full((rows, n), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
-        act_mean = np.where(hidden, act[:, :, 0] / numel, np.nan)
-        saturated = np.where(hidden & activation.saturating, act[:, :, 1] / numel, np.nan)
-        dead = np.where(hidden & activation.relu_family, act[:, :, 2] / widths, np.nan)
+        act_mean = np.where(known, act[:, :, 0] / numel, np.nan)
+        saturated = np.where(saturating, act[:, :, 1] / numel, np.nan)
+        dead = np.where(relu_family, act[:, :, 2] / widths, np.nan)
         ratio = update / per_layer(3)
+        applied_ratio = applied / per_layer(3)
     return pd.DataFrame({
         "step": np.repeat(np.asarray(steps, dtype=np.int64), n),
         "epoch": np.full(rows * n, epoch, dtype=np.int64),
         "layer": np.tile(np.arange(n, dtype=np.int64), rows),
+        "layer_name": np.tile(np.asarray(names, dtype=object), rows),
         "grad_output_norm": per_layer(0).reshape(-1),
         "grad_weight_norm": per_layer(1).reshape(-1),
         "grad_bias_norm": per_layer(2).reshape(-1),
         "weight_norm": per_layer(3).reshape(-1),
         "update_ratio": ratio.reshape(-1),
+        "applied_update_ratio": applied_ratio.reshape(-1),
         "act_grad_mean": act_mean.reshape(-1),
         "saturated_frac": saturated.reshape(-1),
         "dead_frac": dead.reshape(-1),
@@ -443,7 +650,9 @@ def hidden_segments(widths, device=None) -> torch.Tensor:
 def empty_frame() -> pd.DataFrame:
     """A grads frame with no rows but the right columns and dtypes."""
     frame = pd.DataFrame({"step": np.zeros(0, np.int64), "epoch": np.zeros(0, np.int64),
-                          "layer": np.zeros(0, np.int64)})
+                          "layer": np.zeros(0, np.int64),
+                          # a string dtype, so that even a file without rows says so
+                          "layer_name": pd.array([], dtype="string")})
     for column in COLUMNS:
         frame[column] = np.zeros(0, np.float64)
     return frame

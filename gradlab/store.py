@@ -202,6 +202,9 @@ def finish_run(path: Path, result) -> dict:
     run_id = result.config.run_id()
     write_parquet(path / "grads.parquet", result.grads, run_id)
     write_parquet(path / "epochs.parquet", result.epochs, run_id)
+    dists = getattr(result, "dists", None)
+    if dists is not None and not dists.empty:  # optional: only runs with dist_every > 0
+        write_parquet(path / "dists.parquet", dists, run_id)
     meta = json.loads((path / "config.json").read_text())
     meta["provenance"]["finished"] = now()
     write_json(path / "config.json", meta)

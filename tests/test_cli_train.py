@@ -106,3 +106,28 @@ def test_train_and_sweep_store_the_same_records_for_one_config(fake_mnist, tmp_p
     assert a.name == b.name
     pd.testing.assert_frame_equal(pd.read_parquet(a / "grads.parquet"),
                                   pd.read_parquet(b / "grads.parquet"))
+
+
+def test_a_warning_during_a_command_is_one_line(monkeypatch, capsys):
+    """Python shows a warning with the source line that raised it; the command shows one line."""
+    import warnings
+
+    from gradlab.cli import Group, one_line_warning
+
+    def command_that_warns(self, ctx):
+        warnings.warn("the fused engine runs its eager PyTorch path\nsecond line", stacklevel=1)
+        return 0
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # Python's own showwarning (pytest replaces it to collect warnings)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(Group, "invoke", command_that_warns)
+    monkeypatch.setattr(warnings, "showwarning", show)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as done:
+            cli.main(["ls", "."], prog_name="gradlab")
+    assert done.value.code == 0
+    assert capsys.readouterr().err == "Warning: the fused engine runs its eager PyTorch path\n"
+    assert one_line_warning("", UserWarning, "f.py", 1) == "Warning: UserWarning\n"

@@ -72,7 +72,7 @@ def test_recorded_values_match_autograd(activation, depth):
         opt.step()
         rec.after_update()
         frame = rec.flush(epoch=1)
-    assert list(frame.columns) == ["step", "epoch", "layer", *COLUMNS]
+    assert list(frame.columns) == ["step", "epoch", "layer", "layer_name", *COLUMNS]
     assert len(frame) == depth and (frame["step"] == 0).all()
     for layer, row in enumerate(expected):
         got = frame.iloc[layer]

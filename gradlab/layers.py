@@ -1,0 +1,116 @@
+"""Which modules of a model a recorder watches, their names, and the activation after each.
+
+A recorded layer is a module with a weight whose output has a unit axis: ``nn.Linear`` (units =
+output features, the last axis; every leading axis counts as examples) and ``nn.Conv1d`` /
+``nn.Conv2d`` (units = output channels, axis 1; the batch and positions count as examples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from .activations import ACTIVATIONS, Activation, get
+
+# the unit axis of each recordable type's output
+UNIT_AXIS: dict[type, int] = {nn.Linear: -1, nn.Conv1d: 1, nn.Conv2d: 1}
+TYPE_NAMES = ", ".join(f"nn.{t.__name__}" for t in UNIT_AXIS)
+
+
+def unit_axis(module: nn.Module) -> int:
+    return next(axis for kind, axis in UNIT_AXIS.items() if isinstance(module, kind))
+
+
+def units(module: nn.Module) -> int:
+    """The number of units (output features or channels) of a recorded module."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def select(model: nn.Module, modules=None) -> list[tuple[str, nn.Module]]:
+    """The (qualified name, module) pairs to record, in registration order.
+
+    Args:
+        modules: None: every ``nn.Linear``; a type or tuple of types (among ``UNIT_AXIS``, or
+            subclasses); or a predicate ``fn(name) -> bool`` choosing among the modules of
+            those types by qualified name.
+    """
+    if modules is None:
+        modules = nn.Linear
+    if isinstance(modules, type):
+        modules = (modules,)
+    if isinstance(modules, tuple):
+        bad = [t for t in modules
+               if not (isinstance(t, type) and any(issubclass(t, k) for k in UNIT_AXIS))]
+        if bad:
+            raise ValueError(f"modules={bad[0]!r} cannot be recorded: give types among "
+                             f"{TYPE_NAMES} (or subclasses), or a predicate on module names")
+        chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, modules)]
+    elif callable(modules):
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, tuple(UNIT_AXIS)) and modules(n)]
+    else:
+        raise ValueError(f"modules={modules!r} is invalid: give types among {TYPE_NAMES}, or a "
+                         f"predicate on module names")
+    if not chosen:
+        raise ValueError(f"no module to record in {type(model).__name__}: it has none of the "
+                         f"chosen kinds ({TYPE_NAMES} can be recorded)")
+    return chosen
+
+
+def _same_module(module: nn.Module, reference: nn.Module) -> bool:
+    """Whether ``module`` computes the registry's activation (in place or not)."""
+    def settings(m: nn.Module) -> str:
+        return m.extra_repr().replace("inplace=True", "").strip(", ")
+
+    return type(module) is type(reference) and settings(module) == settings(reference)
+
+
+def activation_of(module: nn.Module) -> str | None:
+    """The registry name of an activation module, or None where it is not one of them."""
+    return next((name for name, act in ACTIVATIONS.items()
+                 if _same_module(module, act.module())), None)
+
+
+def found_activations(model: nn.Module, names: list[str]) -> dict[str, str | None]:
+    """Per recorded module name: the activation that consumes its output where the model says
+    so (the next module of the ``nn.Sequential`` that holds it), else None (not known)."""
+    found: dict[str, str | None] = dict.fromkeys(names)
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (child_name, _), (_, after) in zip(children, children[1:]):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if name in found:
+                found[name] = activation_of(after)
+    return found
+
+
+Spec = str | Mapping[str, str | None] | None
+
+
+def layer_activations(model: nn.Module, names: list[str],
+                      activation: Spec) -> list[Activation | None]:
+    """The activation after each recorded module (None: not known, its f' columns stay empty).
+
+    Args:
+        activation: None: found from the model (``found_activations``); a mapping from module
+            names to activation names (None: no activation), the others found from the model;
+            a name: that activation after every module (the recorder leaves the output layer,
+            the one first called last in the forward pass, out).
+    """
+    if isinstance(activation, str):
+        return [get(activation)] * len(names)
+    found = found_activations(model, names)
+    if activation is not None:
+        if not isinstance(activation, Mapping):
+            raise ValueError(f"activation={activation!r} is invalid: give an activation name, "
+                             f"a mapping from module names to names, or None")
+        unknown = [k for k in activation if k not in found]
+        if unknown:
+            raise ValueError(f"activation given for {unknown[0]!r}, which is not a recorded "
+                             f"module: one of {', '.join(names)}")
+        found.update(activation)
+    return [None if name is None else get(name) for name in found.values()]
+

@@ -1,0 +1,221 @@
+"""``gradlab.watch``: record any model's gradients around an unmodified training loop, and save
+them as a run that ``gradlab ls/plot/report`` and ``gradlab.load`` read.
+
+Step boundaries come from PyTorch's own hooks, so the loop needs no calls:
+
+* the model's forward pre-hook opens a step (the first forward with grad enabled after an
+  optimizer step; a forward under ``torch.no_grad()`` - an evaluation - opens none, and further
+  forwards before the step, e.g. gradient accumulation, add to the same step);
+* each recorded parameter's post-accumulate-grad hook: when the last of them has its ``.grad``
+  accumulated, the gradient norms are taken - before any clipping;
+* the optimizer's step pre-hook reads the rest (dL/dz, f') and snapshots weights where needed;
+  its step post-hook measures the update and closes the step.
+
+Step ``s`` is the number of optimizer steps made since ``watch`` was entered. The loss is not
+visible to hooks: the ``loss`` column is empty in these records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .record import GradientRecorder, empty_frame
+from .store import ensure_out, now, provenance, run_dir, write_json, write_parquet
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, log_every: int = 10, *,
+          activations=None, modules=None, applied_updates: bool = False) -> Watch:
+    """Record ``model``'s per-layer gradient statistics every ``log_every`` optimizer steps
+    while the ``with`` block runs; no per-step calls (see the module docstring)::
+
+        with gradlab.watch(model, optimizer, log_every=10) as rec:
+            ...the training loop...
+        frame = rec.flush()
+        rec.save("results/mine", name="run-a", config={"lr": 0.1})
+
+    Args:
+        model: any ``nn.Module``.
+        optimizer: the ``torch.optim`` optimizer that updates it.
+        log_every: record steps 0, N, 2N, … (0: none).
+        activations: the activation after each layer (see ``GradientRecorder``): found from the
+            model by default; a mapping from layer names to activation names adds to it.
+        modules: which modules to record: every ``nn.Linear`` by default; types (e.g.
+            ``(nn.Linear, nn.Conv2d)``) or a predicate on qualified names.
+        applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer={type(optimizer).__name__} is not a torch.optim "
+                         f"optimizer: use gradlab.GradientRecorder's per-step calls instead")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
+        raise ValueError(f"log_every={log_every!r} is invalid: a whole number >= 0")
+    recorder = GradientRecorder(model, activations, log_every, optimizer=optimizer,
+                                modules=modules, applied_updates=applied_updates)
+    return Watch(model, optimizer, recorder)
+
+
+class Watch:
+    """What ``watch`` returns: a context manager holding the hooks; ``flush`` and ``save``."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 recorder: GradientRecorder):
+        self.model, self.optimizer, self.recorder = model, optimizer, recorder
+        self.step = 0  # optimizer steps made inside the block
+        self._open = False  # a step has begun (a forward ran) and not yet ended
+        self._recording = False
+        self._handles: list = []
+        self._grad_handles: list = []
+        # unique recorded parameters that take gradients: when all have theirs, read them
+        params = {id(p): p for m in recorder.linears for p in (m.weight, getattr(m, "bias", None))
+                  if isinstance(p, torch.Tensor) and p.requires_grad}
+        self._params = list(params.values())
+        self._accumulated: set[int] = set()
+        self._frames: list[pd.DataFrame] = []
+        self._started = now()
+
+    def __enter__(self) -> Watch:
+        self.recorder.__enter__()
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_forward),
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles + self._grad_handles:
+            handle.remove()
+        self._handles, self._grad_handles = [], []
+        self.recorder.__exit__(*exc)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _on_forward(self, module, args) -> None:
+        if self._open or not torch.is_grad_enabled():
+            return
+        self._open = True
+        self._recording = self.recorder.begin_step(self.step)
+        if self._recording:
+            self._accumulated.clear()
+            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                                  for p in self._params]
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        self._accumulated.add(id(param))
+        if len(self._accumulated) == len(self._params):  # every .grad of this backward is in
+            self.recorder.read_gradients()
+            self._accumulated.clear()
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._recording:
+            self.recorder.after_backward()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._recording:
+            self.recorder.after_update()
+            for handle in self._grad_handles:
+                handle.remove()
+            self._grad_handles = []
+        self._recording = self._open = False
+        self.step += 1
+
+    # -- output --------------------------------------------------------------------------------
+    def flush(self) -> pd.DataFrame:
+        """The tidy frame of the steps recorded since the last flush, one row per (step, layer).
+
+        ``epoch`` is 1 + the number of earlier flushes (flush at each epoch end to number them).
+        The frame has no ``run_id`` column (``save`` names the run); ``gradlab.plots`` draws it.
+        """
+        frame = self.recorder.flush(epoch=len(self._frames) + 1)
+        self._frames.append(frame)
+        return frame
+
+    def layers(self) -> list[dict]:
+        """The recorded layers in ``layer`` order: layer, layer_name, type and weight shape."""
+        rec = self.recorder
+        return [{"layer": layer, "layer_name": rec.names[i], "type": type(rec.linears[i]).__name__,
+                 "shape": list(rec.linears[i].weight.shape)}
+                for layer, i in enumerate(rec.layer_order())]
+
+    def save(self, out, name: str | None = None, config: dict | None = None) -> Path:
+        """Write everything recorded (flushing what is pending) as a run of the results layout:
+        ``<out>/runs/<name>/`` with config.json (``"source": "watch"``; the config is yours plus
+        ``model``, the recorded layers, and ``optimizer``), grads.parquet, an epochs.parquet
+        without rows, and status.json last. Returns the run folder.
+
+        Args:
+            out: the results folder.
+            name: the run's id (letters, digits, ``.``, ``_``, ``-``); default: a hash of the
+                config, model and optimizer.
+            config: your own settings, a dict of JSON scalars (str, int, float, bool, None).
+        """
+        settings = check_config(config or {})
+        settings.update(model=self.layers(), optimizer=describe_optimizer(self.optimizer))
+        if name is None:
+            payload = json.dumps(settings, sort_keys=True, default=str)
+            name = hashlib.sha256(payload.encode()).hexdigest()[:12]
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"name={name!r} is invalid: 1-100 letters, digits, '.', '_' or '-', "
+                             f"starting with a letter or digit")
+        if self.recorder.pending():
+            self.flush()
+        frames = [f for f in self._frames if len(f)]
+        grads = pd.concat(frames, ignore_index=True) if frames else empty_frame()
+        path = run_dir(ensure_out(out), name)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "status.json").unlink(missing_ok=True)
+        device = str(self.recorder.linears[0].weight.device)
+        write_json(path / "config.json", strict({
+            "run_id": name, "source": "watch", "config": settings,
+            "provenance": {**provenance(device), "started": self._started, "finished": now()},
+        }))
+        write_parquet(path / "grads.parquet", grads.drop(columns="run_id", errors="ignore"), name)
+        write_parquet(path / "epochs.parquet", pd.DataFrame(columns=list(EPOCH_COLUMNS)), name)
+        write_json(path / "status.json", {
+            "status": "complete", "run_id": name, "steps": self.step, "seconds": None,
+            "final_test_accuracy": None, "diverged_step": None, "error": None,
+            "finished": now()})
+        return path
+
+
+def check_config(config: dict) -> dict:
+    """A copy of the user's config, checked: string keys (not ``model`` or ``optimizer``, which
+    ``save`` fills in) and JSON scalar values."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config={config!r} is invalid: give a dict of JSON scalars")
+    for key, value in config.items():
+        if not isinstance(key, str) or key in ("model", "optimizer"):
+            raise ValueError(f"config key {key!r} is invalid: a string other than 'model' and "
+                             f"'optimizer' (save fills those in)")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"config[{key!r}]={value!r} is invalid: a str, int, float, bool "
+                             f"or None")
+    return dict(config)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's type and each parameter group's scalar settings."""
+    groups = [{k: v for k, v in group.items()
+               if k != "params" and (v is None or isinstance(v, (str, int, float, bool)))}
+              for group in optimizer.param_groups]
+    return {"type": type(optimizer).__name__, "param_groups": groups}
+
+
+def strict(obj):
+    """``obj`` with every non-finite float replaced by None (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
