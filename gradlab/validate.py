@@ -34,12 +34,13 @@ DIGESTED = ("config.json", *RECORDS, *OPTIONAL_RECORDS)
 REQUIRED = {
     "grads.parquet": ("run_id", "step", "layer", "grad_weight_norm"),
     "epochs.parquet": ("run_id", "epoch", "split", "loss", "accuracy"),
-    "dists.parquet": ("run_id", "step", "layer"),
+    "dists.parquet": ("run_id", "step", "layer", "quantity", "stat", "value"),
 }
 TEXT_COLUMNS = ("run_id", "split", "layer_name", "quantity", "stat")
 NUMERIC_COLUMNS = ("step", "epoch", "layer", "grad_output_norm", "grad_weight_norm",
                    "grad_bias_norm", "weight_norm", "update_ratio", "applied_update_ratio",
-                   "act_grad_mean", "saturated_frac", "dead_frac", "loss", "accuracy", "seconds")
+                   "act_grad_mean", "saturated_frac", "dead_frac", "loss", "accuracy", "seconds",
+                   "q", "bin_lo", "bin_hi", "value")
 
 # status.json fields besides ``status``: (kinds allowed, description for the error)
 NUMBER, INTEGER, TEXT = "a number", "an integer", "a string"
