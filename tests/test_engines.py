@@ -66,7 +66,7 @@ def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):
     args = ["--depth", 3, "--widths", "16,8", "--epochs", 1, "--data-dir", fake_mnist]
     r = invoke("train", *args, "--out", tmp_path / "a", "--engine", "fused", "--quiet")
     assert r.exit_code == 0, r.output
-    (run,) = (tmp_path / "a" / "runs").iterdir()
+    (run,) = (p for p in (tmp_path / "a" / "runs").iterdir() if p.is_dir())
     meta = json.loads((run / "config.json").read_text())
     assert meta["config"]["engine"] == "fused" and meta["provenance"]["threads"] == 1
     r = invoke("sweep", "--depths", "2,3", "--widths", 8, "--epochs", 1, "--data-dir",

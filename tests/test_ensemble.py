@@ -27,10 +27,10 @@ def assert_matches_solo(ensemble, solo):
     np.testing.assert_allclose(ensemble.epochs[NUMERIC].to_numpy(float),
                                solo.epochs[NUMERIC].to_numpy(float), rtol=1e-4)
     assert list(ensemble.grads.columns) == list(solo.grads.columns)
-    pd.testing.assert_frame_equal(ensemble.grads[["step", "epoch", "layer"]],
-                                  solo.grads[["step", "epoch", "layer"]])
-    np.testing.assert_allclose(ensemble.grads.drop(columns=["step", "epoch", "layer"]).to_numpy(),
-                               solo.grads.drop(columns=["step", "epoch", "layer"]).to_numpy(),
+    keys = ["step", "epoch", "layer", "layer_name"]
+    pd.testing.assert_frame_equal(ensemble.grads[keys], solo.grads[keys])
+    np.testing.assert_allclose(ensemble.grads.drop(columns=keys).to_numpy(float),
+                               solo.grads.drop(columns=keys).to_numpy(float),
                                rtol=1e-4, atol=1e-9)
 
 
