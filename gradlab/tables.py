@@ -16,6 +16,7 @@ import pandas as pd
 from .config import CONFIG_FIELDS
 
 SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
+NAMED_DEFAULTS = ("init", "bias_init")  # "default" is named in labels: PyTorch's own init
 RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
 
 
@@ -53,23 +54,32 @@ def varying_config(frame: pd.DataFrame) -> list[str]:
 
 def table_keys(frame: pd.DataFrame) -> list[str]:
     """What a summary groups by: activation, depth, then any other config that varies."""
-    keys = ["activation", "depth"]
+    keys = [k for k in ("activation", "depth") if k in frame.columns]
     return keys + [c for c in varying_config(frame) if c not in keys]
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    """Config values as label text; a missing value (no clipping, all training examples) is
+    "none"."""
+    return values.astype(object).where(values.notna(), "none").astype(str)
 
 
 def with_setup(frame: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The hue column for figures: ``activation``, or a ``setup`` label such as
     "relu, init=kaiming_normal" when more than activation and depth vary across ``runs``. A
-    label names only the values that differ from the most common one, to stay short."""
+    label names only the values that differ from the most common one, to stay short, and
+    ``init=default`` always: PyTorch's default init is a choice that a reader must see."""
     extras = [c for c in table_keys(runs) if c not in ("activation", "depth")]
     if not extras or frame.empty:
         return frame, "activation"
-    label = frame["activation"].astype(str)
+    label = as_text(frame["activation"]) if "activation" in frame else pd.Series(
+        "", index=frame.index)
     for column in extras:
-        usual = runs[column].astype(str).mode().iloc[0]  # ties: the first in sort order
-        values = frame[column].astype(str)
-        label = label + np.where(values != usual, f", {column}=" + values, "")
-    return frame.assign(setup=label), "setup"
+        usual = as_text(runs[column]).mode().iloc[0]  # ties: the first in sort order
+        values = as_text(frame[column])
+        named = (values != usual) | ((values == "default") & (column in NAMED_DEFAULTS))
+        label = label + np.where(named, f", {column}=" + values, "")
+    return frame.assign(setup=label.str.removeprefix(", ")), "setup"
 
 
 def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.DataFrame:
