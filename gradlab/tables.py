@@ -16,6 +16,7 @@ import pandas as pd
 from .config import CONFIG_FIELDS
 
 SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
+ONE_RUN = "run"  # the run_id given to a frame without one
 NAMED_DEFAULTS = ("init", "bias_init")  # "default" is named in labels: PyTorch's own init
 RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
 
@@ -24,6 +25,11 @@ def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
     """One row per run: the columns of ``data`` that are constant within a run, plus ``extra``."""
     columns = [c for c in dict.fromkeys((*RUN_COLUMNS, *extra)) if c and c in data.columns]
     return data.drop_duplicates("run_id")[columns].reset_index(drop=True)
+
+
+def with_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``run_id``: a frame without one (e.g. ``gradlab.watch``'s) is one run."""
+    return frame if "run_id" in frame.columns else frame.assign(run_id=ONE_RUN)
 
 
 def last_layer(frame: pd.DataFrame) -> pd.Series:
@@ -86,6 +92,9 @@ def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.
     """Per run: ‖g_first‖/‖g_last‖, ``y`` of layer 0 over layer depth−1, taken per recorded step,
     then the median over steps (``vanishing_ratio``). Steps where the ratio is not finite and
     positive (a diverged run's last step) are left out and counted in ``dropped``."""
+    grads = with_runs(grads)
+    if "depth" not in grads.columns:  # a model of the user's own: its recorded layers
+        grads = grads.assign(depth=last_layer(grads) + 1)
     keep = ["run_id", "step", y]
     first = grads.loc[grads["layer"] == 0, keep]
     last = grads.loc[grads["layer"] == grads["depth"] - 1, keep]
@@ -101,7 +110,8 @@ def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.
     out["steps"] = out["steps"].fillna(0).astype(int)
     out["dropped"] = out["dropped"].fillna(0).astype(int)
     out["bound"] = SIGMOID_BOUND ** (out["depth"] - 1)
-    return out.sort_values([*table_keys(out), "seed", "run_id"]).reset_index(drop=True)
+    order = [c for c in (*table_keys(out), "seed", "run_id") if c in out.columns]
+    return out.sort_values(order).reset_index(drop=True)
 
 
 def geometric_mean(values: pd.Series) -> float:

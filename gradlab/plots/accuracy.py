@@ -9,7 +9,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes, with_runs
+from ..tables import with_runs
+from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
 from .layout import diverged_handle, facets, finish, integer_ticks, mark_diverged
 from .style import BOOT_SEED, CI, hue_colors, mean_text, palette_of, paper_style
 

@@ -8,7 +8,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from ..tables import per_run
+from ..tables import per_run, with_runs
 from .frames import (
     bin_steps,
     check_columns,
@@ -19,7 +19,6 @@ from .frames import (
     most_runs,
     over_seeds,
     run_notes,
-    with_runs,
 )
 from .layout import diverged_handle, facets, finish, integer_ticks, mark_diverged
 from .style import LAYER_LABEL, NORM_LABELS, hue_colors, mean_text, palette, paper_style
