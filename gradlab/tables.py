@@ -165,3 +165,58 @@ def final_accuracy_table(epochs: pd.DataFrame, runs: pd.DataFrame | None = None,
         if status in table:
             table[status] = table[status].fillna(0).astype(int)
     return table
+
+
+# -- the story in plain words --------------------------------------------------------------------
+
+CHANCE = 0.15  # test accuracy at or below this is no better than guessing among 10 classes
+
+
+def ratio_word(ratio: float) -> str:
+    """What a vanishing ratio ‖g_first‖/‖g_last‖ means for the first layer's gradient."""
+    if not ratio == ratio:
+        return "not measured"
+    if ratio < 0.01:
+        return "vanishes"
+    if ratio < 0.1:
+        return "shrinks"
+    return "grows (explodes)" if ratio > 100 else "is kept"
+
+
+def setup_name(label: str) -> str:
+    return label.replace("init=default", "init=default (PyTorch's)")
+
+
+def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """The story of a results folder in plain words, one line per setup (activation and any
+    config that varies, seeds averaged): its vanishing ratio and final test accuracy at each
+    depth, and what they mean. Built from the stored records, for the end of ``gradlab sweep``
+    and ``gradlab figures`` and the top of the report."""
+    if grads.empty or runs.empty or "depth" not in runs:
+        return []
+    ratios, hue = with_setup(vanishing_ratios(grads), runs)
+    ratio = ratios.groupby([hue, "depth"])["vanishing_ratio"].apply(geometric_mean)
+    accuracy = pd.Series(dtype=float)
+    if not epochs.empty:
+        finals, _ = with_setup(final_accuracy(epochs), runs)
+        if "status" in finals:
+            finals = finals[finals["status"] == "complete"]
+        accuracy = finals.groupby([hue, "depth"])["accuracy"].mean()
+    lines = []
+    for setup in sorted(ratio.index.get_level_values(0).unique()):
+        by_depth = ratio[setup].sort_index()
+        deepest = by_depth.iloc[-1]
+        word = ratio_word(deepest)
+        where = "at every depth" if word == "is kept" and (by_depth >= 0.1).all() else \
+            f"at depth {by_depth.index[-1]}"
+        steps = " → ".join(f"{v:.2g}" for v in by_depth)
+        text = (f"{setup_name(str(setup))}: the first layer's gradient {word} {where} "
+                f"(‖g_first‖/‖g_last‖ {steps} at depth "
+                f"{', '.join(str(d) for d in by_depth.index)})")
+        if setup in accuracy.index.get_level_values(0):
+            acc = accuracy[setup].reindex(by_depth.index)
+            marks = [("n/a" if a != a else f"{a:.0%}" + (" (chance)" if a <= CHANCE else ""))
+                     for a in acc]
+            text += f"; final test accuracy {' → '.join(marks)}"
+        lines.append(text + ".")
+    return lines
