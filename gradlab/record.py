@@ -3,7 +3,7 @@
 The statistics live in device buffers indexed by a host-side counter, so the step loop never waits
 for the device; ``flush()`` copies them to the host once, at an epoch end, as tidy rows.
 
-How each column is obtained (DESIGN, "What is recorded"):
+How each column is obtained (README, "Recorded columns"):
 
 * ``grad_output_norm``: a forward hook on each Linear registers a *tensor* hook on its output z,
   which receives dL/dz. (A module full backward hook would break in-place activations that
