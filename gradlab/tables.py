@@ -205,10 +205,11 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
     lines = []
     for setup in sorted(ratio.index.get_level_values(0).unique()):
         by_depth = ratio[setup].sort_index()
-        deepest = by_depth.iloc[-1]
-        word = ratio_word(deepest)
-        where = "at every depth" if word == "is kept" and (by_depth >= 0.1).all() else \
-            f"at depth {by_depth.index[-1]}"
+        word = ratio_word(by_depth.iloc[-1])
+        # from the first depth where it is as bad as at the deepest one
+        first = next(d for d, r in by_depth.items() if ratio_word(r) == word)
+        where = "at every depth" if first == by_depth.index[0] else \
+            f"from depth {first}" if first != by_depth.index[-1] else f"at depth {first}"
         steps = " → ".join(f"{v:.2g}" for v in by_depth)
         text = (f"{setup_name(str(setup))}: the first layer's gradient {word} {where} "
                 f"(‖g_first‖/‖g_last‖ {steps} at depth "
