@@ -104,7 +104,7 @@ def what_was_run(runs: pd.DataFrame, results_dir: Path) -> str:
     esc = html.escape
     varying = [k for k in (*table_keys(runs), "seed") if k in runs.columns]
     same = [k for k in SETTINGS if k in runs.columns and k not in varying
-            and runs[k].astype(object).map(cell_text).nunique() == 1]
+            and runs[k].notna().all() and runs[k].astype(object).map(cell_text).nunique() == 1]
     shared = ", ".join(f"{k} {cell_text(runs[k].iloc[0])}" for k in same)
     varied = "; ".join(f"{k} {', '.join(sorted_values(runs[k]))}" for k in varying)
     return (f"{esc(summary(runs))} in <code>{esc(str(results_dir))}</code>."
@@ -196,14 +196,18 @@ def ratio_text(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
+def ratio_cell(row) -> str:
+    """Geometric mean [min, max] (n runs); a single run's ratio alone."""
+    spread = f" [{ratio_text(row.min)}, {ratio_text(row.max)}]" if row.runs > 1 else ""
+    diverged = f"; {row.diverged} diverged" if getattr(row, "diverged", 0) else ""
+    return f"{ratio_text(row.geo_mean)}{spread} (n={row.runs}){diverged}"
+
+
 def vanishing_section(data: Prepared) -> str:
     if data.ratios.empty:
         return ""
     table = vanishing_table(data.ratios)
-    cells = pd.Series([
-        f"{ratio_text(r.geo_mean)} [{ratio_text(r.min)}, {ratio_text(r.max)}] (n={r.runs})"
-        + (f"; {r.diverged} diverged" if getattr(r, "diverged", 0) else "")
-        for r in table.itertuples()])
+    cells = pd.Series([ratio_cell(r) for r in table.itertuples()])
     wide = by_depth(table, cells).astype(object)  # the bound row below has no setup values
     bound = {f"depth {d}": ratio_text(SIGMOID_BOUND ** (d - 1)) for d in table["depth"]}
     first = wide.columns[0]
@@ -212,8 +216,9 @@ def vanishing_section(data: Prepared) -> str:
     return ("<h2>Vanishing ratio ‖g<sub>first</sub>‖ / ‖g<sub>last</sub>‖</h2>"
             "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
             "recorded step, then the median over steps. Shown: the geometric mean over seeds "
-            "[min, max] (n runs), and the tutorial's bound 0.25<sup>depth−1</sup> (σ′ ≤ 0.25 "
-            "per sigmoid layer). Far below 1: the input layers barely learn.</p>"
+            "[min, max] (n runs; for one run, its ratio), and the tutorial's bound "
+            "0.25<sup>depth−1</sup> (σ′ ≤ 0.25 per sigmoid layer). Far below 1: the input "
+            "layers barely learn.</p>"
             + html_table(wide))
 
 
