@@ -208,7 +208,7 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
         word = ratio_word(by_depth.iloc[-1])
         # from the first depth where it is as bad as at the deepest one
         first = next(d for d, r in by_depth.items() if ratio_word(r) == word)
-        where = "at every depth" if first == by_depth.index[0] else \
+        where = "at every depth" if first == by_depth.index[0] and len(by_depth) > 1 else \
             f"from depth {first}" if first != by_depth.index[-1] else f"at depth {first}"
         steps = " → ".join(f"{v:.2g}" for v in by_depth)
         text = (f"{setup_name(str(setup))}: the first layer's gradient {word} {where} "

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullFormatter
 
 from .frames import levels
 from .style import DIVERGED_COLOR, WIDTH_DOUBLE, WIDTH_SINGLE
@@ -215,4 +215,8 @@ def tidy_log_axes(fig: Figure) -> None:
             continue
         lo, hi = ax.get_ylim()
         if lo > 0 and math.floor(math.log10(hi)) >= math.ceil(math.log10(lo)):
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif lo > 0:  # less than a decade: matplotlib labels a value at every tick; keep 3
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(NullFormatter())
