@@ -74,11 +74,11 @@ def render_report(data: Prepared, results_dir: Path) -> str:
     sections = [
         f"<h1>gradlab report: {esc(results_dir.resolve().name)}</h1>",
         f"<p class='lead'>{what_was_run(data.runs, results_dir)}</p>",
-        story_section(data),
     ]
     if data.problems:
         items = "".join(f"<li>{esc(p)}</li>" for p in data.problems)
         sections.append(f"<h2>Problems</h2><ul class='problems'>{items}</ul>")
+    sections.append(story_section(data))
     if headline is not None:
         sections.append(figure_html(headline, drawn.pop(headline), "headline"))
     sections += [accuracy_section(data), vanishing_section(data), figures_section(drawn),
