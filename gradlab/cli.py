@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .options import grid_from_options, sweep_options, train_options
+from .options import SectionedCommand, grid_from_options, sweep_options, train_options
 from .startup import Terminated
 
 # Errors the library raises for bad input; each message is one line. Imported lazily by name so
@@ -177,7 +177,7 @@ def device_option(f):
                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")(f)
 
 
-@cli.command()
+@cli.command(cls=SectionedCommand)
 @train_options
 @click.option("--out", type=click.Path(), default="results", help="results root")
 @data_dir_option
@@ -256,11 +256,11 @@ def jobs_options(f):
                      help="torch threads per run, whatever --jobs is, so that records do not "
                           "depend on how many runs train at once")(f)
     return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,
-                        help="runs at once, each in its own process (or Ray task) "
-                             "[default: this machine's cores]")(f)
+                        show_default="this machine's cores",
+                        help="runs at once, each in its own process (or Ray task)")(f)
 
 
-@cli.command()
+@cli.command(cls=SectionedCommand)
 @sweep_options
 @click.option("--out", type=click.Path(), default="results/sweep", help="results folder")
 @jobs_options
@@ -303,11 +303,11 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
-                           ensemble=ensemble, on_start=progress.on_start,
-                           on_run=progress.on_run)
+                           ensemble=ensemble, **progress_callbacks(progress))
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
     for line in result.repaired():  # damaged runs, trained again
         click.echo(line)
+    echo_verdict(out, [c.run_id() for c in configs])
     echo_problems(result, out)
     if make_report:
         try:
@@ -318,25 +318,102 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     return 0 if result.ok else 1
 
 
-class SweepProgress:
-    """A tqdm bar of runs on stderr, with one line per finished run (for sweep and figures)."""
+TRAIN_EXAMPLES = 60_000  # MNIST's and Fashion-MNIST's training sets
 
-    def __init__(self, configs, out):
-        self.configs, self.out, self.bar = configs, out, None
+
+def planned_steps(config) -> int:
+    """The optimizer steps a run takes, from its config alone (before its data is loaded)."""
+    examples = config.train_size or TRAIN_EXAMPLES
+    return config.epochs * -(-examples // config.batch_size)
+
+
+class SweepProgress:
+    """Progress of a sweep on stderr (for sweep and figures), counted in training steps across
+    every run to train, with an ETA, and one line per finished run: a tqdm bar on a terminal,
+    else plain lines at most every ``every`` seconds (a log file gets no redraws).
+
+    Its methods are ``run_sweep``'s callbacks: ``on_start``, ``on_run`` and ``on_progress``
+    (``fn(run_id, steps_done, steps_total)``). Without ``on_progress`` a run's steps count
+    when it finishes.
+    """
+
+    def __init__(self, configs, out, *, stream=None, every: float = 10.0):
+        self.configs, self.out = configs, out
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.totals = {c.run_id(): planned_steps(c) for c in configs}
+        self.done: dict[str, int] = {}
+        self.todo: set[str] = set()
+        self.runs_done = 0
+        self.bar = None
+        self.started = self.shown = 0.0
+
+    @property
+    def steps(self) -> tuple[int, int]:
+        """(steps done, steps in all) of the runs to train."""
+        return (sum(self.done.get(r, 0) for r in self.todo),
+                sum(self.totals[r] for r in self.todo))
 
     def on_start(self, todo: int, skipped: int) -> None:
-        from tqdm.auto import tqdm
+        import time
+
+        from .sweep import plan
 
         click.echo(f"{len(self.configs)} runs into {self.out}: {skipped} already finished, "
-                   f"{todo} to train", err=True)
-        if todo:
-            self.bar = tqdm(total=todo, unit="run", file=sys.stderr, dynamic_ncols=True)
+                   f"{todo} to train", file=self.stream)
+        self.todo = {c.run_id() for c in plan(self.configs, self.out)[0]} if todo else set()
+        self.started = self.shown = time.monotonic()
+        if todo and self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps[1], unit="step", unit_scale=True,
+                            file=self.stream, dynamic_ncols=True, postfix=self.runs_text())
+
+    def on_progress(self, run_id: str, steps_done: int, steps_total: int) -> None:
+        self.totals[run_id] = steps_total  # the run's own count is the truth
+        self.done[run_id] = steps_done
+        self.todo.add(run_id)
+        self.show()
 
     def on_run(self, config, outcome: dict) -> None:
         from .sweep import outcome_line
 
-        self.bar.write(outcome_line(config, outcome, self.configs), file=sys.stderr)
-        self.bar.update(1)
+        run_id = config.run_id()
+        self.done[run_id] = self.totals[run_id]  # a diverged run ends early: nothing left
+        self.todo.add(run_id)
+        self.runs_done += 1
+        line = outcome_line(config, outcome, self.configs)
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            click.echo(line, file=self.stream)
+        self.show(force=True)
+
+    def runs_text(self) -> str:
+        return f"{self.runs_done}/{len(self.todo)} runs"
+
+    def show(self, force: bool = False) -> None:
+        import time
+
+        done, total = self.steps
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.set_postfix_str(self.runs_text(), refresh=False)
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.monotonic()
+        if force or now - self.shown >= self.every:
+            self.shown = now
+            click.echo(self.line(done, total, now - self.started), file=self.stream)
+
+    def line(self, done: int, total: int, elapsed: float) -> str:
+        """A plain progress line: steps, runs, elapsed time and the time left at this rate."""
+        from tqdm import tqdm
+
+        return "progress: " + tqdm.format_meter(
+            done, total, elapsed, unit="step", postfix=self.runs_text(),
+            bar_format="{percentage:3.0f}% {n_fmt}/{total_fmt} steps{postfix}, "
+                       "{elapsed} elapsed, {remaining} left")
 
     def __enter__(self):
         return self
@@ -344,6 +421,33 @@ class SweepProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_callbacks(progress: SweepProgress) -> dict:
+    """``progress``'s callbacks, as ``run_sweep`` (and ``experiment.build``) take them."""
+    return {"on_start": progress.on_start, "on_run": progress.on_run,
+            "on_progress": progress.on_progress}
+
+
+def echo_verdict(out, run_ids) -> None:
+    """Print what the runs of ``out`` show, in plain words, one line per setup."""
+    import warnings
+
+    from .store import load
+    from .tables import verdict
+
+    with warnings.catch_warnings():  # damaged runs are named by the command itself
+        warnings.simplefilter("ignore")
+        results = load(out)
+    keep = set(run_ids)
+    frames = [f[f["run_id"].isin(keep)] if "run_id" in f else f
+              for f in (results.grads, results.epochs, results.runs)]
+    lines = verdict(*frames)
+    if lines:
+        click.echo("\nIn plain words (‖g_first‖/‖g_last‖: the first layer's gradient norm over "
+                   "the last layer's; 1 = kept):")
+        for line in lines:
+            click.echo(f"  {line}")
 
 
 def echo_problems(result, out) -> None:
@@ -462,7 +566,9 @@ def report(results):
 @click.option("--device", type=Device(), default="cpu",
               help="where missing runs train; the committed results were made on the CPU, "
                    "whose runs are bit-for-bit reproducible")
-def figures(spec, out, jobs, threads, data_dir, device):
+@click.option("--report", "make_report", is_flag=True,
+              help="also write OUT/report.html (figures, tables, runs, provenance)")
+def figures(spec, out, jobs, threads, data_dir, device, make_report):
     """Rebuild an experiment's figures from its TOML SPEC (e.g. experiments/vanishing.toml).
 
     Trains the runs that are missing (resumable, as a sweep), then writes figures/, summary.csv,
@@ -478,11 +584,15 @@ def figures(spec, out, jobs, threads, data_dir, device):
     with SweepProgress(configs, out) as progress:
         manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, threads=threads,
                                                data_dir=data_dir, device=device,
-                                               on_start=progress.on_start,
-                                               on_run=progress.on_run))
+                                               **progress_callbacks(progress)))
     click.echo((Path(out) / "summary.md").read_text().split("```")[1].strip("\n"))
+    echo_verdict(out, [c.run_id() for c in configs])
     for name in manifest["figures"]:
         click.echo(str(Path(out) / name))
+    if make_report:
+        from .report import write_report
+
+        click.echo(f"report: {echo_warnings(lambda: write_report(out))}")
     bad = {k: v for k, v in manifest["statuses"].items() if v != "complete"}
     for run_id, status in sorted(bad.items()):
         click.echo(f"  {run_id}: {status}")

@@ -157,14 +157,16 @@ def build(
     device: str = "cpu",
     on_start=None,
     on_run=None,
+    on_progress=None,
 ) -> dict:
     """Run what is missing of an experiment, then write its figures, summary and manifest.
 
     Args:
         experiment: from ``load_spec``.
         out: the results folder; default ``results/<name>``.
-        jobs, threads, data_dir, device, on_start, on_run: as for ``gradlab.sweep.run_sweep``. The
-            default device is the CPU, whose runs are bit-for-bit reproducible.
+        jobs, threads, data_dir, device, on_start, on_run, on_progress: as for
+            ``gradlab.sweep.run_sweep``. The default device is the CPU, whose runs are bit-for-bit
+            reproducible.
 
     Returns the manifest (also written to ``out/manifest.json``).
     """
@@ -177,7 +179,7 @@ def build(
     out = Path(out) if out is not None else Path("results") / experiment.name
     configs = experiment.configs()
     sweep = run_sweep(configs, out, jobs=jobs, threads=threads, data_dir=data_dir, device=device,
-                      on_start=on_start, on_run=on_run)
+                      on_start=on_start, on_run=on_run, on_progress=on_progress)
     ids = [c.run_id() for c in configs]
     results = load(out)  # only this experiment's runs are drawn, even if the folder has more
 

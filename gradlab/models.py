@@ -21,7 +21,7 @@ def _kaiming_nonlinearity(activation: str) -> str:
 
 
 def init_weight_(w: torch.Tensor, spec: str, activation: str) -> None:
-    """Initialise a Linear weight in place from an init spec (see DESIGN's list)."""
+    """Initialise a Linear weight in place from an init spec (``config.WEIGHT_INITS``)."""
     name, arg = parse_init(spec)
     nl = _kaiming_nonlinearity(activation)
     slope = LEAKY_SLOPE if nl == "leaky_relu" else 0

@@ -69,20 +69,25 @@ class Opt:
     help: str
     flag: str | None = None  # the train flag, when it differs from the field name
     plural: str | None = None  # the sweep flag
+    shown: str | None = None  # the default in words, where the value is None
 
 
 _DEFAULTS = RunConfig()
 POS_FLOAT = click.FloatRange(min=0, min_open=True)
 NONNEG_FLOAT = click.FloatRange(min=0)
 
+# In the order a user sets them: the model, then its training, then what is recorded.
 RUN_OPTIONS: tuple[Opt, ...] = (
+    Opt("depth", click.IntRange(1, MAX_DEPTH), "number of Linear layers, input to output"),
+    Opt("width", click.IntRange(1, MAX_WIDTH), "width of every hidden layer", shown="128"),
+    Opt("activation", click.Choice(ACTIVATIONS), "activation after each hidden Linear"),
+    Opt("init", InitSpec(), "weight init ('default' is PyTorch's own): "
+        + ", ".join(WEIGHT_INITS)),
+    Opt("bias_init", InitSpec(bias=True), "bias init: " + ", ".join(BIAS_INITS)),
     Opt("dataset", click.Choice(DATASETS), "dataset (torchvision; Fashion-MNIST is also found "
         "where Debian's dataset-fashion-mnist installs it)"),
-    Opt("depth", click.IntRange(1, MAX_DEPTH), "number of Linear layers, input to output"),
-    Opt("width", click.IntRange(1, MAX_WIDTH), "width of every hidden layer [default: 128]"),
-    Opt("activation", click.Choice(ACTIVATIONS), "activation after each hidden Linear"),
-    Opt("init", InitSpec(), "weight init: " + ", ".join(WEIGHT_INITS)),
-    Opt("bias_init", InitSpec(bias=True), "bias init: " + ", ".join(BIAS_INITS)),
+    Opt("train_size", click.IntRange(1), "use only the first N training examples",
+        shown="all"),
     Opt("optimizer", click.Choice(OPTIMIZERS), "optimizer"),
     Opt("lr", POS_FLOAT, "learning rate (the tutorial uses 0.01)", plural="lrs"),
     Opt("momentum", NONNEG_FLOAT, "SGD momentum", plural="momenta"),
@@ -92,22 +97,58 @@ RUN_OPTIONS: tuple[Opt, ...] = (
         plural="epochs"),
     Opt("seed", click.IntRange(0, 2**63 - 1), "seed of the init and the batch order"),
     Opt("clip_grad_norm", POS_FLOAT, "clip the total gradient norm to this (records keep the "
-        "gradient before clipping) [default: off]"),
-    Opt("train_size", click.IntRange(1), "use only the first N training examples "
-        "[default: all]"),
-    Opt("log_every", click.IntRange(0), "record gradients every N steps (0: off)"),
+        "gradient before clipping)", shown="off"),
     Opt("criterion", click.Choice(CRITERIA), "training loss: cross_entropy (softmax), or "
         "sigmoid_bce (sigmoid outputs, binary cross-entropy summed over the outputs: "
         "Nielsen's network2.py)"),
+    Opt("log_every", click.IntRange(0), "record gradients every N steps (0: off)",
+        plural="log_every_list"),
     Opt("dist_every", click.IntRange(0), "record distributions (quantiles and histograms of "
-        "activations, dL/dz and dL/dW per layer; dists.parquet) every N steps (0: off)"),
+        "activations, dL/dz and dL/dW per layer; dists.parquet) every N steps (0: off)",
+        plural="dist_every_list"),
 )
-DIST_SPACED_HELP = ("record distributions at about 20 log-spaced steps per decade instead of "
-                    "every --dist-every steps")
+# --help sections, in the order a user sets things; options not named here are the last one.
+SECTIONS = {
+    "Model": ("depth", "width", "widths", "activation", "init", "bias_init"),
+    "Training": ("dataset", "train_size", "standardize", "optimizer", "lr", "momentum",
+                 "weight_decay", "batch_size", "epochs", "seed", "clip_grad_norm", "criterion"),
+    "Recording": ("log_every", "log_spaced", "applied_updates", "dist_every",
+                  "dist_log_spaced"),
+}
+LAST_SECTION = "Where and how"
+# Flags renamed this version: the old spelling still works and is not shown in --help.
+OLD_SPELLINGS = {"log_every_list": ("--log-everys",)}
 
 
-APPLIED_HELP = ("also record applied_update_ratio, the change of the weights as stored "
-                "(costs a weight copy per recorded step)")
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options in ``SECTIONS``, in that order."""
+
+    def format_options(self, ctx, formatter):
+        records: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                records.setdefault(section_of(param.name), []).append(record)
+        for title in (*SECTIONS, LAST_SECTION):
+            if records.get(title):
+                with formatter.section(title):
+                    formatter.write_dl(records[title])
+
+
+def section_of(name: str) -> str:
+    return next((title for title, names in SECTIONS.items() if name in names), LAST_SECTION)
+
+
+class Aliased(click.Option):
+    """An option whose further spellings (a singular, a renamed flag) work but are not shown
+    in --help."""
+
+    def get_help_record(self, ctx):
+        shown, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
 
 
 def _flag(name: str) -> str:
@@ -118,57 +159,78 @@ def _default(opt: Opt) -> Any:
     return None if opt.field == "width" else getattr(_DEFAULTS, opt.field, None)
 
 
-def train_options(command):
-    """Decorate ``gradlab train`` with one option per RunConfig field."""
-    for opt in reversed(RUN_OPTIONS):
-        default = _default(opt)
-        command = click.option(_flag(opt.flag or opt.field), opt.field, type=opt.type,
-                               default=default, show_default=default is not None,
-                               help=opt.help)(command)
-    command = click.option("--widths", "widths", type=CommaList(click.IntRange(1, MAX_WIDTH)),
-                           default=None,
-                           help="hidden widths per layer, input side first (depth-1 values), "
-                                "e.g. 128,256 for the tutorial's net")(command)
-    command = click.option("--standardize/--no-standardize", default=False, show_default=True,
-                           help="standardise inputs instead of only scaling to [0,1]")(command)
-    command = click.option("--log-spaced", is_flag=True, default=False,
-                           help="record about 20 log-spaced steps per decade instead of "
-                                "every --log-every steps (for long runs)")(command)
-    command = click.option("--applied-updates", is_flag=True, default=False,
-                           help=APPLIED_HELP)(command)
-    command = click.option("--dist-log-spaced", is_flag=True, default=False,
-                           help=DIST_SPACED_HELP)(command)
+def _show_default(opt: Opt) -> bool | str:
+    return opt.shown or _default(opt) is not None
+
+
+def _add(command, opts: list[tuple[str, ...]], kwargs: list[dict]):
+    """Apply click options in reverse, so that --help lists them in the given order."""
+    for names, extra in reversed(list(zip(opts, kwargs, strict=True))):
+        command = click.option(*names, **extra)(command)
     return command
+
+
+def _flags(sweep: bool) -> dict[str, tuple]:
+    """The on/off options of both commands (``sweep``: its help points to train's)."""
+    see = " (see gradlab train --help)" if sweep else ""
+    return {
+        "standardize": (("--standardize/--no-standardize",), dict(
+            default=False, show_default=True,
+            help="standardise inputs instead of only scaling them into 0–1")),
+        "log_spaced": (("--log-spaced",), dict(
+            is_flag=True, default=False,
+            help="record log-spaced steps" + (see or " (about 20 per decade) instead of every "
+                                                     "--log-every steps (long runs)"))),
+        "applied_updates": (("--applied-updates",), dict(
+            is_flag=True, default=False,
+            help="also record applied_update_ratio, the change of the weights as stored "
+                 "(costs a weight copy per recorded step)")),
+        "dist_log_spaced": (("--dist-log-spaced",), dict(
+            is_flag=True, default=False,
+            help="record distributions at about 20 log-spaced steps per decade instead of "
+                 "every --dist-every steps")),
+    }
+
+
+def train_options(command):
+    """Decorate ``gradlab train`` with one option per RunConfig field, model first."""
+    specs = {opt.field: ((_flag(opt.flag or opt.field), opt.field),
+                         dict(type=opt.type, default=_default(opt),
+                              show_default=_show_default(opt), help=opt.help))
+             for opt in RUN_OPTIONS}
+    specs["widths"] = (("--widths", "widths"), dict(
+        type=CommaList(click.IntRange(1, MAX_WIDTH)), default=None,
+        help="hidden widths per layer, input side first (depth-1 values), e.g. 128,256 for "
+             "the tutorial's net"))
+    specs.update(_flags(sweep=False))
+    order = [name for names in SECTIONS.values() for name in names]
+    return _add(command, [specs[n][0] for n in order], [specs[n][1] for n in order])
 
 
 def sweep_options(command):
-    """Decorate ``gradlab sweep`` with a comma-list option per RunConfig field."""
-    for opt in reversed(RUN_OPTIONS):
+    """Decorate ``gradlab sweep`` with a comma-list option per RunConfig field, model first;
+    each also takes its singular spelling (``--depth 10``)."""
+    specs = {}
+    for opt in RUN_OPTIONS:
         plural = opt.plural or opt.field + "s"
+        names = [_flag(plural), *OLD_SPELLINGS.get(plural, ())]
+        if opt.field != plural and opt.field != "width":  # --width: the train flag's meaning
+            names.append(_flag(opt.field))
         default = _default(opt)
-        command = click.option(_flag(plural), opt.field, type=CommaList(opt.type),
-                               default=None if default is None else str(default),
-                               show_default=default is not None,
-                               help=f"comma list: {opt.help}")(command)
-    command = click.option("--layer-widths", "widths",
-                           type=CommaList(CommaList(click.IntRange(1, MAX_WIDTH)), sep=";"),
-                           default=None,
-                           help="per-layer hidden widths to sweep, lists separated by ';', "
-                                "e.g. '128,256;64,64' (instead of --widths)")(command)
-    command = click.option("--standardize/--no-standardize", default=False, show_default=True,
-                           help="standardise inputs instead of only scaling to [0,1]")(command)
-    command = click.option("--log-spaced", is_flag=True, default=False,
-                           help="record log-spaced steps (see gradlab train --help)")(command)
-    command = click.option("--applied-updates", is_flag=True, default=False,
-                           help=APPLIED_HELP)(command)
-    command = click.option("--dist-log-spaced", is_flag=True, default=False,
-                           help=DIST_SPACED_HELP)(command)
-    return command
+        specs[opt.field] = ((*names, opt.field), dict(
+            cls=Aliased, type=CommaList(opt.type),
+            default=None if default is None else str(default),
+            show_default=_show_default(opt), help=f"comma list: {opt.help}"))
+    specs["widths"] = (("--layer-widths", "widths"), dict(
+        type=CommaList(CommaList(click.IntRange(1, MAX_WIDTH)), sep=";"), default=None,
+        help="per-layer hidden widths to sweep, lists separated by ';', e.g. '128,256;64,64' "
+             "(instead of --widths)"))
+    specs.update(_flags(sweep=True))
+    order = [name for names in SECTIONS.values() for name in names]
+    return _add(command, [specs[n][0] for n in order], [specs[n][1] for n in order])
 
 
 def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:
     """The run-option values of a parsed command as a grid (field -> value or list)."""
-    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced",
-                                                  "applied_updates",
-                                                  "dist_log_spaced"}
+    keys = {opt.field for opt in RUN_OPTIONS} | {"widths", *_flags(sweep=False)}
     return {k: v for k, v in values.items() if k in keys and v is not None}

@@ -13,7 +13,7 @@ calls (the square root of the sum of their squared norms), the f' statistics poo
 z (a unit is dead when it is positive in no call), and its parameter columns are those of the
 accumulated ``.grad``, the one the optimizer uses.
 
-How each column is obtained (DESIGN, "What is recorded"):
+How each column is obtained (README, "Recorded columns"):
 
 * ``grad_output_norm``: a forward hook on each layer registers a *tensor* hook on its output z,
   which receives dL/dz. (A module full backward hook would break in-place activations that

@@ -1,5 +1,6 @@
-"""The HTML report of a results folder: one self-contained page with the figures (embedded PNG),
-final-accuracy and vanishing-ratio tables, each run's status, and the provenance."""
+"""The HTML report of a results folder, read as a short paper: what was run and what it shows in
+plain words, the headline figure, the tables, the other figures, each run's status and the
+provenance; one self-contained page (figures embedded as PNG)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,22 @@ from .claims import claims_section
 from .config import CONFIG_FIELDS
 from .plots import CAPTIONS, Prepared, figures, prepare, render
 from .store import RUNS, atomic_write, load
-from .tables import SIGMOID_BOUND, table_keys, vanishing_table
+from .tables import SIGMOID_BOUND, table_keys, vanishing_table, verdict
 
 PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
                    "platform", "device", "threads", "argv")
 MAX_VALUES = 4  # distinct provenance values listed before "+N more"
+HEADLINE = ("vanishing_ratio", "accuracy_by_epoch")  # the first of these drawn leads the page
+FIGURE_DPI = 300  # crisp at the page's width on a high-density screen
+WIDE = 5.0  # inches: a figure at least this wide spans both columns of the page
+# What "what was run" says about each setting that is the same in every run.
+SETTINGS = ("dataset", "width", "widths", "optimizer", "lr", "momentum", "weight_decay",
+            "batch_size", "epochs", "train_size", "clip_grad_norm", "log_every")
 
 STYLE = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
-       max-width: 1100px; padding: 0 1em; color: #222; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1000px; padding: 0 1em; color: #222; }
+p.lead { font-size: 1.05em; } ul.story li { margin: .3em 0; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
@@ -34,7 +42,9 @@ th { background: #f4f4f4; }
 tr.diverged td { background: #fdecea; } tr.failed td { background: #fff4e0; }
 tr.unfinished td { color: #888; }
 .note { color: #555; font-size: .92em; } .problems li { color: #a33; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; }
+figure { margin: 1.5em 0; } figure img { width: 100%; height: auto; display: block; }
+.figures { display: grid; grid-template-columns: 1fr 1fr; gap: 0 2em; }
+.figures figure.wide { grid-column: 1 / -1; } figure.headline { margin-top: 1em; }
 figcaption { color: #555; font-size: .92em; }
 code { font-size: .92em; }
 """
@@ -60,16 +70,20 @@ def write_report(results_dir: str | os.PathLike) -> Path:
 def render_report(data: Prepared, results_dir: Path) -> str:
     """The report page of prepared results as one HTML string."""
     esc = html.escape
+    drawn = dict(figures(data))
+    headline = next((name for name in HEADLINE if name in drawn), None)
     sections = [
         f"<h1>gradlab report: {esc(results_dir.resolve().name)}</h1>",
-        f"<p>{esc(summary(data.runs))} in <code>{esc(str(results_dir))}</code>.</p>",
+        f"<p class='lead'>{what_was_run(data.runs, results_dir)}</p>",
     ]
     if data.problems:
         items = "".join(f"<li>{esc(p)}</li>" for p in data.problems)
         sections.append(f"<h2>Problems</h2><ul class='problems'>{items}</ul>")
+    sections.append(story_section(data))
+    if headline is not None:
+        sections.append(figure_html(headline, drawn.pop(headline), "headline"))
     sections += [claims_section(results_dir), accuracy_section(data), vanishing_section(data),
-                 figures_section(data),
-                 runs_section(data), provenance_section(data, results_dir)]
+                 figures_section(drawn), runs_section(data), provenance_section(data, results_dir)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>gradlab report: {esc(results_dir.resolve().name)}</title>"
             f"<style>{STYLE}</style></head><body>\n"
@@ -83,6 +97,45 @@ def summary(runs: pd.DataFrame) -> str:
     parts = [f"{counts[s]} {s}" for s in ("complete", "diverged", "failed", "unfinished")
              if counts[s]]
     return f"{len(runs)} run{'s' if len(runs) != 1 else ''}: {', '.join(parts)}"
+
+
+def what_was_run(runs: pd.DataFrame, results_dir: Path) -> str:
+    """A paragraph (HTML) saying what was trained: the settings every run shares, and the
+    values that vary between runs."""
+    esc = html.escape
+    varying = [k for k in (*table_keys(runs), "seed") if k in runs.columns]
+    same = [k for k in SETTINGS if k in runs.columns and k not in varying
+            and runs[k].notna().all() and runs[k].astype(object).map(cell_text).nunique() == 1]
+    shared = ", ".join(f"{k} {cell_text(runs[k].iloc[0])}" for k in same)
+    varied = "; ".join(f"{k} {', '.join(sorted_values(runs[k]))}" for k in varying)
+    return (f"{esc(summary(runs))} in <code>{esc(str(results_dir))}</code>."
+            + (f" Every run: {esc(shared)}." if shared else "")
+            + (f" Varied: {esc(varied)}." if varied else ""))
+
+
+def sorted_values(values: pd.Series) -> list[str]:
+    """The distinct values of a column as text, numbers in numeric order."""
+    return sorted({cell_text(v) for v in values}, key=number_first)
+
+
+def number_first(text: str) -> tuple:
+    """A sort key that orders numbers by value (3 before 10), then other text."""
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def story_section(data: Prepared) -> str:
+    lines = verdict(data.grads, data.epochs, data.runs)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return ("<h2>In plain words</h2><p class='note'>Per setup, from the stored records: the "
+            "first layer's gradient norm over the last layer's (‖g<sub>first</sub>‖ / "
+            "‖g<sub>last</sub>‖; 1 means the input layer gets as much gradient as the output "
+            "layer; sigmoid's worst case is 0.25<sup>depth−1</sup>), and the final test "
+            f"accuracy, depth by depth.</p><ul class='story'>{items}</ul>")
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -144,14 +197,18 @@ def ratio_text(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
+def ratio_cell(row) -> str:
+    """Geometric mean [min, max] (n runs); a single run's ratio alone."""
+    spread = f" [{ratio_text(row.min)}, {ratio_text(row.max)}]" if row.runs > 1 else ""
+    diverged = f"; {row.diverged} diverged" if getattr(row, "diverged", 0) else ""
+    return f"{ratio_text(row.geo_mean)}{spread} (n={row.runs}){diverged}"
+
+
 def vanishing_section(data: Prepared) -> str:
     if data.ratios.empty:
         return ""
     table = vanishing_table(data.ratios)
-    cells = pd.Series([
-        f"{ratio_text(r.geo_mean)} [{ratio_text(r.min)}, {ratio_text(r.max)}] (n={r.runs})"
-        + (f"; {r.diverged} diverged" if getattr(r, "diverged", 0) else "")
-        for r in table.itertuples()])
+    cells = pd.Series([ratio_cell(r) for r in table.itertuples()])
     wide = by_depth(table, cells).astype(object)  # the bound row below has no setup values
     bound = {f"depth {d}": ratio_text(SIGMOID_BOUND ** (d - 1)) for d in table["depth"]}
     first = wide.columns[0]
@@ -160,20 +217,26 @@ def vanishing_section(data: Prepared) -> str:
     return ("<h2>Vanishing ratio ‖g<sub>first</sub>‖ / ‖g<sub>last</sub>‖</h2>"
             "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
             "recorded step, then the median over steps. Shown: the geometric mean over seeds "
-            "[min, max] (n runs), and the tutorial's bound 0.25<sup>depth−1</sup> (σ′ ≤ 0.25 "
-            "per sigmoid layer). Far below 1: the input layers barely learn.</p>"
+            "[min, max] (n runs; for one run, its ratio), and the tutorial's bound "
+            "0.25<sup>depth−1</sup> (σ′ ≤ 0.25 per sigmoid layer). Far below 1: the input "
+            "layers barely learn.</p>"
             + html_table(wide))
 
 
-def figures_section(data: Prepared) -> str:
-    parts = ["<h2>Figures</h2>"]
-    for name, fig in figures(data):
-        png = base64.b64encode(render(fig, "png")).decode("ascii")
-        caption = html.escape(CAPTIONS.get(name, name))
-        parts.append(f"<figure id='{name}'><img alt='{caption}' "
-                     f"src='data:image/png;base64,{png}'>"
-                     f"<figcaption>{caption} (<code>{name}</code>)</figcaption></figure>")
-    return "\n".join(parts)
+def figure_html(name: str, fig, kind: str = "") -> str:
+    png = base64.b64encode(render(fig, "png", dpi=FIGURE_DPI)).decode("ascii")
+    caption = html.escape(CAPTIONS.get(name, name))
+    kind = kind or ("wide" if fig.get_figwidth() >= WIDE else "")
+    return (f"<figure id='{name}' class='{kind}'><img alt='{caption}' "
+            f"src='data:image/png;base64,{png}'>"
+            f"<figcaption>{caption} (<code>{name}</code>)</figcaption></figure>")
+
+
+def figures_section(drawn: dict) -> str:
+    if not drawn:
+        return ""
+    return ("<h2>More figures</h2><div class='figures'>"
+            + "\n".join(figure_html(name, fig) for name, fig in drawn.items()) + "</div>")
 
 
 def runs_section(data: Prepared) -> str:
@@ -234,6 +297,6 @@ def read_config(results_dir: Path, run_id: str) -> dict:
 def listing(counter: Counter) -> str:
     if len(counter) == 1:
         return next(iter(counter))
-    items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+    items = sorted(counter.items(), key=lambda kv: (-kv[1], number_first(kv[0])))
     text = "; ".join(f"{value} ({n})" for value, n in items[:MAX_VALUES])
     return text + (f"; +{len(items) - MAX_VALUES} more" if len(items) > MAX_VALUES else "")

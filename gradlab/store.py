@@ -239,6 +239,14 @@ class Results:
     problems: list[str] = field(default_factory=list)
     dists: pd.DataFrame = field(default_factory=pd.DataFrame)
 
+    def __repr__(self) -> str:
+        """One line: runs by status and the rows of each frame (not the frames themselves)."""
+        statuses = self.runs["status"].value_counts() if "status" in self.runs else {}
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(dict(statuses).items()))
+        problems = f", {len(self.problems)} problems" if self.problems else ""
+        return (f"Results({len(self.runs)} runs{f' ({counts})' if counts else ''}; "
+                f"grads {len(self.grads)} rows, epochs {len(self.epochs)} rows{problems})")
+
 
 def config_columns(config: dict) -> dict[str, Any]:
     """Config as flat columns: ``widths`` becomes a string like "128,256" (no lists in cells),

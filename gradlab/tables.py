@@ -16,6 +16,8 @@ import pandas as pd
 from .config import CONFIG_FIELDS
 
 SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
+ONE_RUN = "run"  # the run_id given to a frame without one
+NAMED_DEFAULTS = ("init", "bias_init")  # "default" is named in labels: PyTorch's own init
 RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
 
 
@@ -23,6 +25,11 @@ def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
     """One row per run: the columns of ``data`` that are constant within a run, plus ``extra``."""
     columns = [c for c in dict.fromkeys((*RUN_COLUMNS, *extra)) if c and c in data.columns]
     return data.drop_duplicates("run_id")[columns].reset_index(drop=True)
+
+
+def with_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with a ``run_id``: a frame without one (e.g. ``gradlab.watch``'s) is one run."""
+    return frame if "run_id" in frame.columns else frame.assign(run_id=ONE_RUN)
 
 
 def last_layer(frame: pd.DataFrame) -> pd.Series:
@@ -53,29 +60,41 @@ def varying_config(frame: pd.DataFrame) -> list[str]:
 
 def table_keys(frame: pd.DataFrame) -> list[str]:
     """What a summary groups by: activation, depth, then any other config that varies."""
-    keys = ["activation", "depth"]
+    keys = [k for k in ("activation", "depth") if k in frame.columns]
     return keys + [c for c in varying_config(frame) if c not in keys]
+
+
+def as_text(values: pd.Series) -> pd.Series:
+    """Config values as label text; a missing value (no clipping, all training examples) is
+    "none"."""
+    return values.astype(object).where(values.notna(), "none").astype(str)
 
 
 def with_setup(frame: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The hue column for figures: ``activation``, or a ``setup`` label such as
     "relu, init=kaiming_normal" when more than activation and depth vary across ``runs``. A
-    label names only the values that differ from the most common one, to stay short."""
+    label names only the values that differ from the most common one, to stay short, and
+    ``init=default`` always: PyTorch's default init is a choice that a reader must see."""
     extras = [c for c in table_keys(runs) if c not in ("activation", "depth")]
     if not extras or frame.empty:
         return frame, "activation"
-    label = frame["activation"].astype(str)
+    label = as_text(frame["activation"]) if "activation" in frame else pd.Series(
+        "", index=frame.index)
     for column in extras:
-        usual = runs[column].astype(str).mode().iloc[0]  # ties: the first in sort order
-        values = frame[column].astype(str)
-        label = label + np.where(values != usual, f", {column}=" + values, "")
-    return frame.assign(setup=label), "setup"
+        usual = as_text(runs[column]).mode().iloc[0]  # ties: the first in sort order
+        values = as_text(frame[column])
+        named = (values != usual) | ((values == "default") & (column in NAMED_DEFAULTS))
+        label = label + np.where(named, f", {column}=" + values, "")
+    return frame.assign(setup=label.str.removeprefix(", ")), "setup"
 
 
 def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.DataFrame:
     """Per run: ‖g_first‖/‖g_last‖, ``y`` of layer 0 over layer depth−1, taken per recorded step,
     then the median over steps (``vanishing_ratio``). Steps where the ratio is not finite and
     positive (a diverged run's last step) are left out and counted in ``dropped``."""
+    grads = with_runs(grads)
+    if "depth" not in grads.columns:  # a model of the user's own: its recorded layers
+        grads = grads.assign(depth=last_layer(grads) + 1)
     keep = ["run_id", "step", y]
     first = grads.loc[grads["layer"] == 0, keep]
     last = grads.loc[grads["layer"] == grads["depth"] - 1, keep]
@@ -91,7 +110,8 @@ def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.
     out["steps"] = out["steps"].fillna(0).astype(int)
     out["dropped"] = out["dropped"].fillna(0).astype(int)
     out["bound"] = SIGMOID_BOUND ** (out["depth"] - 1)
-    return out.sort_values([*table_keys(out), "seed", "run_id"]).reset_index(drop=True)
+    order = [c for c in (*table_keys(out), "seed", "run_id") if c in out.columns]
+    return out.sort_values(order).reset_index(drop=True)
 
 
 def geometric_mean(values: pd.Series) -> float:
@@ -145,3 +165,59 @@ def final_accuracy_table(epochs: pd.DataFrame, runs: pd.DataFrame | None = None,
         if status in table:
             table[status] = table[status].fillna(0).astype(int)
     return table
+
+
+# -- the story in plain words --------------------------------------------------------------------
+
+CHANCE = 0.15  # test accuracy at or below this is no better than guessing among 10 classes
+
+
+def ratio_word(ratio: float) -> str:
+    """What a vanishing ratio ‖g_first‖/‖g_last‖ means for the first layer's gradient."""
+    if not ratio == ratio:
+        return "not measured"
+    if ratio < 0.01:
+        return "vanishes"
+    if ratio < 0.1:
+        return "shrinks"
+    return "grows (explodes)" if ratio > 100 else "is kept"
+
+
+def setup_name(label: str) -> str:
+    return label.replace("init=default", "init=default (PyTorch's)")
+
+
+def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """The story of a results folder in plain words, one line per setup (activation and any
+    config that varies, seeds averaged): its vanishing ratio and final test accuracy at each
+    depth, and what they mean. Built from the stored records, for the end of ``gradlab sweep``
+    and ``gradlab figures`` and the top of the report."""
+    if grads.empty or runs.empty or "depth" not in runs:
+        return []
+    ratios, hue = with_setup(vanishing_ratios(grads), runs)
+    ratio = ratios.groupby([hue, "depth"])["vanishing_ratio"].apply(geometric_mean)
+    accuracy = pd.Series(dtype=float)
+    if not epochs.empty:
+        finals, _ = with_setup(final_accuracy(epochs), runs)
+        if "status" in finals:
+            finals = finals[finals["status"] == "complete"]
+        accuracy = finals.groupby([hue, "depth"])["accuracy"].mean()
+    lines = []
+    for setup in sorted(ratio.index.get_level_values(0).unique()):
+        by_depth = ratio[setup].sort_index()
+        word = ratio_word(by_depth.iloc[-1])
+        # from the first depth where it is as bad as at the deepest one
+        first = next(d for d, r in by_depth.items() if ratio_word(r) == word)
+        where = "at every depth" if first == by_depth.index[0] and len(by_depth) > 1 else \
+            f"from depth {first}" if first != by_depth.index[-1] else f"at depth {first}"
+        steps = " → ".join(f"{v:.2g}" for v in by_depth)
+        text = (f"{setup_name(str(setup))}: the first layer's gradient {word} {where} "
+                f"(‖g_first‖/‖g_last‖ {steps} at depth "
+                f"{', '.join(str(d) for d in by_depth.index)})")
+        if setup in accuracy.index.get_level_values(0):
+            acc = accuracy[setup].reindex(by_depth.index)
+            marks = [("n/a" if a != a else f"{a:.0%}" + (" (chance)" if a <= CHANCE else ""))
+                     for a in acc]
+            text += f"; final test accuracy {' → '.join(marks)}"
+        lines.append(text + ".")
+    return lines

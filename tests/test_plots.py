@@ -198,7 +198,7 @@ def test_accuracy_by_epoch_rows_are_metrics(frames):
                 np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
                 np.testing.assert_allclose(line.get_ydata(),
                                            expected[activation, depth].to_numpy())
-    assert rows[0][0].get_ylabel() == "test accuracy (%)"
+    assert rows[0][0].get_ylabel() == "test accuracy"
 
 
 def test_final_accuracy_table_mean_sd_over_seeds(frames):

@@ -110,8 +110,10 @@ def test_output_has_progress_lines_and_the_summary_table(seeds_sweep):
     assert "4 to train" in r.stderr
     assert len([line for line in r.stderr.splitlines() if "complete " in line]) == 4
     lines = r.stdout.strip().splitlines()
-    assert "test accuracy" in lines[0] and "vanishing ratio" in lines[0]
-    assert len(lines) == 4 and " ± " in lines[1] and lines[-1].startswith("4 of 4 runs complete")
+    table = lines[:lines.index("")]  # then the story in plain words, then the run count
+    assert "test accuracy" in table[0] and "vanishing ratio" in table[0]
+    assert len(table) == 3 and " ± " in table[1] and lines[-1].startswith("4 of 4 runs complete")
+    assert lines[len(table) + 1].startswith("In plain words")
 
 
 def test_again_skips_all_without_needing_the_data(done, tmp_path):

@@ -9,7 +9,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes, with_runs
+from ..tables import with_runs
+from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
 from .layout import diverged_handle, facets, finish, integer_ticks, mark_diverged
 from .style import BOOT_SEED, CI, hue_colors, mean_text, palette_of, paper_style
 
@@ -43,6 +44,7 @@ def accuracy_by_epoch(data: pd.DataFrame, *, x: str = "epoch",
         facet = facets(long, "metric", col, sharex=True, sharey="row", row_order=y,
                        row_names={}, panel_height=1.0)
         first_col = (levels(long, col) or [None])[0]
+        epochs = levels(long, x)
         diverged = False
         for ax, metric, c, part in facet.panels:
             if not part.empty:
@@ -52,11 +54,12 @@ def accuracy_by_epoch(data: pd.DataFrame, *, x: str = "epoch",
                 diverged |= mark_diverged(ax, part, x, "value", last_of=[])
             if metric == "accuracy":
                 ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-            integer_ticks(ax)
-            unit = {"accuracy": " (%)", "loss": " (cross-entropy)"}.get(metric, "")
-            ax.set(xlabel="", ylabel=f"{split} {metric}{unit}" if c == first_col else "")
+            integer_ticks(ax, epochs)
+            # short: two rows' labels side by side must not reach each other
+            ax.set(xlabel="", ylabel=f"{split} {metric}" if c == first_col else "")
         per_point = most_runs(long, [hue, col, x, "metric"])
-        fig = finish(facet, f"{split.capitalize()} accuracy and loss by epoch "
+        what = " and ".join({"loss": "loss (cross-entropy)"}.get(m, m) for m in y)
+        fig = finish(facet, f"{split.capitalize()} {what} by epoch "
                             f"({mean_text(False, errorbar, per_point)})",
                      [*run_notes(data if runs is None else runs), *notes], xlabel="epoch",
                      ylabel="", legend=colors, legend_title=hue or "",

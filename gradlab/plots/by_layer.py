@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..tables import SIGMOID_BOUND, per_run
+from ..tables import SIGMOID_BOUND, per_run, with_runs
 from .frames import (
     check_columns,
     facet_column,
@@ -19,7 +19,6 @@ from .frames import (
     most_runs,
     run_notes,
     steps_text,
-    with_runs,
 )
 from .layout import diverged_handle, facets, finish, layer_axis, mark_diverged
 from .style import (

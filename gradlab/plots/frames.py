@@ -13,21 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..tables import last_layer, run_info
+from ..tables import last_layer, run_info, with_runs
 
 MAX_LISTED = 4  # diverged runs named in a figure title before "+N more"
-ONE_RUN = "run"  # the run_id given to a frame without one
 
 
 def facet_column(data: pd.DataFrame, column: str | None) -> str | None:
     """``column`` when ``data`` has it, else None: a facet or hue that is not there is simply
     not drawn."""
     return column if column is not None and column in data.columns else None
-
-
-def with_runs(data: pd.DataFrame) -> pd.DataFrame:
-    """``data`` with a ``run_id``: a frame without one (e.g. ``gradlab.watch``'s) is one run."""
-    return data if "run_id" in data.columns else data.assign(run_id=ONE_RUN)
 
 
 def hidden_rows(data: pd.DataFrame, x: str = "layer") -> pd.DataFrame:

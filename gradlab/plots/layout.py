@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullFormatter
 
 from .frames import levels
 from .style import DIVERGED_COLOR, WIDTH_DOUBLE, WIDTH_SINGLE
@@ -117,7 +117,11 @@ def fit(facet: Facets, handles: Sequence, legend_title: str, title_text=None) ->
                                   ncols=ncols, frameon=False, columnspacing=1.0,
                                   handlelength=1.5, borderaxespad=0.0)
         extent = box.get_window_extent(renderer)
-        if extent.width / fig.dpi <= fig.get_figwidth() - 0.1 or ncols == 1:
+        room = fig.get_figwidth() - 0.1
+        if extent.width / fig.dpi > room and ncols == 1:  # a label longer than the figure
+            wrap_labels(box, room / (extent.width / fig.dpi))
+            extent = box.get_window_extent(renderer)
+        if extent.width / fig.dpi <= room or ncols == 1:
             need = extent.height / fig.dpi + 0.06
             break
         box.remove()
@@ -127,6 +131,14 @@ def fit(facet: Facets, handles: Sequence, legend_title: str, title_text=None) ->
     facet.grid.set_height_ratios([facet.main, need])
     fig.set_figheight(facet.main + need + title_height)
     return fig
+
+
+def wrap_labels(legend, shrink: float) -> None:
+    """Wrap a legend's labels to ``shrink`` times the length of the longest one (< 1)."""
+    longest = max(len(t.get_text()) for t in legend.get_texts())
+    chars = max(12, int(longest * shrink) - 2)
+    for text in legend.get_texts():
+        text.set_text(wrap(text.get_text(), chars))
 
 
 def set_title(target, title: str, notes: Sequence[str], *, width: float):
@@ -159,8 +171,28 @@ def diverged_handle() -> Line2D:
     return Line2D([], [], ls="", marker="x", color=DIVERGED_COLOR, label="diverged run")
 
 
-def integer_ticks(ax: Axes) -> None:
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+class FewTicks(MaxNLocator):
+    """Integer ticks, at most ``most``, fewer where a narrow panel has no room for their
+    labels (matplotlib's own estimate of the room, ``Axis.get_tick_space``)."""
+
+    def __init__(self, most: int = 6):
+        super().__init__(integer=True, nbins=most)
+        self.most = most
+
+    def __call__(self):
+        if self.axis is not None:
+            self.set_params(nbins=max(1, min(self.most, self.axis.get_tick_space())))
+        return super().__call__()
+
+
+def integer_ticks(ax: Axes, values: Sequence = (), most: int = 6) -> None:
+    """Integer x ticks; a single value (one epoch, one recorded step) gets one tick and room
+    around it, where matplotlib would label fractions of it."""
+    if len(values) == 1:
+        ax.set_xticks(list(values))
+        ax.set_xlim(values[0] - 0.5, values[0] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(FewTicks(most))
 
 
 def layer_axis(ax: Axes, layers: pd.Series) -> None:
@@ -183,4 +215,8 @@ def tidy_log_axes(fig: Figure) -> None:
             continue
         lo, hi = ax.get_ylim()
         if lo > 0 and math.floor(math.log10(hi)) >= math.ceil(math.log10(lo)):
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif lo > 0:  # less than a decade: matplotlib labels a value at every tick; keep 3
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+            ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(NullFormatter())

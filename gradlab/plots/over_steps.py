@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from ..tables import per_run
+from ..tables import per_run, with_runs
 from .frames import (
     bin_steps,
     check_columns,
@@ -17,12 +16,12 @@ from .frames import (
     finite,
     inactive_fraction,
     levels,
+    most_runs,
     over_seeds,
     run_notes,
-    with_runs,
 )
-from .layout import diverged_handle, facets, finish, mark_diverged
-from .style import LAYER_LABEL, NORM_LABELS, hue_colors, palette, paper_style
+from .layout import diverged_handle, facets, finish, integer_ticks, mark_diverged
+from .style import LAYER_LABEL, NORM_LABELS, hue_colors, mean_text, palette, paper_style
 
 
 def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
@@ -30,7 +29,7 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
                  ylim: tuple[float, float] | None = None) -> Figure:
     """Figures 2 and 6: ``y`` over training steps, one line per ``hue`` (layer), panels
     ``row`` × ``col``; each line is the mean over seeds (geometric on a log axis) of each run's
-    mean within a step bin."""
+    mean within a step bin. "{mean}" in ``title`` says so (or that there is one seed)."""
     data = with_runs(data)
     hue, row, col = (facet_column(data, c) for c in (hue, row, col))
     check_columns(data, x, y)
@@ -44,6 +43,10 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
         # Rows share a y range, not the whole figure: one exploding run must not flatten the rest.
         facet = facets(binned, row, col, sharex=True, sharey="row", row_names=row_names,
                        panel_height=1.0)
+        steps = levels(binned, x)
+        # one recorded step draws a point per line, not a line of no length
+        points = {"marker": "o", "markersize": 3, "markeredgewidth": 0} if len(steps) == 1 \
+            else {}
         diverged = False
         for ax, _, _, part in facet.panels:
             if log:
@@ -53,14 +56,15 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
                 # thousands of steps, and there is no CI to bootstrap.
                 means = over_seeds(part, [c for c in (hue, x) if c], y, log)
                 sns.lineplot(means, x=x, y=y, **hue_colors(hue, colors), estimator=None,
-                             legend=False, lw=0.8, ax=ax)
+                             legend=False, lw=0.8, ax=ax, **points)
                 diverged |= mark_diverged(ax, part, x, y, last_of=[hue] if hue else [])
             ax.set(xlabel="", ylabel="")
             if ylim is not None:
                 ax.set_ylim(*ylim)
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+            integer_ticks(ax, steps, most=3)
         per = f"mean per {width}-step bin" if width > 1 else "every recorded step"
-        fig = finish(facet, title, [*run_notes(data), *notes, *dropped],
+        mean = mean_text(log, None, most_runs(binned, [row, col, hue, x]))
+        fig = finish(facet, title.replace("{mean}", mean), [*run_notes(data), *notes, *dropped],
                      xlabel=f"training step ({per})", ylabel=ylabel, legend=colors,
                      legend_title=LAYER_LABEL if hue == "layer" else hue or "", marker=None,
                      extra=[diverged_handle()] if diverged else [])
@@ -75,8 +79,7 @@ def grad_norm_over_steps(data: pd.DataFrame, *, x: str = "step", y: str = "grad_
     per line (None: every recorded step)."""
     label = NORM_LABELS.get(y, y)
     return steps_figure(data, x=x, y=y, hue=hue, row=row, col=col, bins=bins, log=True,
-                        title=f"Gradient norm {label} per layer over training "
-                              f"(geometric mean over seeds)",
+                        title=f"Gradient norm {label} per layer over training ({{mean}})",
                         ylabel=f"gradient norm {label}")
 
 
@@ -92,7 +95,7 @@ def saturation_over_steps(data: pd.DataFrame, *, x: str = "step", hue: str = "la
     kinds = frame.drop_duplicates(row).set_index(row)["inactive_kind"].to_dict() if row else {}
     return steps_figure(frame, x=x, y="inactive_frac", hue=hue, row=row, col=col, bins=bins,
                         log=False, title="Saturated units (f′ < 0.05·max f′) or dead units "
-                                         "(0 for the whole batch) per layer, mean over seeds",
+                                         "(0 for the whole batch) per layer, {mean}",
                         ylabel="fraction of units",
                         row_names={r: f"{r}: {k} units" for r, k in kinds.items()},
                         notes=notes, ylim=(-0.03, 1.03))

@@ -67,9 +67,11 @@ def hue_colors(hue: str | None, colors: dict) -> dict:
 
 def mean_text(log: bool, errorbar, runs: int | None = None) -> str:
     """How a figure averages over seeds, e.g. "geometric mean over seeds, 95% CI"; with
-    ``runs`` = 1 (one seed per point) "one seed", since there is nothing to average."""
+    ``runs`` = 1 (one run behind each point) "one seed", as there is nothing to average."""
+    ci = isinstance(errorbar, tuple) and errorbar[0] == "ci"
     if runs == 1:
-        return "one seed, no CI"
-    ci = f", {errorbar[1]}% CI" if isinstance(errorbar, tuple) and errorbar[0] == "ci" else ""
+        return "one seed, no CI" if ci else "one seed"
+    ci_text = f", {errorbar[1]}% CI" if ci else ""
     # a no-break space keeps "95% CI" on one line when the title is wrapped
-    return ("geometric mean" if log else "mean") + f" over seeds{ci}".replace("% CI", "%\u00a0CI")
+    return ("geometric mean" if log else "mean") + f" over seeds{ci_text}".replace(
+        "% CI", "%\u00a0CI")

@@ -63,9 +63,7 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
                        zorder=4)
             handles.append(Line2D([], [], ls="", marker="x", color=DIVERGED_COLOR,
                                   label="diverged run"))
-        depths = np.arange(int(shown[x].min()), int(shown[x].max()) + 1) if len(shown) else []
-        ax.plot(depths, SIGMOID_BOUND ** (np.asarray(depths) - 1.0), ls="--", lw=0.9,
-                color="0.3", label="bound")
+        ax.plot(*bound_line(shown[x]), ls="--", lw=0.9, color="0.3", label="bound")
         handles.append(Line2D([], [], ls="--", color="0.3", label="0.25^(depth−1)"))
         ax.legend(handles=handles, title=hue or "", frameon=False, fontsize=6.5, loc="best")
         ax.set_xticks(levels(shown, x))
@@ -75,6 +73,16 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
         set_title(ax, f"Vanishing ratio ({mean_text(True, errorbar, runs)})",
                   [*run_notes(ratios), *notes], width=ax.get_figure(root=True).get_figwidth())
     return ax
+
+
+def bound_line(depths: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of the dashed 0.25^(depth−1) line over the depths drawn: each integer depth
+    between the first and the last, or a short level line across a single depth."""
+    if depths.empty:
+        return np.array([]), np.array([])
+    lo, hi = int(depths.min()), int(depths.max())
+    x = np.arange(lo, hi + 1, dtype=float) if hi > lo else np.array([lo - 0.3, lo + 0.3])
+    return x, SIGMOID_BOUND ** (np.round(x) - 1.0)
 
 
 vanishing_ratio_plot = vanishing_ratio  # its former name, kept for existing code
