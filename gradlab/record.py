@@ -138,6 +138,13 @@ def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, scaled, largest)
 
 
+def _per_unit_sum(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum over everything but the unit axis (``axis``: -1 for features, 1 for channels)."""
+    if axis == -1 or axis == t.dim() - 1:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+    return t.reshape(t.shape[0], t.shape[1], -1).sum((0, 2))
+
+
 def _is_plain_mlp(model: nn.Module, linears: list[nn.Module], activation) -> bool:
     """Whether ``model`` is ``Linear, act, Linear, act, …, Linear`` with ``act`` the named
     activation, so that each Linear after the first receives the previous activation's output."""
@@ -306,17 +313,25 @@ class GradientRecorder:
     def _layer_stats(self, index: int, z: torch.Tensor) -> None:
         """Add one call's f' statistics of a layer (any shape, units on its unit axis)."""
         act = self.activations[index]
-        fp = act.derivative(z)
-        saturated = ((fp < SATURATION * act.max_derivative).sum() if act.saturating
-                     else fp.new_zeros(()))
-        sums = torch.stack([fp.sum(), saturated.to(fp.dtype)])
-        axis = self._axes[index] % z.dim()
-        positive = z.amax(dim=[d for d in range(z.dim()) if d != axis]) > 0
+        if act.relu_family:
+            # f' is 1 where z > 0, else the slope (0 for relu): a count of positives says all
+            positives = _per_unit_sum(z > 0, self._axes[index])
+            count = positives.sum().to(z.dtype)
+            slope = 0.0 if act.name == "relu" else act.derivative(z.new_tensor(-1.0)).item()
+            total = count if slope == 0 else count * (1 - slope) + slope * z.numel()
+            sums = torch.stack([total, torch.zeros_like(total)])
+            positive = positives > 0
+        else:
+            fp = act.derivative(z)
+            saturated = ((fp < SATURATION * act.max_derivative).sum().to(fp.dtype)
+                         if act.saturating else fp.new_zeros(()))
+            sums, positive = torch.stack([fp.sum(), saturated]), None
         if self._sums[index] is None:
             self._sums[index], self._positive[index] = sums, positive
         else:
             self._sums[index] = self._sums[index] + sums
-            self._positive[index] = self._positive[index] | positive
+            if positive is not None:
+                self._positive[index] = self._positive[index] | positive
         self._step_numel[index] += z.numel()
 
     # -- buffers -------------------------------------------------------------------------------
@@ -467,8 +482,10 @@ class GradientRecorder:
             return
         for i, sums in enumerate(self._sums):
             if sums is not None:
-                dead = (~self._positive[i]).sum().to(sums.dtype)
-                torch.cat([sums, dead[None]], out=self._act[self._row, i])
+                positive = self._positive[i]
+                dead = (sums[1] if positive is None  # zero: not a relu-family layer
+                        else positive.numel() - positive.sum().to(sums.dtype))
+                torch.stack([sums[0], sums[1], dead], out=self._act[self._row, i])
 
     def _store_hidden(self) -> None:
         """The plain MLP's activations, kept for their statistics a chunk of steps at a time."""
