@@ -546,7 +546,10 @@ class GradientRecorder:
         scales = np.array(self._update_scale, dtype=np.float64).reshape(rows, n)
         numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
         steps = self._recorded[:rows]
-        self._recorded, self._numel, self._row = [], [], -1  # an unfinished step is dropped
+        # a step begun and not yet read (flush inside a step) moves to the next flush's row 0;
+        # an update not yet measured (flush before after_update) stays empty
+        self._recorded, self._numel = self._recorded[rows:], []
+        self._row, self._pending_update = len(self._recorded) - 1, False
         self._update_mode, self._update_scale = [], []
         for buffer in (self._norms, self._update, self._applied, self._act):
             buffer.fill_(math.nan)

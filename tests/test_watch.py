@@ -291,3 +291,26 @@ def test_modules_by_name_predicate_and_bad_filters():
         gradlab.watch(model, opt, modules=(nn.Conv2d, nn.Linear), activations={"1": "relu"})
     with pytest.raises(ValueError, match="not a torch.optim optimizer"):
         gradlab.watch(model, object())
+
+
+def test_flush_at_epoch_ends_numbers_epochs_and_keeps_a_step_in_progress():
+    torch.manual_seed(0)
+    model = build_mlp((IN, 8, OUT), "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    frames = []
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for _epoch in range(2):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            frames.append(rec.flush())
+        loss = F.cross_entropy(model(x), y)  # a step begun before a flush...
+        assert len(rec.flush()) == 0
+        loss.backward()
+        opt.step()  # ...is recorded whole by the next one
+        frames.append(rec.flush())
+    assert [sorted(f["step"].unique()) for f in frames] == [[0, 1], [2, 3], [4]]
+    assert [f["epoch"].unique().tolist() for f in frames] == [[1], [2], [4]]
+    assert frames[2]["grad_output_norm"].notna().all()
