@@ -436,7 +436,8 @@ class GradientRecorder:
         self._update_scale.append(np.array([lr for _, lr, _ in plans], dtype=np.float64))
         needs_before = self.applied_updates or any(
             mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
-                                  and group["nesterov"]) for mode, _, group in plans)
+                                  and (group["nesterov"] or group["momentum"] == 0))
+            for mode, _, group in plans)
         self._snapshot = needs_before
         if needs_before:
             if self._prev is None:

@@ -222,3 +222,25 @@ def test_readme_block_runs(tmp_path, monkeypatch):
     assert sorted(frame["step"].unique()) == [0, 10, 20]
     assert frame.loc[frame["layer_name"] == "0", "dead_frac"].notna().all()
     assert (tmp_path / "results/mine/runs/cnn-adamw/status.json").is_file()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(weight_decay=0.05), dict(momentum=0.9), dict(momentum=0.9, weight_decay=0.05),
+    dict(momentum=0.9, nesterov=True), dict(momentum=0.9, nesterov=True, weight_decay=0.05),
+    dict(momentum=0.5, dampening=0.3), dict(momentum=0.9, maximize=True)])
+def test_sgd_update_ratio_with_every_setting(settings):
+    torch.manual_seed(0)
+    model = build_mlp((12, 8, OUT), "relu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **settings)
+    x, y = torch.randn(3, 8, 12), torch.randint(0, OUT, (3, 8))
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for step in range(3):
+            before = [m.weight.detach().double().clone() for m in (model.fc0, model.fc1)]
+            opt.zero_grad()
+            F.cross_entropy(model(x[step]), y[step]).backward()
+            opt.step()
+            frame = rec.flush()
+            for layer, m in enumerate((model.fc0, model.fc1)):
+                applied = (m.weight.detach().double() - before[layer]).norm() / before[layer].norm()
+                assert frame.iloc[layer]["update_ratio"] == pytest.approx(applied.item(),
+                                                                          rel=1e-4)
