@@ -112,24 +112,33 @@ def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = Fals
     return steps[steps < total_steps]
 
 
-def exact_norms(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """The 2-norm of each tensor (None stays None), exact down to the smallest positive float32
-    (see the module docstring)."""
+def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
+    """Write the 2-norm of each tensor into the 1-d ``out`` (None: NaN), exact down to the
+    smallest positive float32 (see the module docstring)."""
     real = [t for t in tensors if t is not None]
-    if not real:
-        return list(tensors)
-    device = real[0].device
-    if device.type == "cpu":
-        norms = compat.foreach_norm(real)
-        for i, value in enumerate(torch.stack(norms).tolist()):
-            if not TRUSTED_NORM <= value < math.inf:
-                norms[i] = torch.linalg.vector_norm(real[i], dtype=torch.float64)
-    elif device.type == "mps":
+    kind = out.device.type
+    if kind == "cpu":
+        norms = compat.foreach_norm(real) if real else []
+    elif kind == "mps":
         norms = [_scaled_norm(t) for t in real]
     else:
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]
     found = iter(norms)
-    return [None if t is None else next(found) for t in tensors]
+    nan = out.new_full((), math.nan)
+    torch.stack([nan if t is None else next(found) for t in tensors], out=out)
+    if kind == "cpu":  # reading a CPU tensor waits for nothing
+        for i, value in enumerate(out.tolist()):
+            if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+                out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+
+
+def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
+    """The 2-norm of each tensor as ``norms_into`` takes it, on the host (None: NaN)."""
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    out = torch.empty(len(tensors), dtype=dtype, device=device)
+    norms_into(out, tensors)
+    return out.tolist()
 
 
 def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
@@ -230,6 +239,8 @@ class GradientRecorder:
         self._bias_params = [b if isinstance(b, torch.Tensor) else None for _, b in params]
         self._weights = [w.detach() for w in self._weight_params]  # aliases, no autograd
         self._prev: list[torch.Tensor] | None = None  # weight snapshot
+        self._group_of: dict[int, dict] = {}
+        self._group_count = -1
         self._optimizer = optimizer
         self.applied_updates = applied_updates
         self._plain = _is_plain_mlp(model, self.linears, activation)
@@ -250,8 +261,8 @@ class GradientRecorder:
         self._order: list[int] = []  # recorded modules by first call in the forward pass
         self._recorded: list[int] = []
         self._numel: list[np.ndarray] = []  # per recorded row: elements of z per layer
-        self._update_mode: list[np.ndarray] = []  # per row and layer: how update_ratio is known
-        self._update_scale: list[np.ndarray] = []  # ...and the factor (lr) its norm is scaled by
+        self._update_mode: list[list[int]] = []  # per row and layer: how update_ratio is known
+        self._update_scale: list[list[float]] = []  # ...and the factor (lr) its norm is scaled by
         self._row = -1
         self._hidden: list[torch.Tensor | None] = [None] * max(n - 1, 0)
         self._reset_step()
@@ -268,7 +279,6 @@ class GradientRecorder:
         self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
         self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive somewhere
         self._step_numel = np.zeros(n)
-        self._param_norms: list[torch.Tensor | None] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> GradientRecorder:
@@ -381,7 +391,8 @@ class GradientRecorder:
         this was called for the step: ``watch`` calls it as the last ``.grad`` is accumulated,
         before any clipping)."""
         if self._active:
-            self._param_norms = exact_norms(self._param_grads())
+            n = len(self.linears)
+            norms_into(self._norms[self._row, n:3 * n], self._param_grads())
             self._read = True
 
     def _param_grads(self) -> list[torch.Tensor | None]:
@@ -399,41 +410,36 @@ class GradientRecorder:
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
-        n, nan = len(self.linears), self._nan
-        flat = [g for grads in self._grad_out for g in grads]
-        params = [] if self._read else self._param_grads()
-        norms = exact_norms(flat + params + self._weights)  # one fused call
-        if not self._read:
-            self._param_norms = norms[len(flat):len(flat) + 2 * n]
-        values = [*self._output_norms(norms[:len(flat)]), *self._param_norms,
-                  *norms[-n:]]
-        values.append(nan if loss is None else loss.detach())
-        values = [nan if v is None else v for v in values]
-        torch.stack(values, out=self._norms[self._row])
+        n, row = len(self.linears), self._norms[self._row]
+        outputs = [grads[0] if len(grads) == 1 else  # several calls: their norm together
+                   torch.cat([g.reshape(-1) for g in grads]) if grads else None
+                   for grads in self._grad_out]
+        if self._read:  # the parameters' norms are in already
+            norms_into(row[:n], outputs)
+            norms_into(row[3 * n:4 * n], self._weights)
+        else:
+            norms_into(row[:4 * n], outputs + self._param_grads() + self._weights)  # one call
+        if loss is not None:
+            row[4 * n] = loss.detach()
         self._store_stats()
         self._numel.append(self._step_numel)
         self._prepare_update(n)
         self._pending_update = True
 
-    def _output_norms(self, norms: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Per layer, the norm of dL/dz over all its calls (None: its hooks never fired)."""
-        found = iter(norms)
-        out = []
-        for grads in self._grad_out:
-            parts = [next(found) for _ in grads]
-            if len(parts) > 1:
-                parts = [torch.stack(parts).square().sum().sqrt()]
-            out.append(parts[0] if parts else None)
-        return out
+    def _groups(self) -> dict[int, dict]:
+        """The optimizer's parameter group of each parameter (by id), rebuilt when groups
+        are added."""
+        groups = self._optimizer.param_groups if self._optimizer is not None else []
+        if len(groups) != self._group_count:
+            self._group_of = {id(p): g for g in groups for p in g["params"]}
+            self._group_count = len(groups)
+        return self._group_of
 
     def _prepare_update(self, n: int) -> None:
-        groups = {} if self._optimizer is None else {
-            id(p): g for g in self._optimizer.param_groups for p in g["params"]}
-        plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
+        plans = [_update_plan(self._optimizer, w, self._groups()) for w in self._weight_params]
         self._plans = plans
-        modes = np.array([mode for mode, _, _ in plans])
-        self._update_mode.append(modes)
-        self._update_scale.append(np.array([lr for _, lr, _ in plans], dtype=np.float64))
+        self._update_mode.append([mode for mode, _, _ in plans])
+        self._update_scale.append([lr for _, lr, _ in plans])
         needs_before = self.applied_updates or any(
             mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
                                   and (group["nesterov"] or group["momentum"] == 0))
@@ -468,12 +474,10 @@ class GradientRecorder:
                 prev = self._prev[i] if self._snapshot else None
                 tensors.append(None if weight.grad is None
                                else _sgd_direction(weight, prev, group, state))
-        norms = exact_norms(tensors)
-        if any(t is not None for t in norms):
-            torch.stack([self._nan if t is None else t for t in norms],
-                        out=self._update[self._row])
+        if any(t is not None for t in tensors):
+            norms_into(self._update[self._row], tensors)
         if self.applied_updates:
-            torch.stack(exact_norms(deltas), out=self._applied[self._row])
+            norms_into(self._applied[self._row], deltas)
         self._recorded_grads = []
 
     # -- activation statistics -----------------------------------------------------------------
