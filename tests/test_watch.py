@@ -2,6 +2,7 @@
 ``torch.autograd.grad`` w.r.t. each module's outputs and parameters, f' from z by autograd, the
 update from weight snapshots."""
 
+import contextlib
 import copy
 from collections import defaultdict
 
@@ -164,7 +165,8 @@ def reference(model, names, kinds, activations, x, y):
             fp = torch.cat(fps).double()
             row["act_grad_mean"] = fp.mean().item()
             if act.saturating:
-                row["saturated_frac"] = (fp < SATURATION * act.max_derivative).double().mean().item()
+                saturated = fp < SATURATION * act.max_derivative
+                row["saturated_frac"] = saturated.double().mean().item()
             if act.relu_family:
                 row["dead_frac"] = (~torch.stack(positive).any(0)).double().mean().item()
         rows[name] = row
@@ -314,3 +316,26 @@ def test_flush_at_epoch_ends_numbers_epochs_and_keeps_a_step_in_progress():
     assert [sorted(f["step"].unique()) for f in frames] == [[0, 1], [2, 3], [4]]
     assert [f["epoch"].unique().tolist() for f in frames] == [[1], [2], [4]]
     assert frames[2]["grad_output_norm"].notna().all()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "encoder", "shared"])
+def test_watching_does_not_change_training(kind):
+    make, shape, given, modules, _ = MODELS[kind]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(BATCH, *shape, generator=g),
+                torch.randint(0, OUT, (BATCH,), generator=g)) for _ in range(3)]
+
+    def trained(watched):
+        torch.manual_seed(0)
+        model = make()
+        opt = sgd(model)
+        with (gradlab.watch(model, opt, log_every=1, activations=given, modules=modules,
+                            applied_updates=True) if watched else contextlib.nullcontext()):
+            for x, y in batches:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(trained(True), trained(False), strict=True):
+        assert torch.equal(a, b)
