@@ -1,6 +1,10 @@
 """gradlab: gradient diagnostics for MNIST multilayer perceptrons."""
 
-from importlib.metadata import PackageNotFoundError, version
+from .startup import install_if_command
+
+install_if_command()  # first, so that a Ctrl-C during the imports below is one line
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("gradlab")

@@ -5,6 +5,8 @@ Heavy imports (torch, pandas, seaborn) happen inside the commands so that ``--he
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -18,8 +20,29 @@ USER_ERRORS = ("ConfigError", "DataError", "StoreError", "SpecError", "SweepErro
 
 
 class Interrupted(Exception):
-    """Ctrl-C inside a command, carried past click's own handler (which would print "Aborted!"
-    and exit 1) so that ``Group.main`` can exit 130."""
+    """Ctrl-C or SIGTERM inside a command, carried past click's own handler (which would print
+    "Aborted!" and exit 1) so that ``Group.main`` can exit 130 (143 for SIGTERM)."""
+
+    def __init__(self, code: int = 130):
+        super().__init__(code)
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``timeout`` send), raised where Ctrl-C would be, so that
+    both stop a command the same way: writers clean up, workers are stopped, finished runs
+    are kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def install_signal_handlers() -> dict:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM Terminated (once the start-up is over);
+    returns the handlers they replace."""
+    return {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
 
 
 class Group(click.Group):
@@ -28,10 +51,25 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Terminated:
+            raise Interrupted(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             raise Interrupted() from None
 
     def main(self, args=None, prog_name=None, **extra):
+        import warnings
+
+        previous = install_signal_handlers() if threading_is_main() else {}
+        format_warning = warnings.formatwarning
+        warnings.formatwarning = one_line_warning
+        try:
+            self.main_with_one_line_errors(args, prog_name, **extra)
+        finally:  # e.g. for CliRunner tests, which call main inside pytest
+            warnings.formatwarning = format_warning
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def main_with_one_line_errors(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
@@ -41,16 +79,38 @@ class Group(click.Group):
         except click.Abort:
             click.echo("Aborted.", err=True)
             sys.exit(1)
-        except (KeyboardInterrupt, Interrupted):
+        except (KeyboardInterrupt, Interrupted) as e:
             click.echo("Interrupted: finished runs are kept; run the same command again to "
                        "resume.", err=True)
-            sys.exit(130)
+            sys.exit(getattr(e, "code", 128 + signal.SIGTERM if isinstance(e, Terminated)
+                             else 130))
+        except OSError as e:
+            if e.errno not in (errno.ENAMETOOLONG, errno.ENOSPC, errno.EROFS, errno.EACCES):
+                raise
+            from .store import shorten
+
+            name = f" {shorten(e.filename)}" if e.filename else ""
+            click.echo(f"Error: cannot use{name}: {e.strerror}", err=True)
+            sys.exit(2)
         except Exception as e:
             if type(e).__name__ in USER_ERRORS:
                 click.echo(f"Error: {e}", err=True)
                 sys.exit(2)
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command shows it: one line, without the source line it came from."""
+    text = str(message).strip().splitlines()
+    return f"Warning: {text[0] if text else category.__name__}\n"
+
+
+def threading_is_main() -> bool:
+    """Whether this is the main thread (the only one that may set signal handlers)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -144,21 +204,16 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
     """
     from .config import make_config
     from .data import ensure_data, resolve_data_dir
+    from .locks import LOCKED, run_lock
     from .runner import execute
-    from .store import ensure_out, is_complete, read_status, run_dir
+    from .store import ensure_out, run_dir
+    from .tasks import ready
 
     config = make_config(**grid_from_options(options), engine=engine)
     check_device(device)
     ensure_data(config.dataset, resolve_data_dir(data_dir), config.train_size)
     ensure_out(out)
     path = run_dir(out, config.run_id())
-    if is_complete(out, config.run_id()) and not force:
-        status = read_status(path)
-        click.echo(f"run {config.run_id()} is already complete in {path} (final test accuracy "
-                   f"{status['final_test_accuracy']:.2%}); use --force to train it again")
-        return 0
-    if not quiet:
-        click.echo(f"run {config.run_id()}: {describe(config)}", err=True)
 
     def on_epoch(e: dict) -> None:
         if not quiet:
@@ -166,11 +221,30 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
                        f"acc {e['train_accuracy']:.2%}  test loss {e['test_loss']:.4f} "
                        f"acc {e['test_accuracy']:.2%}  {e['seconds']:.2f}s")
 
-    import torch
+    # the run's lock, as a sweep takes it: one process at a time trains a run
+    with run_lock(out, config.run_id()) as locked:
+        if not locked:
+            raise click.ClickException(f"run {config.run_id()} is {LOCKED} (another gradlab "
+                                       f"process holds its lock): nothing trained; run this "
+                                       f"again when it is done")
+        stored, damage = ready(out, config.run_id())
+        if stored is not None and stored["status"] == "complete" and not force:
+            acc = stored.get("final_test_accuracy")
+            click.echo(f"run {config.run_id()} is already complete in {path} (final test "
+                       f"accuracy {'n/a' if acc is None else f'{acc:.2%}'}); use --force to "
+                       f"train it again")
+            return 0
+        if damage:
+            click.echo(f"run {config.run_id()} was damaged: {damage}; training it again",
+                       err=True)
+        if not quiet:
+            click.echo(f"run {config.run_id()}: {describe(config)}", err=True)
 
-    torch.set_num_threads(threads)
-    status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
-                     on_epoch=on_epoch)
+        import torch
+
+        torch.set_num_threads(threads)
+        status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
+                         on_epoch=on_epoch)
     click.echo(summary_line(status, path))
     return 0 if status["status"] == "complete" else 1
 
@@ -237,6 +311,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
                            ensemble=ensemble, on_start=progress.on_start,
                            on_run=progress.on_run)
     click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
+    for line in result.repaired():  # damaged runs, trained again
+        click.echo(line)
     echo_problems(result, out)
     if make_report:
         try:
@@ -293,7 +369,7 @@ def ls(path):
     Damaged runs (unreadable config.json or Parquet) and unfinished ones (no status.json) are
     named on stderr.
     """
-    from .sweep import format_runs, list_runs
+    from .listing import format_runs, list_runs
 
     table, problems = list_runs(path)
     for problem in problems:

@@ -39,7 +39,14 @@ RECORD_VERSION = 1
 # Fields added after version 1's configs were first hashed: each enters ``run_id``'s hash only
 # when it differs from its default, so that every earlier config keeps its id (and the
 # committed experiments their runs).
-NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "applied_updates": False}
+NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "applied_updates": False,
+                                      "criterion": "cross_entropy",
+                                      "dist_every": 0, "dist_log_spaced": False}
+# The training loss (``criterion``: ``loss`` is a recorded column). ``sigmoid_bce``: sigmoid
+# outputs with the binary cross-entropy summed over the 10 outputs and averaged over the batch,
+# the cost of Nielsen's network2.py (its CrossEntropyCost), so that gradients compare with his
+# book's in absolute value.
+CRITERIA = ("cross_entropy", "sigmoid_bce")
 
 
 class ConfigError(ValueError):
@@ -134,6 +141,9 @@ class RunConfig:
     log_spaced: bool = False
     engine: str = "autograd"
     applied_updates: bool = False  # record applied_update_ratio (a weight copy per step)
+    criterion: str = "cross_entropy"
+    dist_every: int = 0
+    dist_log_spaced: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -173,6 +183,17 @@ class RunConfig:
         _check_choice("engine", self.engine, ENGINES)
         if not isinstance(self.applied_updates, bool):
             _fail("applied_updates", self.applied_updates, "true or false")
+        _check_choice("criterion", self.criterion, CRITERIA)
+        _check_int("dist_every", self.dist_every, 0)
+        if not isinstance(self.dist_log_spaced, bool):
+            _fail("dist_log_spaced", self.dist_log_spaced, "true or false")
+        if self.engine != "autograd" and (self.dist_every or self.criterion != "cross_entropy"
+                                          or self.applied_updates):
+            what = ("dist_every" if self.dist_every else "applied_updates"
+                    if self.applied_updates else "criterion")
+            _fail("engine", self.engine, f"{what}={getattr(self, what)!r} needs engine "
+                  f"'autograd' (the fused engine records neither distributions nor applied "
+                  f"updates, and trains with cross_entropy only)")
         for name in ("lr", "momentum", "weight_decay", "clip_grad_norm"):
             value = getattr(self, name)
             if value is not None:

@@ -8,12 +8,15 @@ A spec (see ``experiments/*.toml``)::
     activation = ["sigmoid", "relu"]
     seed = [0, 1, 2]
     [figures]                      # optional
-    only = ["grad_norm_by_layer"]  # default: every figure
+    only = ["grad_norm_by_layer"]  # default: every figure of gradlab.plots; paper figures
+                                   # (gradlab.paper_figures.PAPER_FIGURES) only when named
     formats = ["png"]              # png, pdf, svg
+    [[claim]]                      # optional, any number: see gradlab.claims
 
 ``build(spec)`` runs what is missing (resumably, as a sweep), then writes to ``results/NAME/``:
-``figures/``, ``summary.csv``, ``summary.md`` and ``manifest.json`` (the run_ids and a content
-hash of the records behind each figure, versions, git SHA).
+``figures/``, ``summary.csv``, ``summary.md`` (opening with the claims table), ``claims.csv``
+and ``manifest.json`` (the run_ids and a content hash of the records behind each figure,
+versions, git SHA).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from typing import Any
 
 import pandas as pd
 
-from .config import ConfigError, RunConfig, expand_grid, load_toml
+from .claims import ClaimError, check_claim, claims_markdown, evaluate_claims
+from .config import CONFIG_FIELDS, ConfigError, RunConfig, expand_grid, load_toml
 
-SPEC_KEYS = ("description", "sweep", "figures")
+SPEC_KEYS = ("description", "sweep", "figures", "claim")
 FIGURE_KEYS = ("only", "formats")
 FORMATS = ("png", "pdf", "svg")
 
@@ -47,6 +51,7 @@ class Experiment:
     sweeps: tuple[dict[str, Any], ...]
     only: tuple[str, ...] | None
     formats: tuple[str, ...]
+    claims: tuple[dict[str, Any], ...] = ()
 
     def configs(self) -> list[RunConfig]:
         """Every run of every sweep, in spec order, without duplicates."""
@@ -77,6 +82,7 @@ def _string_list(path: Path, key: str, value: Any, allowed: tuple[str, ...] | No
 
 def load_spec(path: str | os.PathLike) -> Experiment:
     """Read and validate a spec; every problem is a one-line SpecError before anything runs."""
+    from .paper_figures import PAPER_FIGURES
     from .plots import FIGURES
 
     path = Path(path)
@@ -108,10 +114,19 @@ def load_spec(path: str | os.PathLike) -> Experiment:
     if bad:
         raise SpecError(f"{path}: unknown key figures.{bad[0]}: allowed are "
                         f"{', '.join(FIGURE_KEYS)}")
-    only = (_string_list(path, "only", figures["only"], tuple(FIGURES))
+    only = (_string_list(path, "only", figures["only"], (*FIGURES, *PAPER_FIGURES))
             if "only" in figures else None)
     formats = _string_list(path, "formats", figures.get("formats", ["png"]), FORMATS)
-    experiment = Experiment(path.stem, path, description, tuple(sweeps), only, formats)
+    claims = raw.get("claim", [])
+    if not isinstance(claims, list):
+        raise SpecError(f"{path}: claim must be [[claim]] tables")
+    for index, claim in enumerate(claims, 1):
+        try:
+            check_claim(claim, (*CONFIG_FIELDS, "width"))
+        except ClaimError as e:
+            raise SpecError(f"{path}: [[claim]] {index}: {e}") from None
+    experiment = Experiment(path.stem, path, description, tuple(sweeps), only, formats,
+                            tuple(claims))
     experiment.configs()  # validate every run now
     return experiment
 
@@ -154,9 +169,10 @@ def build(
     Returns the manifest (also written to ``out/manifest.json``).
     """
     from . import __version__
-    from .plots import write_figures
+    from .paper_figures import PAPER_FIGURES, write_paper_figures
+    from .plots import FIGURES, write_figures
     from .store import Results, atomic_write, git_sha, load, write_json
-    from .sweep import format_summary, run_sweep, summary_table
+    from .sweep import run_sweep
 
     out = Path(out) if out is not None else Path("results") / experiment.name
     configs = experiment.configs()
@@ -169,15 +185,22 @@ def build(
         return frame[frame["run_id"].isin(ids)] if "run_id" in frame else frame
 
     results = Results(mine(results.grads), mine(results.epochs), mine(results.runs),
-                      results.problems)
-    table = summary_table(results)
+                      results.problems, mine(results.dists))
+    table = complete_summary(results)
+    claims = evaluate_claims(list(experiment.claims), results)
     atomic_write(out / "summary.csv",
             lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g",
                                      lineterminator="\n"))
+    atomic_write(out / "claims.csv",
+            lambda tmp: claims.to_csv(tmp, index=False, float_format="%.6g",
+                                      lineterminator="\n"))
     atomic_write(out / "summary.md", lambda tmp: tmp.write_text(markdown_summary(
-        experiment, format_summary(table))))
-    figures = write_figures(out, experiment.formats, experiment.only)
-    digest = records_digest([results.grads, results.epochs])
+        experiment, table, claims, results)))
+    standard = [n for n in experiment.only or FIGURES if n in FIGURES]
+    figures = write_figures(out, experiment.formats, standard) if standard else []
+    papers = [n for n in experiment.only or () if n in PAPER_FIGURES]
+    figures += write_paper_figures(results, out, papers, experiment.formats)
+    digest = records_digest([results.grads, results.epochs, results.dists])
     manifest = {
         "experiment": experiment.name,
         "spec": experiment.path.name,
@@ -190,7 +213,8 @@ def build(
                                                     "records_sha256": digest,
                                                     "runs": sorted(ids)}
                     for p in sorted(figures)},
-        "tables": {name: file_digest(out / name) for name in ("summary.csv", "summary.md")},
+        "tables": {name: file_digest(out / name)
+                   for name in ("summary.csv", "summary.md", "claims.csv")},
         "versions": _versions(__version__),
         "git_sha": git_sha(),
         "device": device,
@@ -199,11 +223,80 @@ def build(
     return manifest
 
 
-def markdown_summary(experiment: Experiment, text: str) -> str:
-    """The summary table as a Markdown page (a fenced block keeps the aligned columns)."""
-    return (f"# {experiment.name}\n\n{experiment.description}\n\n"
-            f"Final test accuracy and vanishing ratio (median over recorded steps of "
-            f"‖∂L/∂W_first‖ / ‖∂L/∂W_last‖), mean ± sd over seeds.\n\n```\n{text}\n```\n")
+def complete_summary(results) -> pd.DataFrame:
+    """``sweep.summary_table`` with the vanishing ratios of complete runs only: a diverged
+    run's partial records are left out of the statistics (its count is in ``diverged``)."""
+    from .store import Results
+    from .sweep import summary_table
+
+    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
+    grads = results.grads
+    if not grads.empty:
+        grads = grads[grads["run_id"].isin(complete)]
+    return summary_table(Results(grads, results.epochs, results.runs, results.problems))
+
+
+def options_off(table: pd.DataFrame) -> pd.DataFrame:
+    """Config options that are unset in a row (e.g. no clip_grad_norm) read "off", not NaN."""
+    table = table.copy()
+    for column in (c for c in CONFIG_FIELDS if c in table.columns):
+        if table[column].isna().any():
+            table[column] = table[column].astype(object).where(table[column].notna(), "off")
+    return table
+
+
+def step0_table(results) -> str:
+    """The vanishing ratio at step 0 (initialisation) beside its median over training, per
+    setup, mean ± sd over the complete runs' seeds ("" when there are no records)."""
+    from .tables import table_keys, vanishing_ratios
+
+    grads = results.grads
+    if grads.empty or (grads["depth"] < 2).all():
+        return ""
+    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
+    grads = grads[grads["run_id"].isin(complete)]
+    if grads.empty:
+        return ""
+    both = vanishing_ratios(grads[grads["step"] == 0]).merge(
+        vanishing_ratios(grads)[["run_id", "vanishing_ratio"]], on="run_id",
+        suffixes=("_step0", "_median"))
+    keys = table_keys(both)
+    rows = []
+    for key, group in both.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        for column, label in (("vanishing_ratio_step0", "step 0"),
+                              ("vanishing_ratio_median", "median over training")):
+            values = group[column].dropna()
+            sd = f" ± {values.std():.2g}" if len(values) > 1 else ""
+            row[label] = f"{values.mean():.3g}{sd}" if len(values) else "n/a"
+        rows.append(row)
+    return options_off(pd.DataFrame(rows)).to_string(index=False)
+
+
+def markdown_summary(experiment: Experiment, table: pd.DataFrame, claims: pd.DataFrame,
+                     results) -> str:
+    """The Markdown page: the claims table first, then the summary table (a fenced block
+    keeps the aligned columns) and the step-0 vanishing ratios."""
+    from .sweep import format_summary
+
+    parts = [f"# {experiment.name}\n\n{experiment.description}\n"]
+    if len(claims):
+        parts.append("## Claims, checked\n\nEach value is computed from the stored records "
+                     "(mean ± sd over the matching complete runs, n of them); the claims, "
+                     f"measures and run filters are declared in `{experiment.path.name}`.\n\n"
+                     + claims_markdown(claims))
+    parts.append("## Summary\n\nFinal test accuracy and vanishing ratio (median over recorded "
+                 "steps of ‖∂L/∂W_first‖ / ‖∂L/∂W_last‖), mean ± sd over seeds of complete runs: "
+                 "diverged runs are counted in `diverged`, and their partial records are left "
+                 "out of both statistics. Unset options read \"off\".\n\n"
+                 f"```\n{format_summary(options_off(table))}\n```\n")
+    step0 = step0_table(results)
+    if step0:
+        parts.append("## Vanishing ratio at initialisation and over training\n\n"
+                     "‖∂L/∂W_first‖ / ‖∂L/∂W_last‖ at step 0 (the initialised net, before any "
+                     "update) beside its median over the recorded steps, mean ± sd over "
+                     f"seeds.\n\n```\n{step0}\n```\n")
+    return "\n".join(parts)
 
 
 def _versions(gradlab_version: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ import click
 from .config import (
     ACTIVATIONS,
     BIAS_INITS,
+    CRITERIA,
     DATASETS,
     MAX_DEPTH,
     MAX_EPOCHS,
@@ -95,7 +96,14 @@ RUN_OPTIONS: tuple[Opt, ...] = (
     Opt("train_size", click.IntRange(1), "use only the first N training examples "
         "[default: all]"),
     Opt("log_every", click.IntRange(0), "record gradients every N steps (0: off)"),
+    Opt("criterion", click.Choice(CRITERIA), "training loss: cross_entropy (softmax), or "
+        "sigmoid_bce (sigmoid outputs, binary cross-entropy summed over the outputs: "
+        "Nielsen's network2.py)"),
+    Opt("dist_every", click.IntRange(0), "record distributions (quantiles and histograms of "
+        "activations, dL/dz and dL/dW per layer; dists.parquet) every N steps (0: off)"),
 )
+DIST_SPACED_HELP = ("record distributions at about 20 log-spaced steps per decade instead of "
+                    "every --dist-every steps")
 
 
 APPLIED_HELP = ("also record applied_update_ratio, the change of the weights as stored "
@@ -128,6 +136,8 @@ def train_options(command):
                                 "every --log-every steps (for long runs)")(command)
     command = click.option("--applied-updates", is_flag=True, default=False,
                            help=APPLIED_HELP)(command)
+    command = click.option("--dist-log-spaced", is_flag=True, default=False,
+                           help=DIST_SPACED_HELP)(command)
     return command
 
 
@@ -151,11 +161,14 @@ def sweep_options(command):
                            help="record log-spaced steps (see gradlab train --help)")(command)
     command = click.option("--applied-updates", is_flag=True, default=False,
                            help=APPLIED_HELP)(command)
+    command = click.option("--dist-log-spaced", is_flag=True, default=False,
+                           help=DIST_SPACED_HELP)(command)
     return command
 
 
 def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:
     """The run-option values of a parsed command as a grid (field -> value or list)."""
     keys = {opt.field for opt in RUN_OPTIONS} | {"widths", "standardize", "log_spaced",
-                                                  "applied_updates"}
+                                                  "applied_updates",
+                                                  "dist_log_spaced"}
     return {k: v for k, v in values.items() if k in keys and v is not None}

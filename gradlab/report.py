@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import __version__
+from .claims import claims_section
 from .config import CONFIG_FIELDS
 from .plots import CAPTIONS, Prepared, figures, prepare, render
 from .store import RUNS, atomic_write, load
@@ -66,7 +67,8 @@ def render_report(data: Prepared, results_dir: Path) -> str:
     if data.problems:
         items = "".join(f"<li>{esc(p)}</li>" for p in data.problems)
         sections.append(f"<h2>Problems</h2><ul class='problems'>{items}</ul>")
-    sections += [accuracy_section(data), vanishing_section(data), figures_section(data),
+    sections += [claims_section(results_dir), accuracy_section(data), vanishing_section(data),
+                 figures_section(data),
                  runs_section(data), provenance_section(data, results_dir)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>gradlab report: {esc(results_dir.resolve().name)}</title>"

@@ -3,11 +3,15 @@
     <out>/runs/<run_id>/config.json     resolved config + provenance
     <out>/runs/<run_id>/grads.parquet   one row per (step, layer)
     <out>/runs/<run_id>/epochs.parquet  one row per (epoch, split)
+    <out>/runs/<run_id>/dists.parquet   optional
     <out>/runs/<run_id>/status.json     written last: complete | diverged | failed
+
+Every file read back goes through ``gradlab.validate``: a damaged one is named, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -23,10 +27,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import CONFIG_FIELDS, ConfigError, RunConfig, make_config
+from .config import CONFIG_FIELDS, RunConfig
+from .validate import Damaged, digests, is_gradlab_run, read_config, read_records, strict
+from .validate import read_status as read_valid_status
 
 RUNS = "runs"
 FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
+# What a new run clears from its folder besides FILES: left by an earlier try of the same run.
+STALE = ("dists.parquet", "error.txt")
 
 
 class StoreError(RuntimeError):
@@ -49,28 +57,39 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise StoreError(f"cannot write {path}: {e.strerror or type(e).__name__}: give a "
+        raise StoreError(f"cannot write {shorten(path)}: {e.strerror or type(e).__name__}: give a "
                          f"folder where files can be written") from None
     finally:
-        if tmp.is_file():
-            tmp.unlink()
+        with contextlib.suppress(OSError):  # e.g. a name too long: there is no tmp then
+            tmp.unlink(missing_ok=True)
 
 
 def make_folder(path: Path) -> Path:
-    """``mkdir -p``, or a one-line StoreError (e.g. when ``path`` or a parent is a file)."""
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"output folder {path} is a file: give a folder path")
+    """``mkdir -p``, or a one-line StoreError (e.g. when ``path`` or a parent is a file, or a
+    name is too long)."""
     try:
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"output folder {path} is a file: give a folder path")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StoreError(f"cannot create output folder {path}: {e.strerror}: give a folder "
-                         f"path that can be written") from None
+        raise StoreError(f"cannot create output folder {shorten(path)}: "
+                         f"{e.strerror or type(e).__name__}: give a folder path that can be "
+                         f"written") from None
     return path
+
+
+def shorten(path: Path) -> str:
+    """A path for a one-line message: its long components cut (a name over 255 bytes is what
+    some of these messages are about)."""
+    return os.sep.join(p if len(p) <= 40 else f"{p[:20]}...({len(p)} chars)"
+                       for p in str(path).split(os.sep))
 
 
 def write_json(path: Path, obj: Any) -> None:
     def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        # strict JSON: NaN and inf become null, as strict readers (JSON.parse) require
+        text = json.dumps(strict(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+        tmp.write_text(text + "\n")
 
     atomic_write(path, write)
 
@@ -89,7 +108,8 @@ def write_parquet(path: Path, frame: pd.DataFrame, run_id: str) -> None:
     frame = frame.copy()
     frame.insert(0, "run_id", run_id)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    # page checksums: damage inside the data, not only a cut file, is found when read back
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, write_page_checksum=True))
 
 
 def git_sha() -> str | None:
@@ -126,23 +146,34 @@ def provenance(device: str) -> dict[str, Any]:
 
 
 def is_complete(out: str | os.PathLike, run_id: str) -> bool:
-    """Whether the run has a status file (complete, diverged or failed are all finished)."""
-    status = read_status(run_dir(out, run_id))
-    return status is not None and status.get("status") == "complete"
+    """Whether the run is complete: its status says so and every file it promises reads back."""
+    from .validate import check_run
+
+    status, problems = check_run(run_dir(out, run_id))
+    return status is not None and status["status"] == "complete" and not problems
 
 
 def read_status(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
+    """The run folder's status.json, validated; None when it has none. Raises ``Damaged``
+    (one line) when it is there but invalid."""
+    return read_valid_status(path)
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged run's files into ``path/damaged-<UTC time>/`` (nothing a user could read
+    is deleted) so that the run can be trained again; returns that folder."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = make_folder(path / f"damaged-{stamp}")
+    for file in path.iterdir():
+        if file.is_file() and not file.name.startswith("."):
+            os.replace(file, aside / file.name)
+    return aside
 
 
 def ensure_out(out: str | os.PathLike) -> Path:
     """Create ``out/runs``; a one-line StoreError if ``out`` is a file or not writable."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"output folder {out} is a file: give a folder path")
+    make_folder(out)  # says so when out is a file
     make_folder(out / RUNS)
     if not os.access(out / RUNS, os.W_OK):
         raise StoreError(f"output folder {out / RUNS} is not writable: give a folder path "
@@ -154,7 +185,7 @@ def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = 
     """Clear a stale run folder and write its config.json (the status file comes last)."""
     path = run_dir(out, config.run_id())
     path.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
+    for name in FILES + STALE:
         (path / name).unlink(missing_ok=True)
     write_json(path / "config.json", {
         "run_id": config.run_id(),
@@ -171,6 +202,9 @@ def finish_run(path: Path, result) -> dict:
     run_id = result.config.run_id()
     write_parquet(path / "grads.parquet", result.grads, run_id)
     write_parquet(path / "epochs.parquet", result.epochs, run_id)
+    dists = getattr(result, "dists", None)
+    if dists is not None and not dists.empty:  # optional: only runs with dist_every > 0
+        write_parquet(path / "dists.parquet", dists, run_id)
     meta = json.loads((path / "config.json").read_text())
     meta["provenance"]["finished"] = now()
     write_json(path / "config.json", meta)
@@ -183,6 +217,8 @@ def finish_run(path: Path, result) -> dict:
         "diverged_step": result.diverged_step,
         "error": result.error,
         "finished": meta["provenance"]["finished"],
+        # what the files were when the run finished: a change to any byte later is damage
+        "sha256": digests(path),
     }
     write_json(path / "status.json", status)
     return status
@@ -193,13 +229,15 @@ def finish_run(path: Path, result) -> dict:
 
 @dataclass
 class Results:
-    """Tidy frames of a results folder: ``grads``, ``epochs`` and ``runs`` (one row per run),
-    each with the config columns joined in; ``problems`` names what could not be read."""
+    """Tidy frames of a results folder: ``grads``, ``epochs``, ``dists`` (empty when no run has
+    dists.parquet) and ``runs`` (one row per run), each with the config columns joined in;
+    ``problems`` names what could not be read."""
 
     grads: pd.DataFrame
     epochs: pd.DataFrame
     runs: pd.DataFrame
     problems: list[str] = field(default_factory=list)
+    dists: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def config_columns(config: dict) -> dict[str, Any]:
@@ -213,29 +251,37 @@ def config_columns(config: dict) -> dict[str, Any]:
 
 
 def run_dirs(path: Path) -> list[Path]:
-    if (path / "config.json").exists() or (path / "status.json").exists():
-        return [path]
-    if (path / RUNS).is_dir():
-        return sorted(p for p in (path / RUNS).iterdir() if p.is_dir())
+    """The run folders of a results folder, or ``[path]`` for a run folder itself."""
+    try:
+        if (path / "config.json").exists() or (path / "status.json").exists():
+            return [path]
+        if (path / RUNS).is_dir():
+            return sorted(p for p in (path / RUNS).iterdir() if p.is_dir())
+    except OSError as e:
+        raise StoreError(f"cannot read {shorten(path)}: {e.strerror or type(e).__name__}") from None
     raise StoreError(f"{path} is not a gradlab results folder: expected {path / RUNS}/<run_id>/")
 
 
 def read_run_meta(path: Path) -> dict:
-    """One run's config and status as a flat dict; raises on a damaged config.json."""
-    meta = json.loads((path / "config.json").read_text())
-    config = make_config(**meta["config"]).to_dict()
+    """One run's config and status as a flat dict; raises ``Damaged`` (one line) when its
+    config.json or status.json does not read back."""
+    meta = read_config(path)
     status = read_status(path) or {"status": "unfinished"}
+    provenance = meta.get("provenance", {})
+    config = meta["config"]
+    columns = config_columns(config) if is_gradlab_run(meta) else {
+        k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}
     return {
         "run_id": meta["run_id"],
-        **config_columns(config),
-        "status": status.get("status", "unfinished"),
+        **columns,
+        "status": status["status"],
         "final_test_accuracy": status.get("final_test_accuracy"),
         "diverged_step": status.get("diverged_step"),
         "error": status.get("error"),
-        "device": meta.get("provenance", {}).get("device"),
-        "git_sha": meta.get("provenance", {}).get("git_sha"),
-        "torch": meta.get("provenance", {}).get("torch"),
-        "gradlab": meta.get("provenance", {}).get("gradlab"),
+        "device": provenance.get("device"),
+        "git_sha": provenance.get("git_sha"),
+        "torch": provenance.get("torch"),
+        "gradlab": provenance.get("gradlab"),
     }
 
 
@@ -243,38 +289,48 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
     """Load a results folder (or one run folder) into tidy pandas frames.
 
     Runs without ``status.json`` are unfinished and left out unless ``include_unfinished``
-    (they still appear in ``runs``). A damaged file is named in ``problems`` and in a
-    warning, and the rest is loaded.
+    (they still appear in ``runs``). A damaged file (``gradlab.validate``) is named in
+    ``problems`` and in a warning, and the rest is loaded: a run whose config.json or
+    status.json does not read back is left out, a record file that does not is left out alone.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        there = path.exists()
+    except OSError as e:  # e.g. a name too long
+        raise StoreError(f"cannot read {shorten(path)}: {e.strerror or type(e).__name__}") from None
+    if not there:
         raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
-    metas, grads, epochs, problems = [], [], [], []
+    metas, grads, epochs, dists, problems = [], [], [], [], []
     for rd in run_dirs(path):
         try:
             meta = read_run_meta(rd)
-        except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-            problems.append(f"{rd}: config.json unreadable ({type(e).__name__}); skipped")
+        except Damaged as e:
+            problems.append(f"{rd}: {e}; skipped")
             continue
         if meta["status"] == "unfinished":
             problems.append(f"{rd}: no status.json (unfinished run)")
         metas.append(meta)
         if meta["status"] == "unfinished" and not include_unfinished:
             continue
-        for name, sink in (("grads.parquet", grads), ("epochs.parquet", epochs)):
+        for name, sink in (("grads.parquet", grads), ("epochs.parquet", epochs),
+                           ("dists.parquet", dists)):
+            if name == "dists.parquet" and not (rd / name).exists():
+                continue  # optional
             try:
-                sink.append(pq.read_table(rd / name).to_pandas())
-            except (OSError, pa.ArrowException) as e:
-                problems.append(f"{rd / name}: unreadable ({type(e).__name__}); skipped")
+                sink.append(read_records(rd, name))
+            except Damaged as e:
+                problems.append(f"{rd / name}: {str(e).removeprefix(name + ' ')}; skipped")
     for problem in problems:
         warnings.warn(problem, stacklevel=2)
     runs = pd.DataFrame(metas)
     config_cols = [c for c in runs.columns if c not in ("error", "git_sha", "torch", "gradlab")]
 
     def join(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        frames = [f for f in frames if len(f.columns)]
         if not frames or runs.empty:
             return pd.DataFrame()
         frame = pd.concat(frames, ignore_index=True)
         return frame.merge(runs[config_cols], on="run_id", how="left")
 
-    return Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems)
+    return Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
+                   dists=join(dists))

@@ -25,6 +25,15 @@ def run_info(data: pd.DataFrame, *extra: str | None) -> pd.DataFrame:
     return data.drop_duplicates("run_id")[columns].reset_index(drop=True)
 
 
+def last_layer(frame: pd.DataFrame) -> pd.Series:
+    """Each row's output layer: depth − 1, or, in a frame without ``depth`` (a model of the
+    user's own), the highest layer recorded in its run."""
+    if "depth" in frame.columns:
+        return frame["depth"] - 1
+    runs = frame["run_id"] if "run_id" in frame.columns else pd.Series(0, index=frame.index)
+    return frame.groupby(runs)["layer"].transform("max")
+
+
 def per_run(data: pd.DataFrame, by: Sequence[str], y: str, *extra: str | None) -> pd.DataFrame:
     """Mean of ``y`` per run and ``by`` (e.g. layer), with the run's config columns joined in."""
     means = data.groupby(["run_id", *by], sort=True, dropna=False)[y].mean().reset_index()

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
+from .dists import DistributionRecorder, empty_dists
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
 
@@ -51,6 +52,7 @@ class RunResult:
     steps: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    dists: pd.DataFrame = field(default_factory=empty_dists)  # RunConfig.dist_every's records
 
     @classmethod
     def failed(cls, config: RunConfig, device: str, error: BaseException) -> RunResult:
@@ -148,6 +150,14 @@ def make_optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
                            weight_decay=config.weight_decay, foreach=True)
 
 
+def batch_loss(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss ``name`` (``RunConfig.criterion``) of a batch."""
+    if name == "sigmoid_bce":  # network2.py's CrossEntropyCost: summed over outputs
+        target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / y.shape[0]
+    return F.cross_entropy(logits, y)
+
+
 def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
                    progress: bool = False, on_epoch: Callable[[dict], None] | None = None,
                    on_step: Callable[[int, int], None] | None = None) -> RunResult:
@@ -165,9 +175,13 @@ def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
     train_x, train_y = data.train.x, data.train.y
     predicted = torch.empty(n, dtype=torch.int64, device=device)
     step = 0
-    with book.training(), GradientRecorder(model, config.activation, schedule,
-                                           optimizer=optimizer,
-                                           applied_updates=config.applied_updates) as recorder:
+    dists = DistributionRecorder(model, recorded_steps(total, config.dist_every,
+                                                       config.dist_log_spaced))
+    dist_frames = []
+    with book.training(), dists, GradientRecorder(model, config.activation, schedule,
+                                                  optimizer=optimizer,
+                                                  applied_updates=config.applied_updates
+                                                  ) as recorder:
         model.train()
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -178,13 +192,15 @@ def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
             for batch in batches:
                 x, y = train_x[batch], train_y[batch]
                 recording = recorder.begin_step(step)
+                dists.begin_step(step)
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = batch_loss(config.criterion, logits, y)
                 for p in params:  # zero_grad(set_to_none=True), without its per-call wrapper
                     p.grad = None
                 loss.backward()
                 if recording:
                     recorder.after_backward(loss)
+                dists.after_backward()
                 if config.clip_grad_norm is not None:
                     nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
                 optimizer.step()
@@ -201,10 +217,17 @@ def train_autograd(config: RunConfig, data: Data, device: torch.device, *,
             losses = torch.stack(step_losses).cpu().numpy()[:, None]
             correct = (predicted == train_y[torch.cat(batches)]).sum().cpu().numpy()[None]
             sizes = np.array([len(b) for b in batches], dtype=np.float64)
+            dist_frames.append(dists.flush(epoch))
             if not book.epoch(epoch, first_step, step, [recorder.flush(epoch)], losses,
                               correct, sizes, seconds):
                 break
-    return book.results(step)[0]
+    result = book.results(step)[0]
+    if dist_frames:
+        frame = pd.concat(dist_frames, ignore_index=True)
+        if result.diverged_step is not None:  # kept up to the first bad step, as the norms
+            frame = frame[frame["step"] <= result.diverged_step].reset_index(drop=True)
+        result.dists = frame
+    return result
 
 
 def _progress_bar(progress: bool, total: int):

@@ -23,7 +23,7 @@ def test_train_writes_the_layout(fake_mnist, tmp_path):
                "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     assert r.output.startswith("complete: final test accuracy")
-    (run,) = list((out / "runs").iterdir())
+    (run,) = [p for p in (out / "runs").iterdir() if p.is_dir()]  # beside its lock file
     assert sorted(p.name for p in run.iterdir()) == [
         "config.json", "epochs.parquet", "grads.parquet", "status.json"]
     meta = json.loads((run / "config.json").read_text())
@@ -90,7 +90,7 @@ def test_real_mnist_relu_one_epoch_above_90(tmp_path):
     r = invoke("train", "--depth", 3, "--widths", "128,256", "--activation", "relu", "--epochs", 1,
                "--data-dir", REAL_DATA, "--out", tmp_path, "--quiet", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    (run,) = list((tmp_path / "runs").iterdir())
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     status = json.loads((run / "status.json").read_text())
     assert status["final_test_accuracy"] >= 0.90
 
@@ -101,8 +101,33 @@ def test_train_and_sweep_store_the_same_records_for_one_config(fake_mnist, tmp_p
     r = invoke("sweep", "--depths", 3, "--layer-widths", "16,8", "--epochs", 1, "--data-dir",
                fake_mnist, "--out", tmp_path / "s", "--jobs", 1)
     assert r.exit_code == 0, r.output
-    (a,) = (tmp_path / "t" / "runs").iterdir()
+    (a,) = (p for p in (tmp_path / "t" / "runs").iterdir() if p.is_dir())
     (b,) = (p for p in (tmp_path / "s" / "runs").iterdir() if p.is_dir())
     assert a.name == b.name
     pd.testing.assert_frame_equal(pd.read_parquet(a / "grads.parquet"),
                                   pd.read_parquet(b / "grads.parquet"))
+
+
+def test_a_warning_during_a_command_is_one_line(monkeypatch, capsys):
+    """Python shows a warning with the source line that raised it; the command shows one line."""
+    import warnings
+
+    from gradlab.cli import Group, one_line_warning
+
+    def command_that_warns(self, ctx):
+        warnings.warn("the fused engine runs its eager PyTorch path\nsecond line", stacklevel=1)
+        return 0
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # Python's own showwarning (pytest replaces it to collect warnings)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(Group, "invoke", command_that_warns)
+    monkeypatch.setattr(warnings, "showwarning", show)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as done:
+            cli.main(["ls", "."], prog_name="gradlab")
+    assert done.value.code == 0
+    assert capsys.readouterr().err == "Warning: the fused engine runs its eager PyTorch path\n"
+    assert one_line_warning("", UserWarning, "f.py", 1) == "Warning: UserWarning\n"

@@ -1,8 +1,8 @@
 """``--engine fused`` against ``--engine autograd``: the same runs, records equal to rounding."""
 
 import dataclasses
-import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +11,10 @@ from click.testing import CliRunner
 import gradlab
 from gradlab.cli import cli
 from gradlab.config import ConfigError, make_config
+from gradlab.experiment import load_spec
 from gradlab.train import train
 
+ROOT = Path(__file__).resolve().parent.parent
 NORMS = ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
          "update_ratio", "act_grad_mean", "loss")
 
@@ -53,10 +55,11 @@ def test_engine_is_part_of_the_run_id_only_when_not_the_default():
     assert config.run_id() == make_config(depth=3, widths=(24, 16), epochs=2,
                                            engine="autograd").run_id()
     assert dataclasses.replace(config, engine="fused").run_id() != config.run_id()
-    # the id of the tutorial's net as version 1 hashed it (before the engine field existed)
-    payload = json.dumps({"v": 1, **{k: v for k, v in config.to_dict().items()
-                                     if k != "engine"}}, sort_keys=True)
-    assert config.run_id() == hashlib.sha256(payload.encode()).hexdigest()[:12]
+    # the committed experiments' runs keep the ids they were built with
+    for name in ("exploding", "init", "tutorial"):
+        spec = load_spec(ROOT / "experiments" / f"{name}.toml")
+        manifest = json.loads((ROOT / "results" / name / "manifest.json").read_text())
+        assert sorted(c.run_id() for c in spec.configs()) == manifest["runs"], name
 
 
 def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):

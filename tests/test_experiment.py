@@ -102,3 +102,15 @@ def test_shipped_experiments_parse():
         experiment = load_spec(spec)
         assert experiment.configs() and experiment.description
         assert "gradlab figures experiments/" in spec.read_text()
+
+
+def test_a_spec_may_name_an_engine(tmp_path):
+    """The engine is part of each run's config: a spec that names one gets its own run ids."""
+    plain = load_spec(write(tmp_path, TINY)).configs()
+    fused = load_spec(write(tmp_path, TINY.replace("epochs = 1", 'epochs = 1\nengine = "fused"'),
+                            "fused.toml")).configs()
+    assert {c.engine for c in plain} == {"autograd"} and {c.engine for c in fused} == {"fused"}
+    assert not {c.run_id() for c in plain} & {c.run_id() for c in fused}
+    with pytest.raises(SpecError, match="engine='jit' is invalid: one of autograd, fused"):
+        load_spec(write(tmp_path, TINY.replace("epochs = 1", 'epochs = 1\nengine = "jit"'),
+                        "bad.toml"))

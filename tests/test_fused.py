@@ -52,8 +52,8 @@ def batches(count, members, seed=0):
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"])
 def test_fused_steps_equal_the_eager_steps(activation):
     fast, eager = engines(activation)
-    assert fast._fused_sgd and not eager._fused_sgd
-    assert fast._fused_stats == (activation != "gelu")
+    assert fast.optimizer.fused_sgd and not eager.optimizer.fused_sgd
+    assert fast.records.fused_stats == (activation != "gelu")
     steps = []
     for step, (x, y) in enumerate(batches(40, 2)):
         record = step % 3 != 1
@@ -88,7 +88,7 @@ def test_recording_does_not_change_the_fused_engine():
 def test_clipping_and_momentum_take_the_eager_update():
     for options in (dict(clip_grad_norm=0.1), dict(momentum=0.9), dict(weight_decay=0.01)):
         fast, _ = engines("sigmoid", **options)
-        assert not fast._fused_sgd, options
+        assert not fast.optimizer.fused_sgd, options
 
 
 def test_sgd_step_norms_keeps_inf_and_nan_and_skips_unlisted_elements():
@@ -96,7 +96,7 @@ def test_sgd_step_norms_keeps_inf_and_nan_and_skips_unlisted_elements():
     grads = np.array([1, 2, np.inf, 0, 1, np.nan, 1, 1], dtype=np.float32)
     blocks = np.array([[0, 2, 0, 1], [2, 4, -1, 2], [4, 6, 3, 4]], dtype=np.int64)
     deltas = np.array([3, 4, 0, 0], dtype=np.float32)
-    out = np.full(6, -1, dtype=np.float32)
+    out = np.full(6, -1, dtype=np.float64)
     fused.sgd_step_norms(params, grads, np.float32(-0.5), blocks, deltas,
                          np.array([[0, 2, 5]], dtype=np.int64), out)
     np.testing.assert_array_equal(out[[0, 1, 5]], [1 + 4, 1 + 4, 25])
@@ -114,7 +114,7 @@ def test_without_numba_the_engine_falls_back_to_eager(monkeypatch):
     monkeypatch.delattr(gradlab.engines, "fused")
     with pytest.warns(UserWarning, match=r"eager PyTorch path.*pip install 'gradlab\[fast\]'"):
         fast, eager = engines("sigmoid")
-    assert fast._fused is None and not fast._fused_sgd
+    assert fast.kernels is None and not fast.optimizer.fused_sgd
     for x, y in batches(3, 2):
         assert torch.equal(fast.step(x, y, True)[0], eager.step(x, y, True)[0])
 
@@ -124,12 +124,12 @@ def test_engine_runs_off_the_cpu_without_numpy(activation):
     """The ``meta`` device stands in for CUDA here: no numpy views, no numba, eager ops only."""
     models = [build_mlp((784, 16, 12, 10), activation).to("meta") for _ in range(2)]
     engine = StackedMLP(models, activation, batch_size=8, lr=0.1, max_rows=4)
-    assert engine._fused is None and not engine._fused_sgd
+    assert engine.kernels is None and not engine.optimizer.fused_sgd
     x = torch.empty(2, 8, 784, device="meta")
     y = torch.empty(2, 8, dtype=torch.int64, device="meta")
     for record in (True, False, True):
         losses, logits = engine.step(x, y, record)
-    engine._process_chunk()
+    engine.records.process_chunk(engine._views)  # the f' statistics of the chunk
     assert losses.shape == (2,) and logits.shape == (2, 8, 10)
 
 
@@ -141,7 +141,7 @@ def test_sgd_step_norms_matches_float64_sums_across_tiles(sizes):
     grads = g.standard_normal(starts[-1]).astype(np.float32)
     blocks = np.array([(a, a + s, 2 * k, 2 * k + 1) for k, (a, s) in
                        enumerate(zip(starts, sizes, strict=False))], dtype=np.int64)
-    before, out = params.copy(), np.zeros(2 * len(sizes), np.float32)
+    before, out = params.copy(), np.zeros(2 * len(sizes), np.float64)
     fused.sgd_step_norms(params, grads, np.float32(-0.1), blocks, np.zeros(1, np.float32),
                          np.zeros((0, 3), np.int64), out)
     expected = torch.from_numpy(before.copy()).add_(torch.from_numpy(grads), alpha=-0.1).numpy()
@@ -167,10 +167,10 @@ def test_activation_stats_kernel_matches_the_torch_statistics(activation):
     want = reference(a, derivative_into(activation, True), ACTIVATIONS[activation],
                      hidden_segments(widths), torch.empty_like(a))  # (rows, members, layers, 3)
     got = np.full((rows + 1, members, 3, 3), np.nan, np.float32)
-    fused.activation_stats(a.numpy().reshape(-1), members * batch * units, rows, members, batch,
-                           np.array([0, 4, 11]), fused.CODES[activation],
-                           np.float32(SATURATION * ACTIVATIONS[activation].max_derivative),
-                           np.float32(0.01), got, 1)
+    step = fused.step_spec(members, batch, code=fused.CODES[activation], slope=0.01,
+                           threshold=SATURATION * ACTIVATIONS[activation].max_derivative)
+    fused.activation_stats(a.numpy().reshape(-1), members * batch * units, rows,
+                           np.array([0, 4, 11]), step, got, 1)
     assert np.isnan(got[0]).all()  # rows before first_row are left alone
     np.testing.assert_allclose(got[1:, :, :2, 0], want[..., 0].numpy(), rtol=1e-5)
     info = ACTIVATIONS[activation]
@@ -190,8 +190,8 @@ def test_cross_entropy_equals_torch():
     losses = np.zeros(members, np.float32)
     deltas = np.full(members * batch * classes + 8, 9.0, np.float32)
     at = np.array([8 + m * batch * classes for m in range(members)], dtype=np.int64)
-    fused.cross_entropy(logits.reshape(-1).numpy(), y.reshape(-1).numpy(), members, batch,
-                        classes, losses, deltas, at)
+    fused.cross_entropy(logits.reshape(-1).numpy(), y.reshape(-1).numpy(), losses, deltas, at,
+                        fused.step_spec(members, batch, classes=classes))
     want_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
     want = torch.softmax(logits, -1) - torch.nn.functional.one_hot(y, classes)
     np.testing.assert_allclose(losses[:2], want_loss.mean(1)[:2], rtol=1e-6)
@@ -219,10 +219,12 @@ def test_head_equals_the_last_layers_torch_step():
     grads = np.full(1000, 3.0, np.float32)
     dh = np.zeros(members * batch * width, np.float32)
     correct = np.array([5, 0])  # counts add up
-    fused.head(hidden.numpy(), h_at, stride, width, params.numpy(), w_at, b_at, classes,
-               y.reshape(-1).numpy(), members, batch, logits, losses, deltas, d_at, grads, dh,
-               -1, np.float32(0.01), np.zeros(members, np.int64), np.zeros(members, np.int64),
-               correct)
+    at = np.zeros(members, fused.HEAD_AT)
+    at["weight"], at["bias"], at["delta"] = w_at, b_at, d_at
+    step = fused.step_spec(members, batch, width=width, classes=classes, row_stride=stride,
+                           slope=0.01)
+    fused.head(hidden.numpy(), h_at, params.numpy(), grads, deltas, dh, y.reshape(-1).numpy(),
+               logits, losses, correct, at, step)
     for m in range(members):
         h = hidden[h_at[m]:h_at[m] + batch * stride].view(batch, stride)[:, :width]
         h = h.clone().requires_grad_()
@@ -265,11 +267,14 @@ def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
         deltas = np.zeros(batch * classes + batch * width, np.float32)
         dh = np.zeros(batch * width, np.float32)
         grads = np.full(len(params) + width, 7.0, np.float32)  # + the layer below's bias
-        fused.head(h.reshape(-1).numpy(), np.zeros(1, np.int64), width, width, params,
-                   np.zeros(1, np.int64), np.array([classes * width]), classes, y, 1, batch,
-                   np.zeros(batch * classes, np.float32), np.zeros(1, np.float32), deltas,
-                   np.zeros(1, np.int64), grads, dh, code, np.float32(LEAKY_SLOPE),
-                   np.array([batch * classes]), np.array([len(params)]), np.zeros(1, np.int64))
+        at = np.zeros(1, fused.HEAD_AT)
+        at["bias"], at["below_delta"], at["below_bias"] = classes * width, batch * classes, len(
+            params)
+        step = fused.step_spec(1, batch, width=width, classes=classes, row_stride=width,
+                               code=code, slope=LEAKY_SLOPE)
+        fused.head(h.reshape(-1).numpy(), np.zeros(1, np.int64), params, grads, deltas, dh, y,
+                   np.zeros(batch * classes, np.float32), np.zeros(1, np.float32),
+                   np.zeros(1, np.int64), at, step)
         out[code] = (torch.from_numpy(deltas[batch * classes:]).view(batch, width), dh,
                      torch.from_numpy(grads[len(params):]))
     dh = torch.from_numpy(out[-1][1]).view(batch, width)

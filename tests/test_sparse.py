@@ -231,7 +231,7 @@ def test_recording_does_not_change_the_sparse_engine():
 def test_sparse_engine_with_momentum_equals_the_dense_engine():
     fast, dense = engine_pair("sigmoid", [dict(input_density=0.2), dict(input_density=1.0)],
                               sizes=(64, 21, 10), batch_size=24, lr=0.1, momentum=0.9)
-    assert fast.sparse and not fast._fused_sgd  # momentum: the eager optimizer on the stack
+    assert fast.sparse and not fast.optimizer.fused_sgd  # momentum: the eager optimizer
     g = torch.Generator().manual_seed(0)
     for step in range(12):
         x = torch.from_numpy(sparse_rows(2 * 24, 64, seed=step)).view(2, 24, -1)

@@ -156,22 +156,102 @@ def test_flush_checks_the_step_count():
         engine.step(torch.rand(1, 4, 784), torch.randint(0, 10, (1, 4)), record=True)
 
 
-def test_block_norms_fallback_path_and_nonfinite_blocks():
-    """The index_add_ path (devices without segment_reduce) equals the segment_reduce path, and
-    an inf in one member's block leaves the others' norms finite."""
+def test_block_norms_paths_agree_and_keep_nonfinite_blocks_apart():
+    """The numba path (a CPU with the kernels), the segment_reduce path and the index_add_ path
+    (devices without segment_reduce) give the same float64 squared norms, and an inf in one
+    member's block leaves the others' norms finite."""
     models = members("relu", (784, 12, 10), [0, 1])
     engine = StackedMLP(models, "relu", batch_size=8, max_rows=2)
     x, y = torch.rand(2, 8, 784), torch.randint(0, 10, (2, 8))
     engine.step(x, y, record=True)
     views = engine._batch_views(8)
-    fast = torch.empty(views.norms.order.shape[0])
-    views.norms(engine._flat, fast)
-    views.norms._ids = torch.repeat_interleave(torch.arange(views.norms.count),
-                                               views.norms.lengths)
-    slow = torch.empty_like(fast)
-    views.norms(engine._flat, slow)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+    norms, flat = views.norms, engine.buffer.flat
+    assert norms.kernels is not None
+    fast = torch.empty(norms.order.shape[0], dtype=torch.float64)
+    norms(flat, fast)
+    norms.kernels = None
+    reduced = torch.empty_like(fast)
+    norms(flat, reduced)
+    norms.ids = torch.repeat_interleave(torch.arange(norms.count), norms.lengths)
+    added = torch.empty_like(fast)
+    norms(flat, added)
+    torch.testing.assert_close(fast, reduced, rtol=1e-6, atol=0)  # float32 sums per tile
+    torch.testing.assert_close(reduced, added, rtol=1e-12, atol=0)
     engine.W[0][1, 0, 0] = float("inf")
-    views.norms(engine._flat, slow)
-    per_member = slow.view(2, -1)
+    norms(flat, added)
+    per_member = added.view(2, -1)
     assert torch.isfinite(per_member[0]).all() and not torch.isfinite(per_member[1]).all()
+
+
+def deep_sigmoid(seed=0):
+    """Depth 32, width 16, sigmoid: the early layers' gradients are so small (~1e-23 and less)
+    that their float32 squares underflow."""
+    torch.manual_seed(seed)
+    return build_mlp((784,) + (16,) * 31 + (10,), "sigmoid")
+
+
+def float64_norms(tensors):
+    return np.array([np.linalg.norm(t.detach().double().reshape(-1).numpy()) for t in tensors])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(density=0.2), dict(fused=False),
+                                     dict(clip_grad_norm=1e-30)])
+def test_norms_exact_where_float32_squares_underflow(options):
+    """Step 0's grad_weight/bias/output norms equal the float64 norms of the engine's own
+    float32 gradients to ~1e-6, including layers whose float32 squares underflow (a float32
+    norm reads 0 or is far off there); they agree with autograd in float64 to float32
+    backward rounding; and update_ratio is lr * ||clipped g|| / ||W|| however small."""
+    options = dict(options)
+    density = options.pop("density", 1.0)
+    model = deep_sigmoid()
+    twin = build_mlp((784,) + (16,) * 31 + (10,), "sigmoid").double()
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 256, 784, generator=g)
+    x *= torch.rand(x.shape, generator=g) < density  # mostly zeros: the sparse first layer
+    y = torch.randint(0, 10, (1, 256), generator=g)
+    engine = StackedMLP([model], "sigmoid", batch_size=256, lr=0.1, max_rows=1,
+                        input_density=density, **options)
+    assert engine.sparse == (density < 1)
+    weights = [w[0].clone() for w in engine.W]
+    engine.step(x, y, record=True)
+    (frame,) = engine.flush([0], epoch=1)
+    deltas = [d[0] for d in engine._batch_views(256).deltas.views]
+    clip = "clip_grad_norm" in options
+    mine = {"grad_output_norm": deltas}
+    if not clip:  # clipped, the gradients left in the engine are no longer those recorded
+        mine.update(grad_weight_norm=[w[0] for w in engine.gW],
+                    grad_bias_norm=[b[0] for b in engine.gb])
+    underflows = 0
+    for column, tensors in mine.items():
+        want = float64_norms(tensors)
+        np.testing.assert_allclose(frame[column], want, rtol=2e-6, err_msg=column)
+        naive = np.array([torch.linalg.vector_norm(t.float()).item() for t in tensors])
+        underflows += int((np.abs(naive / want - 1) > 1e-2).sum())
+    assert underflows >= 3, "the test must reach norms whose float32 squares underflow"
+    # the same gradients from autograd in float64 (float32 rounding accumulates over depth)
+    zs = []
+
+    def keep(module, inputs, z):
+        z.retain_grad()
+        zs.append(z)
+
+    hooks = [lin.register_forward_hook(keep) for lin in linear_layers(twin)]
+    F.cross_entropy(twin(x[0].double()), y[0]).backward()
+    for hook in hooks:
+        hook.remove()
+    linears = linear_layers(twin)
+    np.testing.assert_allclose(frame["grad_output_norm"], float64_norms([z.grad for z in zs]),
+                               rtol=1e-3)
+    np.testing.assert_allclose(frame["grad_weight_norm"],
+                               float64_norms([lin.weight.grad for lin in linears]), rtol=1e-3)
+    np.testing.assert_allclose(frame["grad_bias_norm"],
+                               float64_norms([lin.bias.grad for lin in linears]), rtol=1e-3)
+    # update_ratio: the intended update lr * ||clipped g|| over ||W||, however small
+    grad = frame["grad_weight_norm"].to_numpy()
+    if clip:  # clip_grad_norm_'s factor, from the recorded (float64) norms
+        total = np.sqrt((grad ** 2).sum() + (frame["grad_bias_norm"].to_numpy() ** 2).sum())
+        grad = grad * 1e-30 / (total + 1e-6)
+    want = 0.1 * grad / float64_norms(weights)
+    assert (want > 0).all()
+    np.testing.assert_allclose(frame["update_ratio"], want, rtol=1e-5)

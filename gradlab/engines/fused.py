@@ -1,17 +1,24 @@
 """Numba kernels that fold the recorder's statistics into passes the CPU step makes anyway.
 
-A recorded step must read every weight and gradient once for their norms: on the tutorial's net
-that pass alone (1.1 MB) costs ~5 % of a CPU step in eager PyTorch, more than the whole budget for
-recording. Plain SGD reads exactly those tensors to update the weights, so ``sgd_step_norms``
-takes the squared norms in the same loop that applies the update (float32 partial sums per
-2,048-float tile, added up in float64): a recorded step's update costs about what an unrecorded
-one's does. The update is ``w + (-lr) * g`` contracted to a fused multiply-add, the same rounding
-as ``Tensor.add_(g, alpha=-lr)`` (ATen's vectorised ``fmadd``); the tests check the two bit for
-bit, so recording cannot change training.
+A recorded step must read every weight and gradient once for their norms, a pass as large as the
+update itself. Plain SGD reads exactly those tensors to update the weights, so ``sgd_step_norms``
+takes the squared norms in the same loop that applies the update: a recorded step's update then
+costs about what an unrecorded one's does. The update is ``w + (-lr) * g`` contracted to a fused
+multiply-add, the same rounding as ``Tensor.add_(g, alpha=-lr)`` (ATen's vectorised ``fmadd``);
+the tests check the two bit for bit, so recording cannot change training.
+
+Squared norms are exact down to the smallest positive float32: squares are summed in float32 per
+tile of ``TILE`` floats (fast, vectorised), and a tile whose float32 sum is small enough that
+squares may have underflowed (or that overflowed) is summed again in float64 (``_tile_squares``).
+A vanishing-gradient tool must measure the smallest gradients best.
 
 ``activation_stats`` takes f', the saturated count and the positive count per unit in one pass
 over the hidden outputs of several recorded steps, for the activations whose f' is a function of
 their output (sigmoid, tanh, the relu family, ELU); the others keep ``record.activation_stats``.
+
+The kernels that need a step's shape take it as one ``STEP`` record (``step_spec``), and
+``head`` its per-member offsets as ``HEAD_AT`` records, made once per batch size: named fields
+instead of a dozen positional integers, at the dispatch cost of one array each.
 
 CPU only. Numba compiles each kernel on its first call and caches the machine code beside this
 file (or in ``NUMBA_CACHE_DIR``), so a later process loads it in a fraction of a second.
@@ -43,6 +50,27 @@ from .simd import (
 # as in ATen's vectorised add with alpha. No nnan/ninf: an inf or nan gradient must show.
 _FLAGS = {"reassoc", "contract"}
 TILE = 2048  # floats summed in float32 before they are added to a float64 total
+# A tile's float32 sum of squares at least this large (2**-64) holds every square to float32
+# rounding: the squares that underflowed (below 2**-126 each, at most TILE of them) add less
+# than 2**-52 of it. Below it, or not finite, the tile is summed again in float64.
+SMALL_SUM = np.float32(2.0 ** -64)
+INF = np.float32(np.inf)
+UP = np.float32(2.0 ** 86)  # see sgd_step_norms
+DOWN = 2.0 ** -172  # UP ** -2
+
+# The shape of a step, for the kernels that take it: members, their batch, the width of the
+# layer below the last and the classes (``head``), the row stride of the hidden outputs in the
+# chunk buffer, the activation's ``CODES`` entry (-1: none), whether ``record_step`` takes the
+# f' statistics, leaky_relu's slope, the saturation threshold of f', and -lr.
+STEP = np.dtype([("members", np.int64), ("batch", np.int64), ("width", np.int64),
+                 ("classes", np.int64), ("row_stride", np.int64), ("code", np.int64),
+                 ("record_stats", np.int64), ("slope", np.float32), ("threshold", np.float32),
+                 ("neg_lr", np.float32)], align=True)
+# Per member, where ``head``'s blocks start in the flat buffer: the last layer's weight and
+# bias (and their gradients, at the same offsets in the gradients), its dL/dz, and the layer
+# below's dL/dz and bias gradient.
+HEAD_AT = np.dtype([("weight", np.int64), ("bias", np.int64), ("delta", np.int64),
+                    ("below_delta", np.int64), ("below_bias", np.int64)], align=True)
 
 # activation codes of ``activation_stats`` (f' as a function of the output a = f(z)): the
 # registry's ``code`` of each activation that has one
@@ -51,12 +79,57 @@ SIGMOID, TANH, RELU, LEAKY_RELU, ELU = (CODES[name] for name in (
     "sigmoid", "tanh", "relu", "leaky_relu", "elu"))
 
 
+def step_spec(members: int, batch: int, *, width: int = 0, classes: int = 0,
+              row_stride: int = 0, code: int = -1, record_stats: bool = False,
+              slope: float = 0.0, threshold: float = 0.0, neg_lr: float = 0.0) -> np.ndarray:
+    """A ``STEP`` record (a 1-element array, as the kernels take it)."""
+    return np.array([(members, batch, width, classes, row_stride, code, int(record_stats),
+                      slope, threshold, neg_lr)], dtype=STEP)
+
+
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
 def _sum_squares(x):
     total = np.float32(0.0)
     for i in range(x.shape[0]):  # range from 0: numba then knows i >= 0 and vectorises
         total += x[i] * x[i]
     return total
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _sum_squares64(x):
+    total = 0.0
+    for i in range(x.shape[0]):
+        v = np.float64(x[i])
+        total += v * v
+    return total
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _tile_squares(tile, partial):
+    """The sum of squares of ``tile`` given its float32 sum ``partial``: that sum where it holds
+    every square, else the tile summed again in float64 (see ``SMALL_SUM``)."""
+    if partial >= SMALL_SUM and partial < INF:
+        return np.float64(partial)
+    return _sum_squares64(tile)
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _squares(x):
+    """The sum of squares of the 1-d float32 array ``x``, exact down to the smallest positive
+    float32 (float64, tile by tile)."""
+    total = 0.0
+    for start in range(0, x.shape[0], TILE):
+        tile = x[start:start + TILE]
+        total += _tile_squares(tile, _sum_squares(tile))
+    return total
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def block_squares(buffer, ranges, out):
+    """``out[k]`` = the sum of squares of ``buffer[ranges[k, 0]:ranges[k, 1]]`` (float64)
+    for each row of ``ranges`` ((k, 2) int64)."""
+    for k in range(ranges.shape[0]):
+        out[k] = _squares(buffer[ranges[k, 0]:ranges[k, 1]])
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
@@ -79,7 +152,12 @@ def sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, out):
             wanted). Elements outside every block are left alone.
         deltas, delta_blocks: a 1-d float32 array and (j, 3) rows ``start, stop, out`` of blocks
             whose squared norms are wanted too (dL/dz).
-        out: 1-d float32 array of squared norms.
+        out: 1-d float64 array of squared norms, exact down to the smallest positive float32.
+
+    The weights are updated in the same loop, so a tile of them cannot be summed again: their
+    squares are also summed scaled by ``UP`` (2**86, which keeps the square of the smallest
+    positive float32 normal), and that sum serves a tile whose plain sum is below ``SMALL_SUM``
+    (every weight of it is then below 2**-32, so the scaled squares cannot overflow).
     """
     for k in range(blocks.shape[0]):
         w = params[blocks[k, 0]:blocks[k, 1]]
@@ -90,30 +168,28 @@ def sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, out):
             wt = w[start:start + TILE]
             gt = g[start:start + TILE]
             tw = np.float32(0.0)
+            scaled = np.float32(0.0)
             tg = np.float32(0.0)
             for i in range(wt.shape[0]):
                 wi = wt[i]
                 gi = gt[i]
                 tw += wi * wi
+                up = wi * UP
+                scaled += up * up
                 tg += gi * gi
                 wt[i] = wi + neg_lr * gi
-            sw += tw
-            sg += tg
+            sw += tw if tw >= SMALL_SUM else scaled * DOWN
+            sg += _tile_squares(gt, tg)
         if blocks[k, 2] >= 0:
             out[blocks[k, 2]] = sw
         if blocks[k, 3] >= 0:
             out[blocks[k, 3]] = sg
     for k in range(delta_blocks.shape[0]):
-        d = deltas[delta_blocks[k, 0]:delta_blocks[k, 1]]
-        total = 0.0
-        for start in range(0, d.shape[0], TILE):
-            total += _sum_squares(d[start:start + TILE])
-        out[delta_blocks[k, 2]] = total
+        out[delta_blocks[k, 2]] = _squares(deltas[delta_blocks[k, 0]:delta_blocks[k, 1]])
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def activation_stats(chunk, row_stride, rows, members, batch, bounds, code, threshold, slope,
-                     out, first_row):
+def activation_stats(chunk, row_stride, rows, bounds, step, out, first_row):
     """Per recorded step, member and hidden layer: the sum of f', the saturated count (f' below
     ``threshold``) and the dead count (units with no positive output in the batch).
 
@@ -121,12 +197,15 @@ def activation_stats(chunk, row_stride, rows, members, batch, bounds, code, thre
         chunk: 1-d float32 storage; step r, member m, example b holds the hidden outputs of all
             layers side by side at ``r * row_stride + (m * batch + b) * units``.
         bounds: (layers + 1,) int64 unit offsets of the layers (``bounds[-1]`` = units).
-        code: the activation (``CODES``); slope: leaky_relu's negative slope.
+        step: a ``STEP`` record: members, batch, code (the activation), threshold, slope.
         out: (steps, members, >= layers, 3) float32 array; rows ``first_row …`` are written.
 
     16 units at a time, their sums over the batch held in registers (the same additions, in
     example order, as a unit-by-unit loop), then added up per layer.
     """
+    s = step[0]
+    members, batch, code = s.members, s.batch, s.code
+    threshold, slope = s.threshold, s.slope
     layers = bounds.shape[0] - 1
     units = bounds[layers]
     one, none, k, limit = splat(1.0), zeros(), splat(slope), splat(threshold)
@@ -168,25 +247,28 @@ def activation_stats(chunk, row_stride, rows, members, batch, bounds, code, thre
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def record_step(params, grads, neg_lr, blocks, deltas, delta_blocks, norms, act, row, hidden,
-                members, batch, bounds, code, threshold, slope):
-    """A recorded step's SGD update with every norm (``sgd_step_norms``, into ``norms[row]``),
-    then, when ``code`` is not -1, the f' statistics of the hidden outputs at the start of
-    ``hidden`` (``activation_stats`` of one step, into ``act[row]``): one call, one dispatch."""
-    sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, norms[row])
-    if code >= 0:
-        activation_stats(hidden, 0, 1, members, batch, bounds, code, threshold, slope, act, row)
+def record_step(params, grads, deltas, blocks, delta_blocks, norms, act, row, hidden, bounds,
+                step):
+    """A recorded step's SGD update with every norm (``sgd_step_norms`` with ``step``'s
+    neg_lr, into ``norms[row]``), then, when ``step`` says ``record_stats``, the f' statistics
+    of the hidden outputs at the start of ``hidden`` (``activation_stats`` of one step, into
+    ``act[row]``): one call, one dispatch."""
+    sgd_step_norms(params, grads, step[0].neg_lr, blocks, deltas, delta_blocks, norms[row])
+    if step[0].record_stats:
+        activation_stats(hidden, 0, 1, bounds, step, act, row)
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def cross_entropy(logits, labels, members, batch, classes, losses, deltas, delta_at):
-    """Softmax cross-entropy of each member's batch: its mean loss into ``losses[m]`` and
-    dL/dlogits = (softmax - onehot) / batch into ``deltas`` at ``delta_at[m] + b * classes``.
+def cross_entropy(logits, labels, losses, deltas, delta_at, step):
+    """Softmax cross-entropy of each member's batch (``step``: members, batch, classes): its
+    mean loss into ``losses[m]`` and dL/dlogits = (softmax - onehot) / batch into ``deltas`` at
+    ``delta_at[m] + b * classes``.
 
-    The seven small tensor ops this replaces (log_softmax, gather, mean, exp, scatter_add, ...)
-    cost ~40 µs a step on the tutorial's net; this pass ~2 µs. Same formulas, float32 (the loss
-    summed in float64); an inf or nan logit makes the loss nan, as it does in PyTorch.
+    One pass instead of seven small tensor ops (log_softmax, gather, mean, exp, scatter_add,
+    ...), whose per-op cost dominates at this size. Same formulas, float32 (the loss summed in
+    float64); an inf or nan logit makes the loss nan, as it does in PyTorch.
     """
+    members, batch, classes = step[0].members, step[0].batch, step[0].classes
     scale = np.float32(1.0 / batch)
     for m in range(members):
         total = 0.0
@@ -334,11 +416,14 @@ def bias_grad(deltas, at, batch, width, grads, grad_at):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def backward(g, a, a_at, a_stride, out, out_at, members, batch, n, code, slope):
+def backward(g, a, a_at, out, out_at, n, step):
     """A hidden layer's dL/dz from dL/da and its output a, for each member m and example b:
-    dL/da (members, batch, n) contiguous in ``g``, a's row at ``a[a_at[m] + b * a_stride:]``,
+    dL/da (members, batch, n) contiguous in ``g``, a's row at ``a[a_at[m] + b * row_stride:]``,
     dL/dz's written at ``out[out_at[m] + b * n:]`` (``_backward_row``: the formulas of
-    PyTorch's backward kernels; one call instead of a tensor op, ~20 µs less a step)."""
+    PyTorch's backward kernels, in one call instead of a tensor op). ``step``: members, batch,
+    row_stride, code, slope."""
+    s = step[0]
+    members, batch, a_stride, code, slope = s.members, s.batch, s.row_stride, s.code, s.slope
     for m in range(members):
         for b in range(batch):
             _backward_row(g, (m * batch + b) * n, a, a_at[m] + b * a_stride, n, code, slope,
@@ -346,30 +431,34 @@ def backward(g, a, a_at, a_stride, out, out_at, members, batch, n, code, slope):
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, members, batch,
-         logits, losses, deltas, d_at, grads, dh, code, slope, prev_at, prev_bias_at, correct):
-    """The last (classifier) layer's whole step for each member m, in one pass:
+def head(hidden, h_at, params, grads, deltas, dh, labels, logits, losses, correct, at, step):
+    """The last (classifier) layer's whole step for each member m, in one pass, with ``step``
+    (members, batch, width, classes, row_stride, code, slope) and ``at`` (``HEAD_AT`` per
+    member):
 
-    * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * h_stride:]``, ``width``
-      floats; W (classes, width) and b at ``params[w_at[m]:]``, ``params[b_at[m]:]``), written
-      at ``logits[(m * batch + b) * classes:]``;
+    * logits = b + h W^T (h: example b's row at ``hidden[h_at[m] + b * row_stride:]``,
+      ``width`` floats; W (classes, width) and b at ``params[at[m].weight:]``,
+      ``params[at[m].bias:]``), written at ``logits[(m * batch + b) * classes:]``;
     * the softmax cross-entropy: mean loss into ``losses[m]``, dL/dlogits into ``deltas`` at
-      ``d_at[m]`` (as ``cross_entropy``); ``correct[m]`` counts the examples whose first
+      ``at[m].delta`` (as ``cross_entropy``); ``correct[m]`` counts the examples whose first
       largest logit (``argmax``'s) is their label;
     * gW = delta^T h and gb = sum of delta at the same offsets in ``grads`` as W and b in
       ``params``;
     * dL/dh = delta W into ``dh[(m * batch + b) * width:]``, for the layer below's backward;
       or, when ``code`` is not -1 (h is the output of that activation, ``CODES``), that
-      layer's dL/dz itself, into ``deltas`` at ``prev_at[m] + b * width``, and its bias
-      gradient (their sum over the batch) into ``grads`` at ``prev_bias_at[m]``.
+      layer's dL/dz itself, into ``deltas`` at ``at[m].below_delta + b * width``, and its bias
+      gradient (their sum over the batch) into ``grads`` at ``at[m].below_bias``.
 
-    With 10 classes these are ~0.2 MFLOP each, where a tensor op's own cost is most of the time:
-    PyTorch takes six ops (~40 µs a step on the tutorial's net), this pass ~10 µs.
+    With 10 classes these products are tiny, and a tensor op's own cost would be most of their
+    time: one pass replaces PyTorch's six ops.
     """
+    s = step[0]
+    members, batch, width, classes = s.members, s.batch, s.width, s.classes
+    h_stride, code, slope = s.row_stride, s.code, s.slope
     scale = np.float32(1.0 / batch)
     row = np.zeros(classes + 3, np.float32)  # the logits' dot products
     for m in range(members):
-        w0, b0, d0 = w_at[m], b_at[m], d_at[m]
+        w0, b0, d0 = at[m].weight, at[m].bias, at[m].delta
         total_loss = 0.0
         for b in range(batch):  # logits and dL/dlogits, example by example
             h0 = h_at[m] + b * h_stride
@@ -410,6 +499,6 @@ def head(hidden, h_at, h_stride, width, params, w_at, b_at, classes, labels, mem
             _combine(deltas, d0 + b * classes, 1, classes, params, w0, width, width, dh, g0)
             if code >= 0:
                 _backward_row(dh, g0, hidden, h_at[m] + b * h_stride, width, code, slope,
-                              deltas, prev_at[m] + b * width)
+                              deltas, at[m].below_delta + b * width)
         if code >= 0:
-            bias_grad(deltas, prev_at[m], batch, width, grads, prev_bias_at[m])
+            bias_grad(deltas, at[m].below_delta, batch, width, grads, at[m].below_bias)

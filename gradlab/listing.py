@@ -1,0 +1,72 @@
+"""The run listing of ``gradlab ls``: one row per run, and one line per damaged or unfinished
+run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from . import store
+from .validate import Damaged, check_run
+
+LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
+              "epochs", "final_test_accuracy", "note")
+
+
+def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """The runs of a results folder (one row each, LS_COLUMNS) and one line per damaged or
+    unfinished run (``gradlab.validate.check_run``). Raises StoreError if ``path`` is not a
+    results folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise store.StoreError(f"{path} is not a gradlab results folder: no such folder")
+    rows, problems = [], []
+    for rd in store.run_dirs(path):
+        name = rd.name if rd.parent.name == store.RUNS else str(rd)
+        if not (rd / "config.json").exists() and not (rd / "status.json").exists():
+            problems.append(f"{name}: no config.json (a run that never started); skipped")
+            continue
+        try:
+            meta = store.read_run_meta(rd)
+        except Damaged as e:
+            problems.append(f"{name}: {e}; skipped")
+            continue
+        if meta["status"] == "unfinished":
+            problems.append(f"{name}: no status.json (unfinished run)")
+        else:
+            _, damage = check_run(rd)
+            if damage:
+                problems.append(f"{name}: {'; '.join(damage)}; skipped (a sweep trains it "
+                                f"again)")
+                continue
+        rows.append(row(meta))
+    table = pd.DataFrame(rows, columns=list(LS_COLUMNS))
+    if not table.empty:
+        table = table.sort_values(["depth", "widths", "activation", "init", "lr", "seed",
+                                   "run_id"], kind="stable", ignore_index=True)
+    return table, problems
+
+
+def row(meta: dict) -> dict:
+    """A run's row of the listing; the final accuracy only of complete runs (not e.g. that of
+    an epoch before a run diverged)."""
+    note = ""
+    if meta["status"] == "diverged":
+        note = f"diverged at step {meta['diverged_step']}"
+    elif meta["status"] == "failed":
+        note = str(meta.get("error") or "")
+    out = {**{k: meta.get(k) for k in LS_COLUMNS}, "note": note}
+    if meta["status"] != "complete":
+        out["final_test_accuracy"] = None
+    return out
+
+
+def format_runs(table: pd.DataFrame) -> str:
+    """The listing as aligned text, accuracy in percent."""
+    text = table.copy()
+    text["final_test_accuracy"] = [
+        "" if v is None or v != v else f"{v:.2%}" for v in table["final_test_accuracy"]]
+    text = text.rename(columns={"final_test_accuracy": "test_acc"})
+    return text.to_string(index=False)

@@ -1,0 +1,112 @@
+"""Figures 1 and 4: a quantity per layer from input to output, one panel per depth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ..tables import SIGMOID_BOUND, per_run
+from .frames import (
+    check_columns,
+    facet_column,
+    finite,
+    first_epoch,
+    hidden_rows,
+    most_runs,
+    run_notes,
+    steps_text,
+    with_runs,
+)
+from .layout import diverged_handle, facets, finish, layer_axis, mark_diverged
+from .style import (
+    BOOT_SEED,
+    CI,
+    LAYER_LABEL,
+    NORM_LABELS,
+    hue_colors,
+    mean_text,
+    palette_of,
+    paper_style,
+)
+
+
+def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, ylabel,
+                 hue_order=None, bound=None, bound_label=None) -> Figure:
+    """Figures 1 and 4: ``y`` per run and layer (mean over the steps of ``epoch``), then its mean
+    over seeds with a bootstrap CI, per ``hue``, one panel per ``col``. ``title`` is completed
+    with how the runs are averaged."""
+    data = with_runs(data)
+    hue, col = facet_column(data, hue), facet_column(data, col)
+    check_columns(data, x, y)
+    with paper_style():
+        rows, notes = finite(first_epoch(data, epoch), y, log=log)
+        profile = per_run(rows, [x], y, hue, col)
+        if profile.empty:
+            raise ValueError(f"no finite {y} values to draw")
+        colors = palette_of(profile, hue, hue_order)
+        facet = facets(profile, None, col, sharex=False, sharey=True)
+        diverged = False
+        for ax, _, _, part in facet.panels:
+            if log:
+                ax.set_yscale("log")  # before drawing: seaborn then averages log values
+            if not part.empty:
+                sns.lineplot(part, x=x, y=y, **hue_colors(hue, colors), marker="o",
+                             markersize=3, markeredgewidth=0, errorbar=errorbar, seed=seed,
+                             legend=False, ax=ax)
+                diverged |= mark_diverged(ax, part, x, y)
+            if bound is not None:
+                ax.axhline(bound, ls="--", lw=0.8, color="0.35", zorder=0)
+            ax.set(xlabel="", ylabel="")
+            layer_axis(ax, part[x])
+        extra = [] if bound is None else [
+            Line2D([], [], ls="--", lw=0.8, color="0.35", label=bound_label)]
+        runs = most_runs(profile, [hue, col, x])
+        fig = finish(facet, f"{title}; {mean_text(log, errorbar, runs)}",
+                     [*run_notes(data), *notes], xlabel=LAYER_LABEL, ylabel=ylabel,
+                     legend=colors, legend_title=hue or "",
+                     extra=extra + ([diverged_handle()] if diverged else []))
+    return fig
+
+
+def grad_norm_by_layer(data: pd.DataFrame, *, x: str = "layer", y: str = "grad_weight_norm",
+                       hue: str = "activation", col: str = "depth", epoch: int | None = 1,
+                       errorbar=CI, seed: int = BOOT_SEED,
+                       hue_order: Sequence | None = None) -> Figure:
+    """Figure 1: gradient norm by layer from input to output (log y), hue = activation, one
+    panel per depth.
+
+    Args:
+        data: the ``grads`` frame of ``gradlab.load`` (or of ``gradlab.watch``: a facet whose
+            column is missing is not drawn).
+        y: a norm column (``grad_weight_norm``, ``grad_output_norm``, ...).
+        epoch: per run and layer, ``y`` is averaged over the recorded steps of this epoch
+            (None, or a frame without epochs: all steps); then the geometric mean over seeds
+            is drawn with a bootstrap CI (``errorbar``, seaborn's ``seed``).
+    """
+    label = NORM_LABELS.get(y, y)
+    return layer_figure(data, x=x, y=y, hue=hue, col=col, epoch=epoch, log=True,
+                        errorbar=errorbar, seed=seed, hue_order=hue_order,
+                        title=f"Gradient norm by layer: per run the mean over "
+                              f"{steps_text(data, epoch)}",
+                        ylabel=f"gradient norm {label}")
+
+
+def act_grad_by_layer(data: pd.DataFrame, *, x: str = "layer", y: str = "act_grad_mean",
+                      hue: str = "activation", col: str = "depth", epoch: int | None = 1,
+                      errorbar=CI, seed: int = BOOT_SEED,
+                      hue_order: Sequence | None = None) -> Figure:
+    """Figure 4: the measured attenuation, mean f′(z) per hidden layer, against the sigmoid
+    bound 0.25 (dashed). Averaging as in ``grad_norm_by_layer`` (arithmetic over seeds); the
+    output layer has no activation and is left out."""
+    check_columns(data, x)
+    return layer_figure(hidden_rows(with_runs(data), x), x=x, y=y, hue=hue, col=col,
+                        epoch=epoch, log=False, errorbar=errorbar, seed=seed,
+                        hue_order=hue_order, bound=SIGMOID_BOUND,
+                        bound_label=f"max σ′ = {SIGMOID_BOUND}",
+                        title=f"Mean f′ per hidden layer: per run the mean over "
+                              f"{steps_text(data, epoch)}",
+                        ylabel="mean f′(z) over units and batch")

@@ -1,0 +1,86 @@
+"""Figure 3: the vanishing ratio ‖g_first‖/‖g_last‖ against depth, with the tutorial's
+0.25^(depth−1) bound."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from ..tables import SIGMOID_BOUND, vanishing_ratios
+from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
+from .layout import facets, fit, set_title
+from .style import BOOT_SEED, CI, DIVERGED_COLOR, hue_colors, mean_text, palette_of, paper_style
+
+
+def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing_ratio",
+                    hue: str = "activation", ax: Axes | None = None, errorbar=CI,
+                    seed: int = BOOT_SEED, hue_order: Sequence | None = None) -> Axes:
+    """Figure 3: the vanishing ratio ‖g_first‖/‖g_last‖ against depth per ``hue`` (log y): the
+    geometric mean over seeds with a bootstrap CI, each run as a dot (diverged runs as ×), and
+    the tutorial's 0.25^(depth−1) bound dashed.
+
+    Args:
+        data: the ``grads`` frame of ``gradlab.load`` (or of ``gradlab.watch``), or
+            ``gradlab.tables.vanishing_ratios(grads)``.
+        ax: the Axes to draw on, with the legend on it; None draws a figure of its own, the
+            legend under the axes (``ax.figure`` is the figure of ``gradlab plot``).
+
+    Returns the Axes.
+    """
+    ratios = data if y in data.columns else vanishing_ratios(data)
+    if ax is None:
+        with paper_style():
+            facet = facets(ratios, None, None, panel_height=1.9)
+            ax = vanishing_ratio(ratios, x=x, y=y, hue=hue, ax=facet.panels[0][0],
+                                 errorbar=errorbar, seed=seed, hue_order=hue_order)
+            legend = ax.get_legend()
+            handles, title = legend.legend_handles, legend.get_title().get_text()
+            legend.remove()
+            fit(facet, handles, title)
+        return ax
+    hue = facet_column(ratios, hue)
+    check_columns(ratios, x, y)
+    with paper_style():
+        shown, notes = finite(ratios, y, log=True)
+        colors = palette_of(shown, hue, hue_order)
+        ax.set_yscale("log")
+        sns.lineplot(shown, x=x, y=y, **hue_colors(hue, colors), marker="o", markersize=4,
+                     markeredgewidth=0, errorbar=errorbar, seed=seed, ax=ax, legend=False)
+        for level, color in (colors or {None: hue_colors(None, {})["color"]}).items():
+            runs = shown if level is None else shown[shown[hue] == level]
+            ax.scatter(runs[x], runs[y], s=6, color=color, alpha=0.45, linewidths=0, zorder=3)
+        handles = [Line2D([], [], color=c, marker="o", markersize=3, label=str(k))
+                   for k, c in colors.items()]
+        if "status" in shown.columns and (shown["status"] == "diverged").any():
+            diverged = shown[shown["status"] == "diverged"]
+            ax.scatter(diverged[x], diverged[y], marker="x", s=18, color=DIVERGED_COLOR,
+                       zorder=4)
+            handles.append(Line2D([], [], ls="", marker="x", color=DIVERGED_COLOR,
+                                  label="diverged run"))
+        depths = np.arange(int(shown[x].min()), int(shown[x].max()) + 1) if len(shown) else []
+        ax.plot(depths, SIGMOID_BOUND ** (np.asarray(depths) - 1.0), ls="--", lw=0.9,
+                color="0.3", label="bound")
+        handles.append(Line2D([], [], ls="--", color="0.3", label="0.25^(depth−1)"))
+        ax.legend(handles=handles, title=hue or "", frameon=False, fontsize=6.5, loc="best")
+        ax.set_xticks(levels(shown, x))
+        ax.set_xlabel("depth (Linear layers)")
+        ax.set_ylabel("‖∂L/∂W₀‖ / ‖∂L/∂W_last‖\n(median over steps per run)")
+        runs = most_runs(shown, [hue, x])
+        set_title(ax, f"Vanishing ratio ({mean_text(True, errorbar, runs)})",
+                  [*run_notes(ratios), *notes], width=ax.get_figure(root=True).get_figwidth())
+    return ax
+
+
+vanishing_ratio_plot = vanishing_ratio  # its former name, kept for existing code
+
+
+def vanishing_figure(ratios: pd.DataFrame, hue: str = "activation",
+                     hue_order: Sequence | None = None) -> Figure:
+    """Figure 3 as a single-column figure, its legend under the axes rather than on the data."""
+    return vanishing_ratio(ratios, hue=hue, hue_order=hue_order).get_figure(root=True)

@@ -1,0 +1,78 @@
+"""The summary table of a sweep: final test accuracy and vanishing ratio per configuration,
+mean and sd over seeds (printed by ``gradlab sweep`` and ``gradlab figures``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable
+
+import pandas as pd
+
+from . import store
+
+
+def summary_table(results: store.Results, by: list[str] | None = None) -> pd.DataFrame:
+    """Final test accuracy and vanishing ratio per configuration, mean and sd over seeds.
+
+    The per-run numbers are those of the figures and the report (``gradlab.plots``): the final
+    test accuracy of complete runs, and the vanishing ratio, the median over recorded steps of
+    grad_weight_norm(layer 0) / grad_weight_norm(layer depth-1), of complete and diverged runs.
+
+    Args:
+        results: ``store.load(out)``.
+        by: the config columns that make a configuration; default: activation, depth, and
+            any other config (seed excepted) that varies across the runs.
+
+    Returns one row per configuration: the ``by`` columns, ``seeds`` (complete runs),
+    ``diverged``, ``failed``, ``test_accuracy_mean``, ``test_accuracy_sd``,
+    ``vanishing_ratio_mean``, ``vanishing_ratio_sd`` (an sd is NaN for a single seed).
+    """
+    from .tables import final_accuracy_table, table_keys, vanishing_ratios
+
+    if results.runs.empty or results.epochs.empty:
+        return pd.DataFrame()
+    by = list(by or table_keys(results.runs))
+    table = final_accuracy_table(results.epochs, results.runs, by=by).rename(
+        columns={"mean": "test_accuracy_mean", "sd": "test_accuracy_sd"})
+    if results.grads.empty:
+        return table.assign(vanishing_ratio_mean=math.nan, vanishing_ratio_sd=math.nan)
+    ratios = vanishing_ratios(results.grads).groupby(by, sort=True, dropna=False)
+    ratios = ratios["vanishing_ratio"].agg(vanishing_ratio_mean="mean", vanishing_ratio_sd="std")
+    return table.merge(ratios.reset_index(), on=by, how="left")
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """The summary table as text: ``91.30% ± 0.40`` and ``1.2e-03 ± 3e-04``."""
+    if table.empty:
+        return "no finished runs to summarise"
+
+    def pm(mean: float, sd: float, fmt: Callable[[float], str]) -> str:
+        if mean != mean:
+            return "n/a"
+        return fmt(mean) if sd != sd else f"{fmt(mean)} ± {fmt(sd)}"
+
+    text = table.drop(columns=[c for c in table.columns if c.endswith(("_mean", "_sd"))])
+    for column in ("diverged", "failed"):  # only worth a column when there are some
+        if column in text and not text[column].any():
+            text = text.drop(columns=column)
+    text["test accuracy"] = [pm(m, s, lambda v: f"{v:.2%}") for m, s in
+                             zip(table["test_accuracy_mean"], table["test_accuracy_sd"])]
+    text["vanishing ratio"] = [pm(m, s, lambda v: f"{v:.3g}") for m, s in
+                               zip(table["vanishing_ratio_mean"], table["vanishing_ratio_sd"])]
+    return text.to_string(index=False)
+
+
+def sweep_summary(out: str | os.PathLike, run_ids: Iterable[str]) -> pd.DataFrame:
+    """``summary_table`` of the given runs of a results folder (other runs there are ignored)."""
+    with warnings.catch_warnings():  # damaged runs are named by the sweep itself
+        warnings.simplefilter("ignore")
+        results = store.load(out)
+    keep = set(run_ids)
+
+    def subset(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["run_id"].isin(keep)] if "run_id" in frame else frame
+
+    return summary_table(store.Results(subset(results.grads), subset(results.epochs),
+                                       subset(results.runs), results.problems))

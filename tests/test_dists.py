@@ -1,0 +1,152 @@
+"""Distribution records (gradlab.dists): each statistic equals torch.quantile / torch.histc
+computed directly on the same tensors (taken independently by autograd), recording them changes
+no loss, and they are stored and loaded as a tidy frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gradlab import dists as dmod
+from gradlab.config import ConfigError, make_config
+from gradlab.dists import QUANTILES, DistributionRecorder, histogram, quantile_sample
+from gradlab.models import build_mlp
+from gradlab.train import batch_loss, train
+
+
+def reference_tensors(model, x, y):
+    """Activations, dL/dz and dL/dW of each Linear, by autograd without any hook."""
+    zs, acts, h = [], [], x
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    for i, linear in enumerate(linears):
+        z = linear(h)
+        z.retain_grad()
+        zs.append(z)
+        h = z if i == len(linears) - 1 else model[2 * i + 1](z)
+        if i < len(linears) - 1:
+            acts.append(h.detach())
+    F.cross_entropy(h, y).backward()
+    return acts, [z.grad for z in zs], [m.weight.grad.clone() for m in linears]
+
+
+def test_stats_equal_torch_quantile_and_histc():
+    torch.manual_seed(0)
+    model = build_mlp((784, 40, 30, 10), "tanh")
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    acts, gouts, gws = reference_tensors(model, x, y)
+    model.zero_grad(set_to_none=True)
+    with DistributionRecorder(model, [0], bins=20) as rec:
+        assert rec.begin_step(0)
+        F.cross_entropy(model(x), y).backward()
+        rec.after_backward()
+        frame = rec.flush(epoch=1)
+    expected = {"activation": acts, "grad_output": gouts, "grad_weight": gws}
+    levels = torch.tensor(QUANTILES)
+    for quantity, tensors in expected.items():
+        rows = frame[frame["quantity"] == quantity]
+        assert sorted(rows["layer"].unique()) == list(range(len(tensors)))
+        lo = min(t.min().item() for t in tensors)
+        hi = max(t.max().item() for t in tensors)
+        for layer, t in enumerate(tensors):
+            mine = rows[rows["layer"] == layer]
+            q = mine[mine["stat"] == "quantile"].sort_values("q")
+            np.testing.assert_allclose(q["q"], QUANTILES)
+            np.testing.assert_allclose(q["value"], torch.quantile(t.flatten(), levels).numpy(),
+                                       rtol=1e-6, atol=0)
+            counts = mine[mine["stat"] == "count"].sort_values("bin_lo")
+            ref = torch.histc(t.flatten(), bins=20, min=lo, max=hi)
+            np.testing.assert_array_equal(counts["value"].to_numpy(), ref.numpy())
+            assert counts["value"].sum() == t.numel()
+            assert counts["bin_lo"].iloc[0] == pytest.approx(lo, rel=1e-6)
+            assert counts["bin_hi"].iloc[-1] == pytest.approx(hi, rel=1e-6)
+            mean = mine.loc[mine["stat"] == "mean", "value"].item()
+            std = mine.loc[mine["stat"] == "std", "value"].item()
+            assert mean == pytest.approx(t.double().mean().item(), rel=1e-9, abs=1e-15)
+            assert std == pytest.approx(t.double().std().item(), rel=1e-9)
+    assert (frame["epoch"] == 1).all()
+    assert set(frame["layer_name"]) == {"fc0", "fc1", "fc2"}
+    assert not frame.map(lambda v: isinstance(v, (list, np.ndarray))).any().any()  # tidy
+
+
+def test_histogram_matches_histc_at_the_edges_and_skips_outside_and_nan():
+    x = torch.tensor([0.0, 0.1, 0.5, 0.99999, 1.0, 1.5, -0.2, float("nan")])
+    counts = histogram(x, torch.tensor(0.0), torch.tensor(1.0), 4)
+    ref = torch.histc(x[~x.isnan()], bins=4, min=0.0, max=1.0)
+    np.testing.assert_array_equal(counts.numpy(), ref.numpy())
+
+
+def test_large_tensors_are_sampled_deterministically(monkeypatch):
+    monkeypatch.setattr(dmod, "MAX_QUANTILE_INPUT", 1000)
+    x = torch.arange(2500.0)
+    sample = quantile_sample(x)
+    assert len(sample) <= 1000 and torch.equal(sample, x[::3])
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_recording_distributions_changes_no_loss(tiny_data, activation):
+    base = dict(depth=4, width=32, activation=activation, epochs=2, batch_size=64, lr=0.1,
+                seed=3)
+    off = train(make_config(**base), data=tiny_data, device="cpu")
+    on = train(make_config(**base, dist_every=2), data=tiny_data, device="cpu")
+    assert off.dists.empty
+    pd.testing.assert_frame_equal(off.grads, on.grads)
+    pd.testing.assert_frame_equal(off.epochs.drop(columns="seconds"),
+                                  on.epochs.drop(columns="seconds"))
+    steps = sorted(on.dists["step"].unique())
+    assert steps == list(range(0, on.steps, 2))
+    assert set(on.dists["epoch"]) == {1, 2}
+
+
+def test_log_spaced_schedule_and_store_roundtrip(tiny_data, tmp_path):
+    from gradlab.store import begin_run, finish_run, load
+
+    config = make_config(depth=3, width=16, epochs=1, batch_size=16, dist_every=1,
+                         dist_log_spaced=True)
+    result = train(config, data=tiny_data, device="cpu")
+    assert sorted(result.dists["step"].unique()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13,
+                                                     14]
+    path = begin_run(tmp_path, config, "cpu")
+    finish_run(path, result)
+    loaded = load(tmp_path)
+    assert len(loaded.dists) == len(result.dists)
+    assert {"run_id", "depth", "activation", "quantity", "stat", "q", "value"} <= set(
+        loaded.dists.columns)
+    # a run without distributions has no dists.parquet, and loads with an empty frame
+    other = make_config(depth=3, width=16, epochs=1, batch_size=16, seed=1)
+    finish_run(begin_run(tmp_path / "b", other, "cpu"), train(other, data=tiny_data,
+                                                               device="cpu"))
+    assert not (tmp_path / "b" / "runs" / other.run_id() / "dists.parquet").exists()
+    assert load(tmp_path / "b").dists.empty
+
+
+def test_new_options_validate_and_keep_old_run_ids():
+    same = make_config(depth=3, dist_every=0, criterion="cross_entropy", dist_log_spaced=False)
+    assert make_config(depth=3).run_id() == same.run_id()
+    assert make_config(dist_every=5).run_id() != make_config().run_id()
+    assert make_config(criterion="sigmoid_bce").run_id() != make_config().run_id()
+    with pytest.raises(ConfigError, match="dist_every"):
+        make_config(dist_every=-1)
+    with pytest.raises(ConfigError, match="criterion='mse' is invalid"):
+        make_config(criterion="mse")
+    with pytest.raises(ConfigError, match="engine='fused' is invalid: dist_every=10 needs"):
+        make_config(engine="fused", dist_every=10)
+    with pytest.raises(ConfigError, match="criterion='sigmoid_bce' needs"):
+        make_config(engine="fused", criterion="sigmoid_bce")
+
+
+def test_sigmoid_bce_is_network2s_cross_entropy_cost():
+    """Nielsen's CrossEntropyCost: sum over outputs of -y ln a - (1-y) ln(1-a), a = sigmoid(z),
+    averaged over the examples; its dC/dz is (a - y) / n."""
+    torch.manual_seed(0)
+    z = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 9, 3, 1])
+    target = F.one_hot(y, 10).double()
+    a = torch.sigmoid(z)
+    cost = (-(target * a.log()) - (1 - target) * (1 - a).log()).sum() / 5
+    loss = batch_loss("sigmoid_bce", z, y)
+    assert loss.item() == pytest.approx(cost.item(), rel=1e-12)
+    loss.backward()
+    np.testing.assert_allclose(z.grad.numpy(), ((a - target) / 5).detach().numpy(), rtol=1e-10)

@@ -1,0 +1,206 @@
+"""Every fault a clear line (issue 17): SIGTERM is handled as Ctrl-C, Ctrl-C during start-up
+gives no traceback, an unreachable Ray cluster is one line in bounded time, ``gradlab train``
+takes the run lock a sweep takes, and a path name too long is one line.
+
+Signals go to real processes, started with SIGINT and SIGTERM at their defaults (a test runner
+started in the background inherits SIGINT ignored). The moments come from a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gradlab.cli import cli
+from gradlab.config import expand_grid
+from gradlab.locks import run_lock
+from gradlab.sweep import run_sweep
+
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "32", "--epochs", "60",
+        "--train-sizes", "512"]
+INTERRUPTED = "Interrupted: finished runs are kept; run the same command again to resume."
+
+
+def default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def gradlab(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gradlab", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals, **kwargs)
+
+
+def lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {p.parent.name: json.loads(p.read_text())["status"]
+            for p in (out / "runs").glob("*/status.json")}
+
+
+def wait_for_a_finished_run(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not ((out / "runs").is_dir() and statuses(out)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no run finished in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_a_sweep_as_ctrl_c_does(fake_mnist, tmp_path, jobs):
+    """SIGTERM to the sweep alone (as ``timeout`` or a scheduler sends it): the Interrupted
+    line, exit 143, the finished runs kept, no leaked semaphores, no process left."""
+    out = tmp_path / "sweep"
+    proc = gradlab("sweep", *GRID, "-j", jobs, "--data-dir", fake_mnist, "--out", out)
+    wait_for_a_finished_run(proc, out)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert lines(stderr)[-1] == INTERRUPTED, stderr
+    for word in ("Traceback", "leaked", "Error", "Terminated"):
+        assert word not in stderr, stderr
+    assert stdout == ""
+    kept = statuses(out)
+    assert 1 <= len(kept) < 4 and set(kept.values()) == {"complete"}
+    again = CliRunner().invoke(cli, ["sweep", *GRID, "-j", "1", "--data-dir", str(fake_mnist),
+                                     "--out", str(out)])
+    assert again.exit_code == 0 and f"{len(kept)} already finished" in again.stderr
+
+
+def test_sigterm_stops_train_as_ctrl_c_does(fake_mnist, tmp_path):
+    out = tmp_path / "train"
+    proc = gradlab("train", "--depth", 3, "--width", 64, "--epochs", 200, "--train-size", 512,
+                   "--data-dir", fake_mnist, "--out", out)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("runs/*/config.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside training
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and lines(stderr)[-1] == INTERRUPTED, stderr
+    assert "Traceback" not in stderr
+    assert statuses(out) == {}  # the run stays unfinished: the next command trains it
+
+
+def python_start_up_seconds() -> float:
+    """How long the interpreter takes to start here (before any gradlab code can run)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_is_one_line(finished_folder, signum):
+    """Ctrl-C or SIGTERM while the command is still importing: no traceback, one line."""
+    start = python_start_up_seconds()
+    rng = random.Random(17 + signum)
+    for _ in range(6):
+        proc = gradlab("ls", finished_folder)
+        time.sleep(start + rng.uniform(0.0, 0.3))
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+        if proc.returncode != 0:  # else it ended before the signal
+            assert proc.returncode == 128 + signum, stderr
+            assert len(lines(stderr)) == 1 and "Interrupted" in stderr, stderr
+
+
+@pytest.fixture(scope="module")
+def finished_folder(fake_mnist, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "res"
+    r = CliRunner().invoke(cli, ["sweep", "--depths", "2", "--widths", "8", "--epochs", "1",
+                                 "--train-sizes", "64", "--data-dir", str(fake_mnist), "--out",
+                                 str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_an_unreachable_ray_cluster_is_one_line_in_bounded_time(fake_mnist, tmp_path):
+    pytest.importorskip("ray")
+    t0 = time.monotonic()
+    proc = gradlab("sweep", "--depths", "2", "--widths", "8", "--epochs", "1", "--train-sizes",
+                   "64", "--executor", "ray", "--ray-address", "127.0.0.1:1", "--data-dir",
+                   fake_mnist, "--out", tmp_path / "o")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode != 0 and stdout == ""
+    (line,) = lines(stderr)
+    assert line.startswith("Error: cannot reach a Ray cluster at 127.0.0.1:1"), stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_train_takes_the_run_lock(fake_mnist, tmp_path):
+    """A second process on the same config says "running elsewhere" and trains nothing."""
+    args = ["--depth", "2", "--width", "8", "--epochs", "1", "--train-size", "64"]
+    (config,) = expand_grid({"depth": 2, "width": 8, "epochs": 1, "train_size": 64})
+    out = tmp_path / "o"
+    (out / "runs").mkdir(parents=True)
+    with run_lock(out, config.run_id()) as locked:
+        assert locked
+        r = CliRunner().invoke(cli, ["train", *args, "--data-dir", str(fake_mnist), "--out",
+                                     str(out)])
+    assert r.exit_code == 1
+    (line,) = lines(r.output)
+    assert config.run_id() in line and "running elsewhere" in line and "nothing trained" in line
+    assert not (out / "runs" / config.run_id()).exists()
+    r = CliRunner().invoke(cli, ["train", *args, "--data-dir", str(fake_mnist), "--out",
+                                 str(out), "-q"])
+    assert r.exit_code == 0 and statuses(out) == {config.run_id(): "complete"}
+
+
+LONG = "x" * 300  # over the 255 bytes a path component may have
+
+
+@pytest.mark.parametrize("args", [
+    ["sweep", "--depths", "2", "--widths", "8", "--epochs", "1", "--train-sizes", "64",
+     "--out", "{tmp}/" + LONG],
+    ["train", "--depth", "2", "--width", "8", "--epochs", "1", "--train-size", "64",
+     "--out", "{tmp}/" + LONG + "/o"],
+    ["train", "--depth", "2", "--width", "8", "--epochs", "1", "--data-dir", "{tmp}/" + LONG],
+    ["plot", "{tmp}/" + LONG],
+    ["report", "{tmp}/" + LONG],
+    ["ls", "{tmp}/" + LONG],
+    ["figures", "{tmp}/" + LONG + ".toml"],
+])
+def test_a_path_name_too_long_is_one_line(fake_mnist, tmp_path, args):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(fake_mnist)] if args[0] in ("train", "sweep") else []
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    (line,) = lines(r.output)
+    assert line.startswith("Error:") and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_on_progress_reports_every_run_inline_and_from_pool_workers(fake_mnist, tmp_path):
+    """run_sweep's on_progress is called in this process for runs trained here and in worker
+    processes, ending at (steps, steps) for each run."""
+    configs = expand_grid({"depth": [2, 3], "width": 8, "epochs": 1, "train_size": 128})
+    for jobs in (1, 2):
+        calls: list[tuple[str, int, int]] = []
+        out = tmp_path / f"j{jobs}"
+        result = run_sweep(configs, out, jobs=jobs, data_dir=str(fake_mnist),
+                           on_progress=lambda *call, calls=calls: calls.append(call))
+        assert result.ok
+        for config in configs:
+            mine = [(done, total) for run_id, done, total in calls if run_id == config.run_id()]
+            steps = json.loads((out / "runs" / config.run_id() / "status.json").read_text())
+            assert mine and mine[-1] == (steps["steps"], steps["steps"]), (jobs, calls)
+            assert [d for d, _ in mine] == sorted(d for d, _ in mine)
