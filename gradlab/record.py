@@ -112,9 +112,10 @@ def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = Fals
     return steps[steps < total_steps]
 
 
-def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
-    """Write the 2-norm of each tensor into the 1-d ``out`` (None: NaN), exact down to the
-    smallest positive float32 (see the module docstring)."""
+def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
+               extra: tuple[torch.Tensor, ...] = ()) -> None:
+    """Write the 2-norm of each tensor (None: NaN), then the 0-d ``extra`` values, into the
+    1-d ``out``; norms exact down to the smallest positive float32 (see the module docstring)."""
     real = [t for t in tensors if t is not None]
     kind = out.device.type
     if kind == "cpu":
@@ -123,13 +124,31 @@ def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
         norms = [_scaled_norm(t) for t in real]
     else:
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]
-    found = iter(norms)
-    nan = out.new_full((), math.nan)
-    torch.stack([nan if t is None else next(found) for t in tensors], out=out)
-    if kind == "cpu":  # reading a CPU tensor waits for nothing
-        for i, value in enumerate(out.tolist()):
-            if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
-                out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    if len(real) < len(tensors):
+        nan = norms[0].new_full((), math.nan) if norms else out.new_full((), math.nan)
+        found = iter(norms)
+        norms = [nan if t is None else next(found) for t in tensors]
+    if kind != "cpu":
+        torch.stack([*norms, *extra], out=out)
+        return
+    # stacked in their own dtype, then copied: a stack that converts is several times slower
+    values = torch.stack([*norms, *extra], out=_scratch(len(norms) + len(extra), norms, extra))
+    out.copy_(values)
+    for i, value in enumerate(values.tolist()):  # a CPU tensor: no device to wait for
+        if i < len(tensors) and not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+            out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(size: int, norms, extra) -> torch.Tensor:
+    """A reused 1-d tensor for ``norms_into``'s stack (no allocation per recorded step)."""
+    first = norms[0] if norms else extra[0]
+    key = (size, first.dtype, first.device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = first.new_empty(size)
+    return _SCRATCH[key]
 
 
 def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
@@ -276,8 +295,9 @@ class GradientRecorder:
     def _reset_step(self) -> None:
         n = len(self.linears)
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
-        self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive somewhere
+        if not self._plain:  # the plain MLP's statistics are taken per chunk
+            self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
+            self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive anywhere
         self._step_numel = np.zeros(n)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -417,10 +437,11 @@ class GradientRecorder:
         if self._read:  # the parameters' norms are in already
             norms_into(row[:n], outputs)
             norms_into(row[3 * n:4 * n], self._weights)
-        else:
-            norms_into(row[:4 * n], outputs + self._param_grads() + self._weights)  # one call
-        if loss is not None:
-            row[4 * n] = loss.detach()
+            if loss is not None:
+                row[4 * n] = loss.detach()
+        else:  # one fused norm, one stack
+            loss = self._nan if loss is None else loss.detach()
+            norms_into(row, outputs + self._param_grads() + self._weights, (loss,))
         self._store_stats()
         self._numel.append(self._step_numel)
         self._prepare_update(n)
