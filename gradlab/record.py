@@ -134,8 +134,11 @@ def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
     # stacked in their own dtype, then copied: a stack that converts is several times slower
     values = torch.stack([*norms, *extra], out=_scratch(len(norms) + len(extra), norms, extra))
     out.copy_(values)
-    for i, value in enumerate(values.tolist()):  # a CPU tensor: no device to wait for
-        if i < len(tensors) and not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+    found = values.tolist()[:len(tensors)]  # a CPU tensor: no device to wait for
+    if found and TRUSTED_NORM <= min(found) and sum(found) < math.inf:  # (NaN fails too)
+        return
+    for i, value in enumerate(found):
+        if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
             out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
 
 
