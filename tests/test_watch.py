@@ -339,3 +339,22 @@ def test_watching_does_not_change_training(kind):
 
     for a, b in zip(trained(True), trained(False), strict=True):
         assert torch.equal(a, b)
+
+
+def test_figure_functions_draw_a_watch_frame():
+    from gradlab import plots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, OUT))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    with gradlab.watch(model, opt, log_every=2) as rec:
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    frame = rec.flush()
+    for figure in (plots.grad_norm_by_layer, plots.act_grad_by_layer,
+                   plots.grad_norm_over_steps, plots.saturation_over_steps):
+        assert figure(frame).axes
