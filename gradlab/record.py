@@ -112,30 +112,68 @@ def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = Fals
     return steps[steps < total_steps]
 
 
-def exact_norms(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """The 2-norm of each tensor (None stays None), exact down to the smallest positive float32
-    (see the module docstring)."""
+def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
+               extra: tuple[torch.Tensor, ...] = ()) -> None:
+    """Write the 2-norm of each tensor (None: NaN), then the 0-d ``extra`` values, into the
+    1-d ``out``; norms exact down to the smallest positive float32 (see the module docstring)."""
     real = [t for t in tensors if t is not None]
-    if not real:
-        return list(tensors)
-    device = real[0].device
-    if device.type == "cpu":
-        norms = compat.foreach_norm(real)
-        for i, value in enumerate(torch.stack(norms).tolist()):
-            if not TRUSTED_NORM <= value < math.inf:
-                norms[i] = torch.linalg.vector_norm(real[i], dtype=torch.float64)
-    elif device.type == "mps":
+    kind = out.device.type
+    if kind == "cpu":
+        norms = compat.foreach_norm(real) if real else []
+    elif kind == "mps":
         norms = [_scaled_norm(t) for t in real]
     else:
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]
-    found = iter(norms)
-    return [None if t is None else next(found) for t in tensors]
+    if len(real) < len(tensors):
+        nan = norms[0].new_full((), math.nan) if norms else out.new_full((), math.nan)
+        found = iter(norms)
+        norms = [nan if t is None else next(found) for t in tensors]
+    if kind != "cpu":
+        torch.stack([*norms, *extra], out=out)
+        return
+    # stacked in their own dtype, then copied: a stack that converts is several times slower
+    values = torch.stack([*norms, *extra], out=_scratch(len(norms) + len(extra), norms, extra))
+    out.copy_(values)
+    found = values.tolist()[:len(tensors)]  # a CPU tensor: no device to wait for
+    if found and TRUSTED_NORM <= min(found) and sum(found) < math.inf:  # (NaN fails too)
+        return
+    for i, value in enumerate(found):
+        if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+            out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(size: int, norms, extra) -> torch.Tensor:
+    """A reused 1-d tensor for ``norms_into``'s stack (no allocation per recorded step)."""
+    first = norms[0] if norms else extra[0]
+    key = (size, first.dtype, first.device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = first.new_empty(size)
+    return _SCRATCH[key]
+
+
+def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
+    """The 2-norm of each tensor as ``norms_into`` takes it, on the host (None: NaN)."""
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    out = torch.empty(len(tensors), dtype=dtype, device=device)
+    norms_into(out, tensors)
+    return out.tolist()
 
 
 def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
     largest = t.abs().amax()
     scaled = torch.linalg.vector_norm(t / largest) * largest
     return torch.where(largest > 0, scaled, largest)
+
+
+def _per_unit_sum(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum over everything but the unit axis (``axis``: -1 for features, 1 for channels)."""
+    if axis == -1 or axis == t.dim() - 1:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+    return t.reshape(t.shape[0], t.shape[1], -1).sum((0, 2))
 
 
 def _is_plain_mlp(model: nn.Module, linears: list[nn.Module], activation) -> bool:
@@ -223,6 +261,8 @@ class GradientRecorder:
         self._bias_params = [b if isinstance(b, torch.Tensor) else None for _, b in params]
         self._weights = [w.detach() for w in self._weight_params]  # aliases, no autograd
         self._prev: list[torch.Tensor] | None = None  # weight snapshot
+        self._group_of: dict[int, dict] = {}
+        self._group_count = -1
         self._optimizer = optimizer
         self.applied_updates = applied_updates
         self._plain = _is_plain_mlp(model, self.linears, activation)
@@ -243,8 +283,8 @@ class GradientRecorder:
         self._order: list[int] = []  # recorded modules by first call in the forward pass
         self._recorded: list[int] = []
         self._numel: list[np.ndarray] = []  # per recorded row: elements of z per layer
-        self._update_mode: list[np.ndarray] = []  # per row and layer: how update_ratio is known
-        self._update_scale: list[np.ndarray] = []  # ...and the factor (lr) its norm is scaled by
+        self._update_mode: list[list[int]] = []  # per row and layer: how update_ratio is known
+        self._update_scale: list[list[float]] = []  # ...and the factor (lr) its norm is scaled by
         self._row = -1
         self._hidden: list[torch.Tensor | None] = [None] * max(n - 1, 0)
         self._reset_step()
@@ -258,10 +298,10 @@ class GradientRecorder:
     def _reset_step(self) -> None:
         n = len(self.linears)
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
-        self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive somewhere
+        if not self._plain:  # the plain MLP's statistics are taken per chunk
+            self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
+            self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive anywhere
         self._step_numel = np.zeros(n)
-        self._param_norms: list[torch.Tensor | None] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> GradientRecorder:
@@ -306,17 +346,25 @@ class GradientRecorder:
     def _layer_stats(self, index: int, z: torch.Tensor) -> None:
         """Add one call's f' statistics of a layer (any shape, units on its unit axis)."""
         act = self.activations[index]
-        fp = act.derivative(z)
-        saturated = ((fp < SATURATION * act.max_derivative).sum() if act.saturating
-                     else fp.new_zeros(()))
-        sums = torch.stack([fp.sum(), saturated.to(fp.dtype)])
-        axis = self._axes[index] % z.dim()
-        positive = z.amax(dim=[d for d in range(z.dim()) if d != axis]) > 0
+        if act.relu_family:
+            # f' is 1 where z > 0, else the slope (0 for relu): a count of positives says all
+            positives = _per_unit_sum(z > 0, self._axes[index])
+            count = positives.sum().to(z.dtype)
+            slope = 0.0 if act.name == "relu" else act.derivative(z.new_tensor(-1.0)).item()
+            total = count if slope == 0 else count * (1 - slope) + slope * z.numel()
+            sums = torch.stack([total, torch.zeros_like(total)])
+            positive = positives > 0
+        else:
+            fp = act.derivative(z)
+            saturated = ((fp < SATURATION * act.max_derivative).sum().to(fp.dtype)
+                         if act.saturating else fp.new_zeros(()))
+            sums, positive = torch.stack([fp.sum(), saturated]), None
         if self._sums[index] is None:
             self._sums[index], self._positive[index] = sums, positive
         else:
             self._sums[index] = self._sums[index] + sums
-            self._positive[index] = self._positive[index] | positive
+            if positive is not None:
+                self._positive[index] = self._positive[index] | positive
         self._step_numel[index] += z.numel()
 
     # -- buffers -------------------------------------------------------------------------------
@@ -366,7 +414,8 @@ class GradientRecorder:
         this was called for the step: ``watch`` calls it as the last ``.grad`` is accumulated,
         before any clipping)."""
         if self._active:
-            self._param_norms = exact_norms(self._param_grads())
+            n = len(self.linears)
+            norms_into(self._norms[self._row, n:3 * n], self._param_grads())
             self._read = True
 
     def _param_grads(self) -> list[torch.Tensor | None]:
@@ -384,44 +433,41 @@ class GradientRecorder:
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
-        n, nan = len(self.linears), self._nan
-        flat = [g for grads in self._grad_out for g in grads]
-        params = [] if self._read else self._param_grads()
-        norms = exact_norms(flat + params + self._weights)  # one fused call
-        if not self._read:
-            self._param_norms = norms[len(flat):len(flat) + 2 * n]
-        values = [*self._output_norms(norms[:len(flat)]), *self._param_norms,
-                  *norms[-n:]]
-        values.append(nan if loss is None else loss.detach())
-        values = [nan if v is None else v for v in values]
-        torch.stack(values, out=self._norms[self._row])
+        n, row = len(self.linears), self._norms[self._row]
+        outputs = [grads[0] if len(grads) == 1 else  # several calls: their norm together
+                   torch.cat([g.reshape(-1) for g in grads]) if grads else None
+                   for grads in self._grad_out]
+        if self._read:  # the parameters' norms are in already
+            norms_into(row[:n], outputs)
+            norms_into(row[3 * n:4 * n], self._weights)
+            if loss is not None:
+                row[4 * n] = loss.detach()
+        else:  # one fused norm, one stack
+            loss = self._nan if loss is None else loss.detach()
+            norms_into(row, outputs + self._param_grads() + self._weights, (loss,))
         self._store_stats()
         self._numel.append(self._step_numel)
         self._prepare_update(n)
         self._pending_update = True
 
-    def _output_norms(self, norms: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Per layer, the norm of dL/dz over all its calls (None: its hooks never fired)."""
-        found = iter(norms)
-        out = []
-        for grads in self._grad_out:
-            parts = [next(found) for _ in grads]
-            if len(parts) > 1:
-                parts = [torch.stack(parts).square().sum().sqrt()]
-            out.append(parts[0] if parts else None)
-        return out
+    def _groups(self) -> dict[int, dict]:
+        """The optimizer's parameter group of each parameter (by id), rebuilt when groups
+        are added."""
+        groups = self._optimizer.param_groups if self._optimizer is not None else []
+        if len(groups) != self._group_count:
+            self._group_of = {id(p): g for g in groups for p in g["params"]}
+            self._group_count = len(groups)
+        return self._group_of
 
     def _prepare_update(self, n: int) -> None:
-        groups = {} if self._optimizer is None else {
-            id(p): g for g in self._optimizer.param_groups for p in g["params"]}
-        plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
+        plans = [_update_plan(self._optimizer, w, self._groups()) for w in self._weight_params]
         self._plans = plans
-        modes = np.array([mode for mode, _, _ in plans])
-        self._update_mode.append(modes)
-        self._update_scale.append(np.array([lr for _, lr, _ in plans], dtype=np.float64))
+        self._update_mode.append([mode for mode, _, _ in plans])
+        self._update_scale.append([lr for _, lr, _ in plans])
         needs_before = self.applied_updates or any(
             mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
-                                  and group["nesterov"]) for mode, _, group in plans)
+                                  and (group["nesterov"] or group["momentum"] == 0))
+            for mode, _, group in plans)
         self._snapshot = needs_before
         if needs_before:
             if self._prev is None:
@@ -452,12 +498,10 @@ class GradientRecorder:
                 prev = self._prev[i] if self._snapshot else None
                 tensors.append(None if weight.grad is None
                                else _sgd_direction(weight, prev, group, state))
-        norms = exact_norms(tensors)
-        if any(t is not None for t in norms):
-            torch.stack([self._nan if t is None else t for t in norms],
-                        out=self._update[self._row])
+        if any(t is not None for t in tensors):
+            norms_into(self._update[self._row], tensors)
         if self.applied_updates:
-            torch.stack(exact_norms(deltas), out=self._applied[self._row])
+            norms_into(self._applied[self._row], deltas)
         self._recorded_grads = []
 
     # -- activation statistics -----------------------------------------------------------------
@@ -467,8 +511,10 @@ class GradientRecorder:
             return
         for i, sums in enumerate(self._sums):
             if sums is not None:
-                dead = (~self._positive[i]).sum().to(sums.dtype)
-                torch.cat([sums, dead[None]], out=self._act[self._row, i])
+                positive = self._positive[i]
+                dead = (sums[1] if positive is None  # zero: not a relu-family layer
+                        else positive.numel() - positive.sum().to(sums.dtype))
+                torch.stack([sums[0], sums[1], dead], out=self._act[self._row, i])
 
     def _store_hidden(self) -> None:
         """The plain MLP's activations, kept for their statistics a chunk of steps at a time."""
@@ -529,7 +575,10 @@ class GradientRecorder:
         scales = np.array(self._update_scale, dtype=np.float64).reshape(rows, n)
         numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
         steps = self._recorded[:rows]
-        self._recorded, self._numel, self._row = [], [], -1  # an unfinished step is dropped
+        # a step begun and not yet read (flush inside a step) moves to the next flush's row 0;
+        # an update not yet measured (flush before after_update) stays empty
+        self._recorded, self._numel = self._recorded[rows:], []
+        self._row, self._pending_update = len(self._recorded) - 1, False
         self._update_mode, self._update_scale = [], []
         for buffer in (self._norms, self._update, self._applied, self._act):
             buffer.fill_(math.nan)

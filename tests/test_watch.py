@@ -2,6 +2,7 @@
 ``torch.autograd.grad`` w.r.t. each module's outputs and parameters, f' from z by autograd, the
 update from weight snapshots."""
 
+import contextlib
 import copy
 from collections import defaultdict
 
@@ -164,7 +165,8 @@ def reference(model, names, kinds, activations, x, y):
             fp = torch.cat(fps).double()
             row["act_grad_mean"] = fp.mean().item()
             if act.saturating:
-                row["saturated_frac"] = (fp < SATURATION * act.max_derivative).double().mean().item()
+                saturated = fp < SATURATION * act.max_derivative
+                row["saturated_frac"] = saturated.double().mean().item()
             if act.relu_family:
                 row["dead_frac"] = (~torch.stack(positive).any(0)).double().mean().item()
         rows[name] = row
@@ -291,3 +293,68 @@ def test_modules_by_name_predicate_and_bad_filters():
         gradlab.watch(model, opt, modules=(nn.Conv2d, nn.Linear), activations={"1": "relu"})
     with pytest.raises(ValueError, match="not a torch.optim optimizer"):
         gradlab.watch(model, object())
+
+
+def test_flush_at_epoch_ends_numbers_epochs_and_keeps_a_step_in_progress():
+    torch.manual_seed(0)
+    model = build_mlp((IN, 8, OUT), "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    frames = []
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for _epoch in range(2):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            frames.append(rec.flush())
+        loss = F.cross_entropy(model(x), y)  # a step begun before a flush...
+        assert len(rec.flush()) == 0
+        loss.backward()
+        opt.step()  # ...is recorded whole by the next one
+        frames.append(rec.flush())
+    assert [sorted(f["step"].unique()) for f in frames] == [[0, 1], [2, 3], [4]]
+    assert [f["epoch"].unique().tolist() for f in frames] == [[1], [2], [4]]
+    assert frames[2]["grad_output_norm"].notna().all()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "encoder", "shared"])
+def test_watching_does_not_change_training(kind):
+    make, shape, given, modules, _ = MODELS[kind]
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(BATCH, *shape, generator=g),
+                torch.randint(0, OUT, (BATCH,), generator=g)) for _ in range(3)]
+
+    def trained(watched):
+        torch.manual_seed(0)
+        model = make()
+        opt = sgd(model)
+        with (gradlab.watch(model, opt, log_every=1, activations=given, modules=modules,
+                            applied_updates=True) if watched else contextlib.nullcontext()):
+            for x, y in batches:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(trained(True), trained(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_figure_functions_draw_a_watch_frame():
+    from gradlab import plots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, OUT))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    with gradlab.watch(model, opt, log_every=2) as rec:
+        for _ in range(6):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    frame = rec.flush()
+    for figure in (plots.grad_norm_by_layer, plots.act_grad_by_layer,
+                   plots.grad_norm_over_steps, plots.saturation_over_steps):
+        assert figure(frame).axes
