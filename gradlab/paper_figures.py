@@ -185,6 +185,8 @@ def draw_paper_figure(name: str, results) -> Figure:
         col = col if col == "setup" else ("activation" if dists["activation"].nunique() > 1
                                           else None)
         quantity = name.rsplit("_", 1)[0]
+        if quantity == "grad_output":  # hidden layers, as Glorot's Fig. 7: the output's
+            dists = dists[dists["layer"] < dists["depth"] - 1]  # softmax error is another scale
         if name.endswith("_histograms"):
             return dist_histograms(dists, quantity=quantity, col=col)
         return dist_percentiles(dists, quantity=quantity, col=col)
