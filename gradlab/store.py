@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from .config import CONFIG_FIELDS, ConfigError, RunConfig, make_config
 
 RUNS = "runs"
-FILES = ("config.json", "grads.parquet", "epochs.parquet", "dists.parquet", "status.json")
+FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
+OPTIONAL_FILES = ("dists.parquet",)  # only runs that record distributions (dist_every > 0)
 
 
 class StoreError(RuntimeError):
@@ -154,7 +155,7 @@ def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = 
     """Clear a stale run folder and write its config.json (the status file comes last)."""
     path = run_dir(out, config.run_id())
     path.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
+    for name in (*FILES, *OPTIONAL_FILES):
         (path / name).unlink(missing_ok=True)
     write_json(path / "config.json", {
         "run_id": config.run_id(),
