@@ -17,10 +17,11 @@ column         meaning
 ``value``      the statistic
 =============  ================================================================================
 
-A step's histograms share their bins across layers (from the smallest to the largest value of
-that quantity over the layers), so the layers of one step overlay on one axis as in Glorot's
-figures. Quantiles are ``torch.quantile``'s (linear interpolation) over all entries; a tensor
-larger than ``torch.quantile`` accepts is sampled with a fixed stride (deterministic).
+Each histogram spans its own tensor's finite range at that step (in 50 equal bins), so that a
+layer whose values are a hundred times smaller than its neighbours' (vanishing gradients) is
+still resolved; the layers of one step overlay on one axis as densities. Quantiles are
+``torch.quantile``'s (linear interpolation) over all entries; a tensor larger than
+``torch.quantile`` accepts is sampled with a fixed stride (deterministic).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def histogram(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) ->
     index = torch.where(inside, index, torch.zeros_like(index)).long()
     counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
     return counts.scatter_add_(0, index, inside.long())
+
+
+def finite_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest finite entry of ``x`` (device tensors), widened to [lo, lo + 1]
+    where they are equal (a histogram of one value)."""
+    inf = torch.tensor(math.inf, device=x.device, dtype=x.dtype)
+    lo = torch.where(x.isfinite(), x, inf).amin()
+    hi = torch.where(x.isfinite(), x, -inf).amax()
+    return lo, torch.where(hi > lo, hi, lo + 1)
 
 
 def summary(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -144,32 +154,22 @@ class DistributionRecorder:
                            dtype=torch.float64, device=device)
         counts = torch.zeros((n, len(QUANTITIES), self.bins), dtype=torch.int64,
                              device=device)
-        edges = torch.full((len(QUANTITIES), 2), math.nan, dtype=torch.float64,
+        edges = torch.full((n, len(QUANTITIES), 2), math.nan, dtype=torch.float64,
                            device=device)
         present = np.zeros((n, len(QUANTITIES)), dtype=bool)  # known on the host: no sync
         for k, tensors in enumerate(per_quantity):
-            tensors_k = [(i, t.detach()) for i, t in enumerate(tensors) if t is not None]
-            if not tensors_k:
-                continue
-            lo, hi = self._edges([t for _, t in tensors_k])
-            edges[k, 0], edges[k, 1] = lo, hi
-            for i, t in tensors_k:
+            for i, t in enumerate(tensors):
+                if t is None:
+                    continue
+                t = t.detach()
+                lo, hi = finite_range(t)
+                edges[i, k, 0], edges[i, k, 1] = lo, hi
                 stats[i, k] = summary(t, self._levels)
                 counts[i, k] = histogram(t, lo, hi, self.bins)
                 present[i, k] = True
         self._buffer.append((self._step, stats, counts, edges, present))
         self._inputs, self._grad_out = [None] * n, [None] * n
         self._step = None
-
-    @staticmethod
-    def _edges(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The finite range of a quantity over the layers, widened where it is a point."""
-        inf = torch.tensor(math.inf, device=tensors[0].device)
-        lo = torch.stack([torch.where(t.isfinite(), t, inf).amin() for t in tensors]).amin()
-        hi = torch.stack([torch.where(t.isfinite(), t, -inf).amax() for t in tensors]).amax()
-        lo, hi = lo.double(), hi.double()
-        hi = torch.where(hi > lo, hi, lo + 1)
-        return lo.to(tensors[0].dtype), hi.to(tensors[0].dtype)
 
     def flush(self, epoch: int = 0) -> pd.DataFrame:
         """The buffered steps as a tidy frame (see the module docstring); empties the buffer."""
@@ -186,7 +186,7 @@ class DistributionRecorder:
 
 def dists_frame(steps, epoch, stats, counts, edges, present, names) -> pd.DataFrame:
     """Tidy rows from arrays of shape (steps, layers, quantities, stats|bins), the edges
-    (steps, quantities, 2) and which (step, layer, quantity) was recorded (``present``)."""
+    (steps, layers, quantities, 2) and which (step, layer, quantity) was recorded (``present``)."""
     n_steps, n_layers, n_q, n_stats = stats.shape
     labels = [("quantile", q) for q in QUANTILES] + [(m, math.nan) for m in _MOMENTS]
     frames = []
@@ -202,7 +202,8 @@ def dists_frame(steps, epoch, stats, counts, edges, present, names) -> pd.DataFr
             [range(n_steps), range(n_layers), range(bins)], names=["s", "layer", "j"])
         hist = pd.DataFrame({"value": counts[:, :, k, :].reshape(-1).astype(np.float64)},
                             index=index).reset_index()
-        lo, hi = edges[hist["s"], k, 0], edges[hist["s"], k, 1]
+        lo = edges[hist["s"], hist["layer"], k, 0]
+        hi = edges[hist["s"], hist["layer"], k, 1]
         width = (hi - lo) / bins
         hist["stat"], hist["q"] = "count", math.nan
         hist["bin_lo"] = lo + hist["j"] * width

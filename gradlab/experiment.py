@@ -202,7 +202,8 @@ def build(
     figures = write_figures(out, experiment.formats, standard) if standard else []
     papers = [n for n in experiment.only or () if n in PAPER_FIGURES]
     figures += write_paper_figures(results, out, papers, experiment.formats)
-    digest = records_digest([results.grads, results.epochs, results.dists])
+    digest = records_digest([results.grads, results.epochs]
+                            + ([results.dists] if not results.dists.empty else []))
     manifest = {
         "experiment": experiment.name,
         "spec": experiment.path.name,

@@ -44,13 +44,24 @@ def panel_grid(n: int, title: str) -> tuple[Figure, list]:
     return fig, list(axes.flat[:n])
 
 
+def hidden_rows(data: pd.DataFrame) -> pd.DataFrame:
+    """The rows of hidden layers (all but each run's last layer; ``depth`` where joined in)."""
+    if "depth" in data.columns:
+        return data[data["layer"] < data["depth"] - 1]
+    last = data.groupby("run_id")["layer"].transform("max") if "run_id" in data else \
+        data["layer"].max()
+    return data[data["layer"] < last]
+
+
 def first_runs(data: pd.DataFrame, col: str | None) -> pd.DataFrame:
     """Per panel, the rows of its run with the lowest seed (a histogram is one run's)."""
+    if "run_id" not in data.columns:
+        return data
     keys = [col] if col and col in data.columns else []
     order = ["seed", "run_id"] if "seed" in data.columns else ["run_id"]
     runs = data.drop_duplicates("run_id").sort_values([*keys, *order])
     chosen = runs.groupby(keys, sort=True).head(1)["run_id"] if keys else runs["run_id"].head(1)
-    return data[data["run_id"].isin(set(chosen))] if "run_id" in data.columns else data
+    return data[data["run_id"].isin(set(chosen))]
 
 
 def dist_histograms(data: pd.DataFrame, *, quantity: str = "activation", step: int = 0,
@@ -117,9 +128,11 @@ def speed_of_learning(grads: pd.DataFrame, *, y: str = "grad_bias_norm", step: i
                       hue: str = "depth") -> Figure:
     """Nielsen's "speed of learning" ‖∂C/∂b‖ of each hidden layer at ``step``, one line per
     ``hue`` (network), mean over seeds with each seed's value as a dot."""
-    rows = grads[(grads["step"] == step) & (grads["layer"] < grads["depth"] - 1)]
+    rows = hidden_rows(grads[grads["step"] == step])
     if rows.empty:
         raise ValueError(f"no records at step {step}")
+    if hue not in rows.columns:
+        rows = rows.assign(**{hue: "all"})
     fig, axes = panel_grid(1, f"Speed of learning ‖∂C/∂b‖ of each hidden layer at step {step}")
     ax = axes[0]
     colors = palette(sorted(rows[hue].unique()))
@@ -186,6 +199,8 @@ def draw_paper_figure(name: str, results) -> Figure:
         col = col if col == "setup" else ("activation" if dists["activation"].nunique() > 1
                                           else None)
         quantity = name.rsplit("_", 1)[0]
+        if quantity == "grad_output":  # hidden layers, as Glorot's Fig. 7: the output's
+            dists = hidden_rows(dists)  # softmax error is on another scale
         if name.endswith("_histograms"):
             return dist_histograms(dists, quantity=quantity, col=col)
         return dist_percentiles(dists, quantity=quantity, col=col)

@@ -48,9 +48,8 @@ def test_stats_equal_torch_quantile_and_histc():
     for quantity, tensors in expected.items():
         rows = frame[frame["quantity"] == quantity]
         assert sorted(rows["layer"].unique()) == list(range(len(tensors)))
-        lo = min(t.min().item() for t in tensors)
-        hi = max(t.max().item() for t in tensors)
         for layer, t in enumerate(tensors):
+            lo, hi = t.min().item(), t.max().item()
             mine = rows[rows["layer"] == layer]
             q = mine[mine["stat"] == "quantile"].sort_values("q")
             np.testing.assert_allclose(q["q"], QUANTILES)
@@ -150,3 +149,40 @@ def test_sigmoid_bce_is_network2s_cross_entropy_cost():
     assert loss.item() == pytest.approx(cost.item(), rel=1e-12)
     loss.backward()
     np.testing.assert_allclose(z.grad.numpy(), ((a - target) / 5).detach().numpy(), rtol=1e-10)
+
+
+def test_cli_dist_every_and_criterion(tmp_path, fake_mnist):
+    from click.testing import CliRunner
+
+    from gradlab.cli import cli
+    from gradlab.store import load
+
+    args = ["train", "--depth", "3", "--width", "8", "--epochs", "1", "--train-size", "128",
+            "--data-dir", str(fake_mnist), "--out", str(tmp_path), "--device", "cpu"]
+    r = CliRunner().invoke(cli, [*args, "--dist-every", "3", "--criterion", "sigmoid_bce"])
+    assert r.exit_code == 0, r.output
+    results = load(tmp_path)
+    assert sorted(results.dists["step"].unique()) == [0]  # 2 steps of 64: step 0 only
+    assert (results.runs["criterion"] == "sigmoid_bce").all()
+    r = CliRunner().invoke(cli, [*args, "--engine", "fused", "--dist-every", "3"])
+    assert r.exit_code != 0
+    assert "dist_every=3 needs engine 'autograd'" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_paper_figures_draw_frames_without_facet_columns(tiny_data):
+    import matplotlib.pyplot as plt
+
+    from gradlab.paper_figures import dist_histograms, dist_percentiles, speed_of_learning
+
+    result = train(make_config(depth=4, width=16, epochs=1, dist_every=4), data=tiny_data,
+                   device="cpu")
+    bare = result.dists.drop(columns=["layer_name"])  # no run_id, setup, depth or seed
+    for fig in (dist_histograms(bare, quantity="grad_output", col="setup"),
+                dist_percentiles(bare, col=None)):
+        assert len(fig.axes[0].lines) >= 3  # a line per layer (and its percentiles)
+        plt.close(fig)
+    fig = speed_of_learning(result.grads.drop(columns=["layer_name"], errors="ignore"),
+                            hue="depth")
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3]  # the three hidden layers
+    plt.close(fig)
