@@ -204,9 +204,18 @@ def ratio_cell(row) -> str:
     return f"{ratio_text(row.geo_mean)}{spread} (n={row.runs}){diverged}"
 
 
+VANISHING_TITLE = "<h2>Vanishing ratio ‖g<sub>first</sub>‖ / ‖g<sub>last</sub>‖</h2>"
+
+
 def vanishing_section(data: Prepared) -> str:
     if data.ratios.empty:
         return ""
+    if "depth" not in data.runs:  # e.g. a watched model of the user's: no depth to group by
+        per_run = pd.DataFrame({"run": data.ratios["run_id"], "vanishing ratio": [
+            ratio_text(v) for v in data.ratios["vanishing_ratio"]]})
+        return (VANISHING_TITLE + "<p class='note'>Per run: ‖∂L/∂W‖ of its first layer over "
+                "that of its last recorded layer at each recorded step, then the median over "
+                "steps.</p>" + html_table(per_run))
     table = vanishing_table(data.ratios)
     cells = pd.Series([ratio_cell(r) for r in table.itertuples()])
     wide = by_depth(table, cells).astype(object)  # the bound row below has no setup values
@@ -214,8 +223,8 @@ def vanishing_section(data: Prepared) -> str:
     first = wide.columns[0]
     wide = pd.concat([wide, pd.DataFrame([{first: "0.25^(depth−1) bound", **bound}])],
                      ignore_index=True)
-    return ("<h2>Vanishing ratio ‖g<sub>first</sub>‖ / ‖g<sub>last</sub>‖</h2>"
-            "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
+    return (VANISHING_TITLE
+            + "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
             "recorded step, then the median over steps. Shown: the geometric mean over seeds "
             "[min, max] (n runs; for one run, its ratio), and the tutorial's bound "
             "0.25<sup>depth−1</sup> (σ′ ≤ 0.25 per sigmoid layer). Far below 1: the input "
@@ -241,11 +250,11 @@ def figures_section(drawn: dict) -> str:
 
 def runs_section(data: Prepared) -> str:
     runs = data.runs
-    keys = [k for k in table_keys(runs) if k in runs.columns]
+    keys = [k for k in (*table_keys(runs), "seed") if k in runs.columns]
     ratios = data.ratios.set_index("run_id")["vanishing_ratio"] if not data.ratios.empty \
         else pd.Series(dtype=float)
-    frame = runs.sort_values([*keys, "seed", "run_id"], kind="stable")
-    table = frame[["run_id", *keys, "seed", "status"]].copy()
+    frame = runs.sort_values([*keys, "run_id"], kind="stable")
+    table = frame[["run_id", *keys, "status"]].copy()
     # only a complete run has a final accuracy (a diverged one may have stored the accuracy of
     # an epoch before it diverged; the accuracy table leaves such runs out too)
     table["final test accuracy (%)"] = [

@@ -91,7 +91,11 @@ def steps_text(data: pd.DataFrame, epoch: int | None) -> str:
 
 
 def levels(data: pd.DataFrame, column: str | None) -> list:
-    return [] if column is None else sorted(data[column].dropna().unique().tolist())
+    """The sorted values of ``column``; none where the frame lacks it (e.g. a watched model's
+    runs have no activation or depth)."""
+    if column is None or column not in data:
+        return []
+    return sorted(data[column].dropna().unique().tolist())
 
 
 def most_runs(data: pd.DataFrame, by: Sequence[str | None]) -> int:
