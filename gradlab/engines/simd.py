@@ -2,7 +2,7 @@
 
 Numba vectorises simple loops over arrays, but an accumulator that must stay in registers while an
 outer loop walks a list of rows (``acc += v[k] * W[row[k]]``) ends up in memory: each step then
-loads and stores it, ~4x slower on the CPUs measured. ``f32x16`` values are SSA values of LLVM's
+loads and stores it (several times slower: ``benchmarks/RESULTS.md``). ``f32x16`` values are SSA values of LLVM's
 ``<16 x float>``: ``load`` and ``store`` move 16 consecutive floats of a 1-d float32 array
 (unaligned, no bounds check), ``splat`` repeats a scalar, ``fma`` is ``a * b + c`` rounded once;
 ``load_first`` / ``store_first`` touch only a row's last, partial vector; ``add``, ``sub``,
