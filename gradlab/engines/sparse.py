@@ -11,11 +11,11 @@ then
 * ``weight_grad``: ``gW^T[p] = sum over the examples b where pixel p is nonzero of x[b, p]
   delta[b]``, from the same nonzeros listed by pixel (``by_column``).
 
-The weights are stored transposed (input-major), so a pixel's weights are one contiguous row;
-both kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST
-they take a fraction of the time of MKL's dense products (``benchmarks/RESULTS.md``); listing
-the nonzeros both ways is done in the thread that gathers the batches. The sums equal the dense products' up to float rounding (the additions come in another
-order).
+The weights are stored transposed (input-major), so a pixel's weights are one contiguous row; both
+kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST they take a
+fraction of the time of MKL's dense products (``benchmarks/RESULTS.md``); listing the nonzeros both
+ways is done in the thread that gathers the batches. The sums equal the dense products' up to float
+rounding (the additions come in another order).
 
 Arrays are 1-d float32 (or int64) with explicit offsets, so one call serves every member of a
 stacked engine and any row stride of the output.
