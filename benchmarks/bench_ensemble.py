@@ -140,7 +140,8 @@ def main() -> None:
     print(text)
     if args.write:
         steps = f"_steps{args.steps}" if args.steps else ""
-        common.write_section(f"bench_ensemble_threads{args.threads}{steps}", text)
+        gpu = "_gpu" if torch.cuda.is_available() and not args.no_gpu else ""  # its own section
+        common.write_section(f"bench_ensemble_threads{args.threads}{steps}{gpu}", text)
 
 
 if __name__ == "__main__":

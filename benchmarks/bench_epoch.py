@@ -186,7 +186,8 @@ def main() -> None:
     text = run(args)
     print(text)
     if args.write:
-        common.write_section(f"bench_epoch_threads{args.threads}", text)
+        gpu = "_gpu" if torch.cuda.is_available() and not args.no_gpu else ""  # its own section
+        common.write_section(f"bench_epoch_threads{args.threads}{gpu}", text)
 
 
 if __name__ == "__main__":

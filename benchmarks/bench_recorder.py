@@ -212,7 +212,8 @@ def main() -> None:
     text = run(args)
     print(text)
     if args.write:
-        common.write_section("bench_recorder", text)
+        device = "" if args.device == "cpu" else f"_{args.device}"  # its own section
+        common.write_section(f"bench_recorder{device}", text)
 
 
 if __name__ == "__main__":

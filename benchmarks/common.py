@@ -131,18 +131,21 @@ def command_line() -> str:
 
 # The two ways gradlab trains one run (``gradlab train --engine …``): ``autograd`` (the default:
 # autograd, torch.optim and the hook GradientRecorder) and ``fused`` (the stacked engine with one
-# member, recording folded into the SGD pass by gradlab.fused; what train_ensemble stacks).
+# member, recording folded into the SGD pass by gradlab.engines.fused; what train_ensemble
+# stacks).
 PATHS = ("autograd", "fused")
-PATH_NOTE = ("`autograd`: `train(config, engine=\"autograd\")` (the default), autograd + "
-             "`torch.optim` + the hook `GradientRecorder`; `fused`: `train(config, "
-             "engine=\"fused\")`, the stacked engine (`gradlab/stacked.py`) with one member, its "
-             "recording folded into the SGD pass and its last layer's step done in one pass by "
-             "`gradlab/fused.py`, its first layer's products over the nonzero pixels only "
-             "(`gradlab/sparse.py`).")
+PATH_NOTE = (
+    "`autograd`: `RunConfig.engine=\"autograd\"` (the default), autograd + `torch.optim` + "
+    "the hook `GradientRecorder`; `fused`: `RunConfig.engine=\"fused\"`, the stacked engine "
+    "(`gradlab/engines/stacked.py`) with one member, its recording folded into the SGD pass and "
+    "its last layer's step done in one pass by `gradlab/engines/fused.py`, its first layer's "
+    "products over the nonzero pixels only (`gradlab/engines/sparse.py`).")
 
 
 def train_path(path: str, config, data, device):
     """One run of ``config`` by ``path`` (see PATHS)."""
+    import dataclasses
+
     from gradlab.train import train
 
-    return train(config, data=data, device=device, engine=path)
+    return train(dataclasses.replace(config, engine=path), data=data, device=device)

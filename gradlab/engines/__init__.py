@@ -4,7 +4,9 @@ The core (``gradlab.train``) imports an engine only when a run's config names it
 (``RunConfig.engine``): ``fused`` is ``members.train_one``. Modules:
 
 * ``stacked``: ``StackedMLP``, members of one architecture trained in lockstep by a hand-written
-  backward pass on one flat buffer, recording the same columns as ``GradientRecorder``;
+  backward pass on one flat buffer, recording the same columns as ``GradientRecorder``; made of
+  ``layout`` (the flat buffer, its blocks' norms, the per-batch views), ``optim`` (SGD, Adam and
+  clipping on the buffer) and ``recording`` (the recorded rows, flushed to frames);
 * ``fused``, ``sparse``, ``simd``: numba kernels for it on a CPU (the SGD update with the norms,
   the classifier layer in one pass, a first layer that skips zero pixels; a 16-float vector type);
 * ``batches``: batches gathered ahead in a worker thread, into reused buffers;

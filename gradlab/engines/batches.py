@@ -8,7 +8,7 @@ import os
 
 
 def nonzero_fraction(x, limit: int = 1 << 20) -> float:
-    """The fraction of nonzero entries among the first ``limit`` of a tensor (~1 ms): enough to
+    """The fraction of nonzero entries among the first ``limit`` of a tensor (cheap): enough to
     tell a dataset of mostly background (MNIST: 0.19) from a dense one (standardized: 1.0)."""
     import torch
 
@@ -31,7 +31,7 @@ _worker: tuple[int, object] | None = None  # (pid, executor): the gather thread,
 
 def _gather_worker():
     """One thread for every ``gather_batches`` of this process, started on first use: a new
-    thread costs ~5 ms before its first gather (torch's per-thread setup). Made again in a
+    thread costs milliseconds before its first gather (torch's per-thread setup). Made again in a
     forked child, which inherits the executor but not its thread."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -50,7 +50,7 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
     with a core that torch's threads leave free (``threaded`` None), the next group is gathered
     in a worker thread while the caller trains on this one (the first group, which the caller
     waits for, has only ``FIRST_STEPS``). Randomly ordered rows of a 188 MB array come from
-    main memory at ~50 µs a step, which the second core then hides; the values are the same
+    main memory, a wait that the second core then hides; the values are the same
     either way.
 
     ``prepare(rows, slot, shapes)``, if given, runs on each group's gathered rows (2-d: its
@@ -60,7 +60,7 @@ def gather_batches(x, y, indices: list, threaded: bool | None = None, prepare=No
 
     ``buffers``: two slots (``[None, None]`` at first; pass the same list again, e.g. each
     epoch) for the gathered x, used in turn and kept: no new memory per group, whose first touch
-    costs page faults (~2x the gather's time). A batch's x then stays valid only until the
+    costs page faults (more than the gather itself). A batch's x then stays valid only until the
     generator has moved two groups on: for loops that are done with a batch when they ask for
     the next.
     """

@@ -6,12 +6,10 @@ keeps its own initialisation and its own seeded batch order, so its records equa
 trained alone with ``gradlab.train.train`` up to float rounding.
 
 On a CPU the products of a small net already run near the matmul peak, and stacking many members
-pushes their weights and gradients out of the core's caches. Measured on the tutorial's net (1.1 MB
-of weights and gradients a member), six seeds took 0.91 s one at a time, 0.92 s in pairs, 0.83 s in
-threes and 0.81 s all six together (300 steps each); with whole epochs, 2.08 s in threes and 2.03 s
-together. So on a CPU the runs are trained in groups whose weights and gradients fit
-``CPU_GROUP_BYTES`` (a part of the last-level cache), one group after another; on a GPU, all
-together.
+pushes their weights and gradients out of the core's caches (the tutorial's net holds 1.1 MB of
+them a member; group sizes measured in ``benchmarks/RESULTS.md``). So on a CPU the runs are
+trained in groups whose weights and gradients fit ``CPU_GROUP_BYTES`` (a part of the last-level
+cache), one group after another; on a GPU, all together.
 """
 
 from __future__ import annotations

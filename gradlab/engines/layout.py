@@ -20,6 +20,12 @@ from ..record import CHUNK_BYTES
 SEGMENT = 256  # floats per row of the norm view; every block starts at a multiple of it
 
 
+def squares_dtype(device) -> torch.dtype:
+    """The dtype of squared norms: float64 (no float32 square underflows), or float32 on a
+    device without float64 (Apple's mps)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def padded(numel: int) -> int:
     """``numel`` rounded up to a multiple of SEGMENT."""
     return -(-numel // SEGMENT) * SEGMENT
@@ -92,12 +98,13 @@ class BlockNorms:
                     torch.repeat_interleave(torch.arange(self.count), lengths).to(device))
 
     def __call__(self, buffer: torch.Tensor, out: torch.Tensor) -> None:
-        """The wanted blocks' squared norms into ``out`` (float64, one per wanted block)."""
+        """The wanted blocks' squared norms into ``out`` (``squares_dtype``, one per wanted
+        block)."""
         if self.kernels is not None:
             self.kernels.block_squares(buffer.numpy(), self.ranges, out.numpy())
             return
         view = buffer[: self.rows * SEGMENT].view(self.rows, SEGMENT)
-        squares = torch.linalg.vector_norm(view, dim=1, dtype=torch.float64).square_()
+        squares = torch.linalg.vector_norm(view, dim=1, dtype=out.dtype).square_()
         if self.ids is None:  # unsafe: no check of the lengths, which would wait for the device
             sums = torch.segment_reduce(squares, "sum", lengths=self.lengths, unsafe=True)
         else:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layout import SEGMENT, BlockNorms, FlatBuffer
+from .layout import SEGMENT, BlockNorms, FlatBuffer, squares_dtype
 
 
 class FlatOptimizer:
@@ -55,7 +55,7 @@ class FlatOptimizer:
         self.update_norms = BlockNorms([layout], [(0, 2 * k, m) for m in range(members)
                                                   for k in range(n)], params.device, kernels)
         self._clip_squares = torch.empty(len(self.grad_norms.ranges), device=params.device,
-                                         dtype=torch.float64)
+                                         dtype=squares_dtype(params.device))
         if self.fused_sgd:
             self._arrays = (params.numpy(), buffer.grads.numpy())
 
@@ -93,8 +93,9 @@ class FlatOptimizer:
         return coef
 
     def update_squares(self, out: torch.Tensor) -> None:
-        """The squared norms of each weight's update just made, into ``out`` (float64), when
-        ``update_source`` holds it (``snapshot``: taken by ``take_snapshot`` before the step)."""
+        """The squared norms of each weight's update just made, into ``out``
+        (``squares_dtype``), from ``update_source`` (with Adam, the difference to the
+        ``snapshot`` that ``take_snapshot`` kept before the step)."""
         if self.snapshot is not None:
             torch.sub(self.buffer.params, self.snapshot, out=self.snapshot)
         self.update_norms(self.update_source, out)

@@ -15,7 +15,7 @@ import torch
 
 from ..activations import Activation
 from ..record import activation_stats, derivative_into, grads_frame, hidden_segments
-from .layout import BatchViews, FlatBuffer
+from .layout import BatchViews, FlatBuffer, squares_dtype
 from .optim import FlatOptimizer
 
 
@@ -37,7 +37,7 @@ class StepRecords:
         m_count, n = buffer.members, buffer.depth
         device = buffer.flat.device
         f32 = dict(device=device, dtype=buffer.flat.dtype)
-        f64 = dict(device=device, dtype=torch.float64)
+        f64 = dict(device=device, dtype=squares_dtype(device))
         self.norms = torch.full((rows, m_count, 4 * n), math.nan, **f64)  # squared
         self.update = torch.full((rows, m_count, n), math.nan, **f64)  # squared
         self.coef = torch.ones((rows, m_count), **f32)  # the clip factors

@@ -2,12 +2,12 @@
 
 Numba vectorises simple loops over arrays, but an accumulator that must stay in registers while an
 outer loop walks a list of rows (``acc += v[k] * W[row[k]]``) ends up in memory: each step then
-loads and stores it, ~4x slower on the CPUs measured. ``f32x16`` values are SSA values of LLVM's
-``<16 x float>``: ``load`` and ``store`` move 16 consecutive floats of a 1-d float32 array
-(unaligned, no bounds check), ``splat`` repeats a scalar, ``fma`` is ``a * b + c`` rounded once;
-``load_first`` / ``store_first`` touch only a row's last, partial vector; ``add``, ``sub``,
-``mul``, ``where_positive`` and ``total`` (the lanes' sum) do lane arithmetic; ``nonzero_mask``
-and ``trailing_zeros`` find the nonzero entries of 16 floats.
+loads and stores it, several times slower (``benchmarks/RESULTS.md``). ``f32x16`` values are SSA
+values of LLVM's ``<16 x float>``: ``load`` and ``store`` move 16 consecutive floats of a 1-d
+float32 array (unaligned, no bounds check), ``splat`` repeats a scalar, ``fma`` is ``a * b + c``
+rounded once; ``load_first`` / ``store_first`` touch only a row's last, partial vector; ``add``,
+``sub``, ``mul``, ``where_positive`` and ``total`` (the lanes' sum) do lane arithmetic;
+``nonzero_mask`` and ``trailing_zeros`` find the nonzero entries of 16 floats.
 
 numba's on-disk cache checks only the calling module's timestamp: after editing this file, delete
 ``gradlab/__pycache__`` (or ``NUMBA_CACHE_DIR``) so that the kernels using it are compiled again.

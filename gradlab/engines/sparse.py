@@ -11,12 +11,11 @@ then
 * ``weight_grad``: ``gW^T[p] = sum over the examples b where pixel p is nonzero of x[b, p]
   delta[b]``, from the same nonzeros listed by pixel (``by_column``).
 
-The weights are stored transposed (input-major), so a pixel's weights are one contiguous row;
-both kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST
-at batch 64, width 128, they take ~47 and ~40 µs a member-step where MKL's dense products take
-~140 each; listing the nonzeros both ways (~100-150 µs) is done in the thread that gathers the
-batches. The sums equal the dense products' up to float rounding (the additions come in another
-order).
+The weights are stored transposed (input-major), so a pixel's weights are one contiguous row; both
+kernels hold 128 floats in registers (``gradlab.simd``) while they walk a list. On MNIST they take a
+fraction of the time of MKL's dense products (``benchmarks/RESULTS.md``); listing the nonzeros both
+ways is done in the thread that gathers the batches. The sums equal the dense products' up to float
+rounding (the additions come in another order).
 
 Arrays are 1-d float32 (or int64) with explicit offsets, so one call serves every member of a
 stacked engine and any row stride of the output.
@@ -40,8 +39,9 @@ from .simd import (
     zeros,
 )
 
-# Below this fraction of nonzero inputs the sparse products win (measured at batch 64 with 128
-# outputs: dense ~150 µs a product, sparse ~300 µs times the fraction, plus ~10 µs of listing).
+# Below this fraction of nonzero inputs the sparse products win: their cost grows with the
+# fraction, the dense products' does not (the crossing measured at batch 64 with 128 outputs:
+# ``benchmarks/RESULTS.md``).
 MAX_DENSITY = 0.35
 
 
@@ -279,8 +279,8 @@ def weight_grad(column_start, column_rows, column_values, members, batch, featur
     ``grads[grad_at[m]:]`` and ``grads[bias_at[m]:]``. Each pixel's gradient row is summed in
     registers over the examples where it is nonzero and stored once (the deltas, 32 KB at
     batch 64 and width 128, stay in the core's first-level cache): 128 columns at a time, then
-    16 (a helper called per pixel, as ``forward`` calls ``_sum_rows`` per row, costs ~40 %
-    more here: a pixel's list is short)."""
+    16 (inline: a helper called per pixel, as ``forward`` calls ``_sum_rows`` per row, costs
+    more here, a pixel's list being short)."""
     wide = width // 128 * 128
     for m in range(members):
         for j in range(0, wide, 128):
