@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -174,10 +173,10 @@ class Watch:
         path.mkdir(parents=True, exist_ok=True)
         (path / "status.json").unlink(missing_ok=True)
         device = str(self.recorder.linears[0].weight.device)
-        write_json(path / "config.json", strict({
+        write_json(path / "config.json", {
             "run_id": name, "source": "watch", "config": settings,
             "provenance": {**provenance(device), "started": self._started, "finished": now()},
-        }))
+        })
         write_parquet(path / "grads.parquet", grads.drop(columns="run_id", errors="ignore"), name)
         write_parquet(path / "epochs.parquet", pd.DataFrame(columns=list(EPOCH_COLUMNS)), name)
         write_json(path / "status.json", {
@@ -208,14 +207,3 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
                if k != "params" and (v is None or isinstance(v, (str, int, float, bool)))}
               for group in optimizer.param_groups]
     return {"type": type(optimizer).__name__, "param_groups": groups}
-
-
-def strict(obj):
-    """``obj`` with every non-finite float replaced by None (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    return obj
