@@ -64,15 +64,19 @@ def test_without_per_step_reports_a_run_counts_when_it_ends(tmp_path):
     assert progress.steps == (20, 40)
 
 
-def test_callbacks_follow_the_runner_signature(tmp_path):
+def test_callbacks_are_those_that_sweeps_and_experiments_take(tmp_path):
+    """``progress_callbacks`` feeds ``run_sweep`` and ``experiment.build`` alike: every callback
+    it gives is a parameter of both (so per-step progress reaches ``gradlab figures`` too)."""
+    import inspect
+
+    from gradlab.experiment import build
+    from gradlab.sweep import run_sweep
+
     progress = SweepProgress(configs(), tmp_path)
-
-    def old(configs, out, *, on_start=None, on_run=None): ...
-
-    def new(configs, out, *, on_start=None, on_run=None, on_progress=None): ...
-
-    assert set(progress_callbacks(progress, old)) == {"on_start", "on_run"}
-    assert set(progress_callbacks(progress, new)) == {"on_start", "on_run", "on_progress"}
+    callbacks = progress_callbacks(progress)
+    assert set(callbacks) == {"on_start", "on_run", "on_progress"}
+    for runner in (run_sweep, build):
+        assert set(callbacks) <= set(inspect.signature(runner).parameters), runner.__name__
 
 
 def help_text(command: str) -> str:
