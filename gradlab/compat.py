@@ -38,10 +38,13 @@ def foreach_sub(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tens
     return [x - y for x, y in zip(a, b, strict=True)]
 
 
-def version(tensor: torch.Tensor) -> int:
-    """A counter that changes whenever ``tensor`` is modified in place (autograd's own);
-    -1 where torch does not expose it (then callers must assume a change)."""
-    return getattr(tensor, "_version", -1)
+def version(tensor: torch.Tensor) -> object:
+    """A counter that changes whenever ``tensor`` is modified in place (autograd's own). Where
+    torch does not expose it, a new object each call, equal to no earlier one: callers, which
+    compare versions, then assume a change (re-measure, re-list) instead of wrongly trusting
+    a stale value."""
+    counter = getattr(tensor, "_version", None)
+    return object() if counter is None else counter
 
 
 def _aten_op(name: str, overload: str):

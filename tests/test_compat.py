@@ -35,6 +35,15 @@ def test_version_counts_in_place_changes():
     assert compat.version(t) == compat.version(t)
 
 
+def test_without_a_version_counter_every_comparison_says_changed():
+    class Bare:  # a tensor type of a torch that does not expose ``_version``
+        pass
+
+    assert compat.version(Bare()) != compat.version(Bare())
+    bare = Bare()
+    assert compat.version(bare) != compat.version(bare)
+
+
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("kernel", [True, False])
 def test_activation_backward_equals_autograd(monkeypatch, name, kernel):
