@@ -47,6 +47,18 @@ def version(tensor: torch.Tensor) -> object:
     return object() if counter is None else counter
 
 
+def at_backward_end(callback) -> bool:
+    """Run ``callback()`` once the backward pass now running has finished (autograd's final
+    callbacks, as DistributedDataParallel uses them; call it from inside a hook of that pass).
+    Returns False where torch has no such queue: the caller then reads later by other means."""
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    queue = getattr(engine, "queue_callback", None)
+    if queue is None:
+        return False
+    queue(callback)
+    return True
+
+
 def _aten_op(name: str, overload: str):
     packet = getattr(_aten, name, None) if _aten is not None else None
     return getattr(packet, overload, None) if packet is not None else None

@@ -30,7 +30,9 @@ How each column is obtained (README, "Recorded columns"):
   (``build_mlp``'s), f' of sigmoid, tanh and the relu family is a function of the activation's
   *output*, which is the next Linear's input: it is read there, and the statistics of a whole
   chunk of steps are taken at once. Elsewhere f'(z) is taken in the forward hook, before any
-  in-place activation can overwrite z. Units: output features (Linear) or channels (Conv).
+  in-place activation can overwrite z; for the relu family only each unit's count of z > 0
+  is taken there (two passes over z), from which ``flush`` derives the three columns. Units:
+  output features (Linear) or channels (Conv).
 * ``update_ratio``: ‖ΔW‖ / ‖W‖ of the update the optimizer *intends*, ‖W‖ taken before the
   update (``weight_norm``), each weight with its own parameter group's settings. SGD: lr times
   the norm of the direction it applies - the gradient (``.grad`` as the optimizer sees it, so
@@ -52,9 +54,10 @@ Under ``torch.amp.GradScaler`` the gradients that are recorded are those of the 
 (dL/dz and ``.grad`` times ``scaler.get_scale()``; ``update_ratio`` is unaffected for the
 snapshot optimizers); a step the scaler skips is not an optimizer step.
 
-Cost. Per recorded step the device work is one fused norm over all gradients and weights and a
-stack into the row buffer; hooks are registered only while steps are recorded, so unrecorded
-steps run hook-free.
+Cost. Per recorded step the device work is one fused norm over dL/dz, the gradients and the
+weights (taken as the backward pass ends, or in ``after_backward``), a stack into the row
+buffer, and the f' passes above; the layers' hooks are registered only while steps are
+recorded, so unrecorded steps run without them.
 """
 
 from __future__ import annotations
@@ -169,11 +172,22 @@ def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, scaled, largest)
 
 
-def _per_unit_sum(t: torch.Tensor, axis: int) -> torch.Tensor:
+def _per_unit_sum(t: torch.Tensor, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over everything but the unit axis (``axis``: -1 for features, 1 for channels)."""
     if axis == -1 or axis == t.dim() - 1:
-        return t.reshape(-1, t.shape[-1]).sum(0)
-    return t.reshape(t.shape[0], t.shape[1], -1).sum((0, 2))
+        return torch.sum(t.reshape(-1, t.shape[-1]), 0, out=out)
+    return torch.sum(t.reshape(t.shape[0], t.shape[1], -1), (0, 2), out=out)
+
+
+def _slope(act: Activation) -> float:
+    """f' of a relu-family activation at negative inputs (0 for relu)."""
+    if act.name not in _SLOPES:
+        _SLOPES[act.name] = 0.0 if act.name == "relu" else act.derivative(
+            torch.tensor(-1.0)).item()
+    return _SLOPES[act.name]
+
+
+_SLOPES: dict[str, float] = {}
 
 
 def _is_plain_mlp(model: nn.Module, linears: list[nn.Module], activation) -> bool:
@@ -272,6 +286,16 @@ class GradientRecorder:
             self._derivative = derivative_into(activation, self._from_output)
             self._copy_z = any(getattr(m, "inplace", False) for m in model.modules())
         self._axes = [unit_axis(m) for m in self.linears]
+        # relu-family layers (outside the plain MLP): their per-unit counts of z > 0 per row
+        self._count_at: dict[int, slice] = {}
+        start = 0
+        for i, act in enumerate(self.activations):
+            if not self._plain and act is not None and act.relu_family:
+                self._count_at[i] = slice(start, start + units(self.linears[i]))
+                start += units(self.linears[i])
+        self._count_width = start
+        self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
+        self._queued = False
         self._widths = np.array([units(m) for m in self.linears], dtype=np.float64)
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
         self._grad_hooks = [partial(self._grad_output_hook, i) for i in range(n)]
@@ -289,6 +313,8 @@ class GradientRecorder:
         self._hidden: list[torch.Tensor | None] = [None] * max(n - 1, 0)
         self._reset_step()
         self._chunk: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None  # _layer_stats' float flags
+        self._flags: dict[tuple, torch.Tensor] = {}  # ...as views of each shape
         self._chunk_start = 0  # recorded row of the chunk's first entry
         self._chunk_rows = 0
         self._buffers_for(16)
@@ -300,7 +326,6 @@ class GradientRecorder:
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
         if not self._plain:  # the plain MLP's statistics are taken per chunk
             self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
-            self._positive: list[torch.Tensor | None] = [None] * n  # per unit: positive anywhere
         self._step_numel = np.zeros(n)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -341,31 +366,49 @@ class GradientRecorder:
 
     def _grad_output_hook(self, index: int, grad: torch.Tensor) -> None:
         self._grad_out[index].append(grad)
+        if self.read_at_backward_end and not self._queued:
+            self._queued = compat.at_backward_end(self._backward_ended)
+
+    def _backward_ended(self) -> None:
+        self._queued = False
+        self.read_gradients()
 
     @torch.no_grad()
     def _layer_stats(self, index: int, z: torch.Tensor) -> None:
         """Add one call's f' statistics of a layer (any shape, units on its unit axis)."""
-        act = self.activations[index]
-        if act.relu_family:
-            # f' is 1 where z > 0, else the slope (0 for relu): a count of positives says all
-            positives = _per_unit_sum(z > 0, self._axes[index])
-            count = positives.sum().to(z.dtype)
-            slope = 0.0 if act.name == "relu" else act.derivative(z.new_tensor(-1.0)).item()
-            total = count if slope == 0 else count * (1 - slope) + slope * z.numel()
-            sums = torch.stack([total, torch.zeros_like(total)])
-            positive = positives > 0
+        at = self._count_at.get(index)
+        if at is not None:
+            # f' is 1 where z > 0, else the slope (0 for relu): each unit's count of
+            # positives says all (flush turns them into the columns). Flags as floats in a
+            # reused buffer: on CPU a bool tensor and its sum are several times slower than a
+            # float pass; the counts are integers, exact in float32 below 2**24 per call
+            flags = torch.gt(z, 0, out=self._flags_like(z))
+            counts = self._counts[self._row, at]
+            if self._step_numel[index] == 0:
+                _per_unit_sum(flags, self._axes[index], out=counts)
+            else:  # a further call of the layer in this step
+                counts.add_(_per_unit_sum(flags, self._axes[index]))
         else:
+            act = self.activations[index]
             fp = act.derivative(z)
-            saturated = ((fp < SATURATION * act.max_derivative).sum().to(fp.dtype)
-                         if act.saturating else fp.new_zeros(()))
-            sums, positive = torch.stack([fp.sum(), saturated]), None
-        if self._sums[index] is None:
-            self._sums[index], self._positive[index] = sums, positive
-        else:
-            self._sums[index] = self._sums[index] + sums
-            if positive is not None:
-                self._positive[index] = self._positive[index] | positive
+            saturated = ((fp < SATURATION * act.max_derivative).sum(dtype=torch.float32)
+                         if act.saturating else fp.new_zeros((), dtype=torch.float32))
+            sums = torch.stack([fp.sum(dtype=torch.float32), saturated])
+            previous = self._sums[index]
+            self._sums[index] = sums if previous is None else previous + sums
         self._step_numel[index] += z.numel()
+
+    def _flags_like(self, z: torch.Tensor) -> torch.Tensor:
+        """A reused float32 buffer of ``z``'s shape on its device (contents undefined)."""
+        key = (z.shape, z.device)
+        view = self._flags.get(key)
+        if view is None:
+            flat = self._flat
+            if flat is None or flat.numel() < z.numel() or flat.device != z.device:
+                flat = self._flat = z.new_empty(z.numel(), dtype=torch.float32)
+                self._flags.clear()
+            view = self._flags[key] = flat[: z.numel()].view(z.shape)
+        return view
 
     # -- buffers -------------------------------------------------------------------------------
     def _buffers_for(self, rows: int, device: torch.device | None = None) -> None:
@@ -378,6 +421,7 @@ class GradientRecorder:
         self._applied = torch.full((rows, n), math.nan, device=device, dtype=dtype)
         # act: sum f'(z), count saturated, count dead
         self._act = torch.full((rows, n, 3), math.nan, device=device)
+        self._counts = torch.full((rows, self._count_width), math.nan, device=device)
         self._nan = torch.tensor(math.nan, device=device, dtype=dtype)
 
     def is_recorded(self, step: int) -> bool:
@@ -401,11 +445,13 @@ class GradientRecorder:
             self._read = False
         return active
 
+    def _row_buffers(self) -> tuple[torch.Tensor, ...]:
+        return self._norms, self._update, self._applied, self._act, self._counts
+
     def _grow(self) -> None:
-        old = (self._norms, self._update, self._applied, self._act)
+        old = self._row_buffers()
         self._buffers_for(2 * old[0].shape[0], old[0].device)
-        for new, prev in zip((self._norms, self._update, self._applied, self._act), old,
-                             strict=True):
+        for new, prev in zip(self._row_buffers(), old, strict=True):
             new[: prev.shape[0]] = prev
 
     @torch.no_grad()
@@ -415,8 +461,15 @@ class GradientRecorder:
         before any clipping)."""
         if self._active:
             n = len(self.linears)
-            norms_into(self._norms[self._row, n:3 * n], self._param_grads())
+            norms_into(self._norms[self._row, :4 * n],
+                       self._outputs() + self._param_grads() + self._weights)
             self._read = True
+
+    def _outputs(self) -> list[torch.Tensor | None]:
+        """Each layer's dL/dz (several calls: taken together; never called: None)."""
+        return [grads[0] if len(grads) == 1 else
+                torch.cat([g.reshape(-1) for g in grads]) if grads else None
+                for grads in self._grad_out]
 
     def _param_grads(self) -> list[torch.Tensor | None]:
         """The recorded layers' ``.grad`` (weights, then biases); notes them, to see later
@@ -434,17 +487,12 @@ class GradientRecorder:
             return
         self._active = False  # no forward hooks until the next recorded step
         n, row = len(self.linears), self._norms[self._row]
-        outputs = [grads[0] if len(grads) == 1 else  # several calls: their norm together
-                   torch.cat([g.reshape(-1) for g in grads]) if grads else None
-                   for grads in self._grad_out]
-        if self._read:  # the parameters' norms are in already
-            norms_into(row[:n], outputs)
-            norms_into(row[3 * n:4 * n], self._weights)
+        if self._read:  # the norms are in already
             if loss is not None:
                 row[4 * n] = loss.detach()
         else:  # one fused norm, one stack
             loss = self._nan if loss is None else loss.detach()
-            norms_into(row, outputs + self._param_grads() + self._weights, (loss,))
+            norms_into(row, self._outputs() + self._param_grads() + self._weights, (loss,))
         self._store_stats()
         self._numel.append(self._step_numel)
         self._prepare_update(n)
@@ -510,11 +558,8 @@ class GradientRecorder:
             self._store_hidden()
             return
         for i, sums in enumerate(self._sums):
-            if sums is not None:
-                positive = self._positive[i]
-                dead = (sums[1] if positive is None  # zero: not a relu-family layer
-                        else positive.numel() - positive.sum().to(sums.dtype))
-                torch.stack([sums[0], sums[1], dead], out=self._act[self._row, i])
+            if sums is not None:  # (relu-family layers: their counts are in place)
+                self._act[self._row, i, :2] = sums
 
     def _store_hidden(self) -> None:
         """The plain MLP's activations, kept for their statistics a chunk of steps at a time."""
@@ -567,10 +612,9 @@ class GradientRecorder:
             self._process_chunk()
         rows = len(self._numel)  # rows whose gradients were read
         n = len(self.linears)
-        norms = self._norms[:rows].double().cpu().numpy().copy()  # no alias of the buffer
-        update = self._update[:rows].double().cpu().numpy().copy()  # no alias of the buffer
-        applied = self._applied[:rows].double().cpu().numpy().copy()  # no alias of the buffer
-        act = self._act[:rows].double().cpu().numpy().copy()  # no alias of the buffer
+        # (copies: no alias of the buffers)
+        norms, update, applied, act, counts = (buffer[:rows].double().cpu().numpy().copy()
+                                               for buffer in self._row_buffers())
         modes = np.array(self._update_mode, dtype=np.int64).reshape(rows, n)
         scales = np.array(self._update_scale, dtype=np.float64).reshape(rows, n)
         numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
@@ -580,8 +624,13 @@ class GradientRecorder:
         self._recorded, self._numel = self._recorded[rows:], []
         self._row, self._pending_update = len(self._recorded) - 1, False
         self._update_mode, self._update_scale = [], []
-        for buffer in (self._norms, self._update, self._applied, self._act):
+        for buffer in self._row_buffers():
+            pending = buffer[rows].clone() if self._row == 0 else None
             buffer.fill_(math.nan)
+            if pending is not None:
+                buffer[0] = pending
+        for i, at in self._count_at.items():  # relu family: f' sum and dead units from counts
+            act[:, i] = relu_family_stats(counts[:, at], numel[:, i], self.activations[i])
         update = np.where(modes == _FROM_GRAD_NORM, norms[:, n:2 * n], update) * scales
         order = self.layer_order()
         activations = [self.activations[i] for i in order]
@@ -628,6 +677,17 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
         stats = torch.stack([total, saturated, dead], -2)  # (..., 3, units)
         per_layer = stats.view(-1, stats.shape[-1]) @ segments  # one 2-d product
         return per_layer.view(*stats.shape[:-1], -1).transpose(-1, -2)
+
+
+def relu_family_stats(counts: np.ndarray, numel: np.ndarray, act: Activation) -> np.ndarray:
+    """(rows, 3): sum of f', saturated (none) and dead units of a relu-family layer, from each
+    row's per-unit counts of z > 0 (rows, units; NaN where the layer was not called) and its
+    elements of z (rows,)."""
+    positive = counts.sum(1)
+    slope = _slope(act)
+    with np.errstate(invalid="ignore"):
+        dead = np.where(np.isnan(positive), np.nan, (counts == 0).sum(1))
+    return np.stack([positive * (1 - slope) + slope * numel, np.zeros_like(positive), dead], 1)
 
 
 def grads_frame(steps, epoch: int, norms: np.ndarray, loss: np.ndarray, update: np.ndarray,

@@ -6,9 +6,11 @@ Step boundaries come from PyTorch's own hooks, so the loop needs no calls:
 * the model's forward pre-hook opens a step (the first forward with grad enabled after an
   optimizer step; a forward under ``torch.no_grad()`` - an evaluation - opens none, and further
   forwards before the step, e.g. gradient accumulation, add to the same step);
-* each recorded parameter's post-accumulate-grad hook: when the last of them has its ``.grad``
-  accumulated, the gradient norms are taken - before any clipping;
-* the optimizer's step pre-hook reads the rest (dL/dz, f') and snapshots weights where needed;
+* the hook that catches a recorded layer's dL/dz queues a callback that autograd runs as the
+  backward pass ends: the norms of dL/dz, of each ``.grad`` and of the weights are taken there,
+  before any clipping (where no recorded layer's output takes part in the backward pass, or
+  torch has no such queue, they are taken at the optimizer step instead: after clipping);
+* the optimizer's step pre-hook stores the f' statistics and snapshots weights where needed;
   its step post-hook measures the update and closes the step.
 
 Step ``s`` is the number of optimizer steps made since ``watch`` was entered. The loss is not
@@ -73,12 +75,7 @@ class Watch:
         self._open = False  # a step has begun (a forward ran) and not yet ended
         self._recording = False
         self._handles: list = []
-        self._grad_handles: list = []
-        # unique recorded parameters that take gradients: when all have theirs, read them
-        params = {id(p): p for m in recorder.linears for p in (m.weight, getattr(m, "bias", None))
-                  if isinstance(p, torch.Tensor) and p.requires_grad}
-        self._params = list(params.values())
-        self._accumulated: set[int] = set()
+        recorder.read_at_backward_end = True
         self._frames: list[pd.DataFrame] = []
         self._started = now()
 
@@ -92,9 +89,9 @@ class Watch:
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles + self._grad_handles:
+        for handle in self._handles:
             handle.remove()
-        self._handles, self._grad_handles = [], []
+        self._handles = []
         self.recorder.__exit__(*exc)
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -103,16 +100,6 @@ class Watch:
             return
         self._open = True
         self._recording = self.recorder.begin_step(self.step)
-        if self._recording:
-            self._accumulated.clear()
-            self._grad_handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                                  for p in self._params]
-
-    def _on_grad(self, param: torch.Tensor) -> None:
-        self._accumulated.add(id(param))
-        if len(self._accumulated) == len(self._params):  # every .grad of this backward is in
-            self.recorder.read_gradients()
-            self._accumulated.clear()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if self._recording:
@@ -121,9 +108,6 @@ class Watch:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._recording:
             self.recorder.after_update()
-            for handle in self._grad_handles:
-                handle.remove()
-            self._grad_handles = []
         self._recording = self._open = False
         self.step += 1
 

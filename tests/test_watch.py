@@ -7,6 +7,7 @@ import copy
 from collections import defaultdict
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -358,3 +359,73 @@ def test_figure_functions_draw_a_watch_frame():
     for figure in (plots.grad_norm_by_layer, plots.act_grad_by_layer,
                    plots.grad_norm_over_steps, plots.saturation_over_steps):
         assert figure(frame).axes
+
+
+def _one_step_with_flushes(flush_at: set[str]) -> pd.DataFrame:
+    """One recorded step of the relu CNN, flushing (and discarding) at the named moments."""
+    torch.manual_seed(0)
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(BATCH, 1, 8, 8), torch.randint(0, OUT, (BATCH,))
+    with gradlab.watch(model, opt, log_every=1, modules=(nn.Conv2d, nn.Linear)) as rec:
+        loss = F.cross_entropy(model(x), y)
+        if "after forward" in flush_at:
+            assert len(rec.flush()) == 0
+        loss.backward()
+        if "after backward" in flush_at:
+            assert len(rec.flush()) == 0
+        opt.step()
+    return rec.flush().drop(columns="epoch")
+
+
+@pytest.mark.parametrize("moment", ["after forward", "after backward"])
+def test_a_flush_inside_a_step_keeps_what_the_step_recorded_so_far(moment):
+    """f' counts taken in the forward pass and norms read as the backward pass ends stay with
+    their step when a flush comes between them and the optimizer step."""
+    whole = _one_step_with_flushes(set())
+    assert whole[["grad_output_norm", "grad_weight_norm"]].notna().all().all()
+    assert whole["act_grad_mean"].notna().tolist() == [True, True, False]  # relu, tanh, output
+    assert whole["dead_frac"].notna().tolist() == [True, False, False]
+    pd.testing.assert_frame_equal(_one_step_with_flushes({moment}), whole)
+
+
+def test_without_autograd_s_final_callbacks_gradients_are_read_at_the_step(monkeypatch):
+    """Where torch cannot run a callback as the backward pass ends, the norms are taken at the
+    optimizer step (after any clipping, as the module docstring says) and nothing is lost."""
+    from gradlab import compat
+
+    monkeypatch.setattr(compat, "at_backward_end", lambda callback: False)
+    torch.manual_seed(0)
+    model = build_mlp((IN, 8, OUT), "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        clipped = model.fc0.weight.grad.norm().item()
+        opt.step()
+    frame = rec.flush()
+    assert frame[list(COLUMNS[:4])].notna().all().all()
+    assert frame.iloc[0]["grad_weight_norm"] == pytest.approx(clipped, rel=1e-5)
+
+
+def test_the_backward_pass_reads_each_gradient_once(monkeypatch):
+    """One read per backward pass, queued by the first dL/dz hook (not one per layer)."""
+    from gradlab import compat
+
+    torch.manual_seed(0)
+    model = build_mlp((IN, 8, 8, OUT), "relu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    queued = []
+    real = compat.at_backward_end
+    monkeypatch.setattr(compat, "at_backward_end",
+                        lambda callback: queued.append(callback) or real(callback))
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert len(queued) == 3
+    assert rec.flush()[list(COLUMNS[:4])].notna().all().all()
