@@ -79,6 +79,19 @@ def layer_ratio(results, claim: dict) -> pd.Series:
     return at_step(pairs, ratio.where(np.isfinite(ratio)), claim.get("step", 0))
 
 
+def layer_product(results, claim: dict) -> pd.Series:
+    """The product of ``column`` (default act_grad_mean, the mean f') over the layers from
+    ``layer`` (default 0) up to, not including, ``of_layer`` (default -1), at ``step``: the
+    factor the activations' slopes alone put between the two layers' dL/dz."""
+    grads = results.grads
+    first = np.asarray([resolve_layer(claim.get("layer", 0), d) for d in grads["depth"]])
+    stop = np.asarray([resolve_layer(claim.get("of_layer", -1), d) for d in grads["depth"]])
+    rows = grads[(grads["layer"] >= first) & (grads["layer"] < stop)]
+    column = claim.get("column", "act_grad_mean")
+    product = rows.groupby(["run_id", "step"])[column].prod(min_count=1).reset_index()
+    return at_step(product, product[column], claim.get("step", 0))
+
+
 def variance_factor(results, claim: dict) -> pd.Series:
     """The per-layer factor by which the variance of ∂L/∂z (``grad_output_norm``² over the
     layer's units) changes from ``of_layer`` (default -2) down to ``layer`` (default 1):
@@ -127,7 +140,7 @@ def dist_stat(results, claim: dict) -> pd.Series:
 
 
 MEASURES: dict[str, Callable] = {
-    "grad_at_layer": grad_at_layer, "layer_ratio": layer_ratio,
+    "grad_at_layer": grad_at_layer, "layer_ratio": layer_ratio, "layer_product": layer_product,
     "variance_factor": variance_factor, "final_test": final_test, "dist_stat": dist_stat,
 }
 

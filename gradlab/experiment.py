@@ -31,6 +31,7 @@ import pandas as pd
 
 from .claims import ClaimError, check_claim, claims_markdown, evaluate_claims
 from .config import CONFIG_FIELDS, ConfigError, RunConfig, expand_grid, load_toml
+from .summary import options_off, summary_table
 
 SPEC_KEYS = ("description", "sweep", "figures", "claim")
 FIGURE_KEYS = ("only", "formats")
@@ -188,7 +189,7 @@ def build(
 
     results = Results(mine(results.grads), mine(results.epochs), mine(results.runs),
                       results.problems, mine(results.dists))
-    table = complete_summary(results)
+    table = summary_table(results)
     claims = evaluate_claims(list(experiment.claims), results)
     atomic_write(out / "summary.csv",
             lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g",
@@ -224,28 +225,6 @@ def build(
     }
     write_json(out / "manifest.json", manifest)
     return manifest
-
-
-def complete_summary(results) -> pd.DataFrame:
-    """``sweep.summary_table`` with the vanishing ratios of complete runs only: a diverged
-    run's partial records are left out of the statistics (its count is in ``diverged``)."""
-    from .store import Results
-    from .sweep import summary_table
-
-    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
-    grads = results.grads
-    if not grads.empty:
-        grads = grads[grads["run_id"].isin(complete)]
-    return summary_table(Results(grads, results.epochs, results.runs, results.problems))
-
-
-def options_off(table: pd.DataFrame) -> pd.DataFrame:
-    """Config options that are unset in a row (e.g. no clip_grad_norm) read "off", not NaN."""
-    table = table.copy()
-    for column in (c for c in CONFIG_FIELDS if c in table.columns):
-        if table[column].isna().any():
-            table[column] = table[column].astype(object).where(table[column].notna(), "off")
-    return table
 
 
 def step0_table(results) -> str:
@@ -292,7 +271,7 @@ def markdown_summary(experiment: Experiment, table: pd.DataFrame, claims: pd.Dat
                  "steps of ‖∂L/∂W_first‖ / ‖∂L/∂W_last‖), mean ± sd over seeds of complete runs: "
                  "diverged runs are counted in `diverged`, and their partial records are left "
                  "out of both statistics. Unset options read \"off\".\n\n"
-                 f"```\n{format_summary(options_off(table))}\n```\n")
+                 f"```\n{format_summary(table)}\n```\n")
     step0 = step0_table(results)
     if step0:
         parts.append("## Vanishing ratio at initialisation and over training\n\n"

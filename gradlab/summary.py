@@ -16,9 +16,10 @@ from . import store
 def summary_table(results: store.Results, by: list[str] | None = None) -> pd.DataFrame:
     """Final test accuracy and vanishing ratio per configuration, mean and sd over seeds.
 
-    The per-run numbers are those of the figures and the report (``gradlab.plots``): the final
-    test accuracy of complete runs, and the vanishing ratio, the median over recorded steps of
-    grad_weight_norm(layer 0) / grad_weight_norm(layer depth-1), of complete and diverged runs.
+    The per-run numbers are those of the figures and the report (``gradlab.plots``), of
+    complete runs only: the final test accuracy, and the vanishing ratio, the median over
+    recorded steps of grad_weight_norm(layer 0) / grad_weight_norm(layer depth-1). A diverged
+    run is counted in ``diverged``; its partial records are left out of both statistics.
 
     Args:
         results: ``store.load(out)``.
@@ -36,17 +37,33 @@ def summary_table(results: store.Results, by: list[str] | None = None) -> pd.Dat
     by = list(by or table_keys(results.runs))
     table = final_accuracy_table(results.epochs, results.runs, by=by).rename(
         columns={"mean": "test_accuracy_mean", "sd": "test_accuracy_sd"})
-    if results.grads.empty:
+    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
+    grads = results.grads[results.grads["run_id"].isin(complete)] if len(results.grads) else \
+        results.grads
+    if grads.empty:
         return table.assign(vanishing_ratio_mean=math.nan, vanishing_ratio_sd=math.nan)
-    ratios = vanishing_ratios(results.grads).groupby(by, sort=True, dropna=False)
+    ratios = vanishing_ratios(grads).groupby(by, sort=True, dropna=False)
     ratios = ratios["vanishing_ratio"].agg(vanishing_ratio_mean="mean", vanishing_ratio_sd="std")
     return table.merge(ratios.reset_index(), on=by, how="left")
 
 
+def options_off(table: pd.DataFrame) -> pd.DataFrame:
+    """Config options that are unset in a row (e.g. no clip_grad_norm) read "off", not NaN."""
+    from .config import CONFIG_FIELDS
+
+    table = table.copy()
+    for column in (c for c in CONFIG_FIELDS if c in table.columns):
+        if table[column].isna().any():
+            table[column] = table[column].astype(object).where(table[column].notna(), "off")
+    return table
+
+
 def format_summary(table: pd.DataFrame) -> str:
-    """The summary table as text: ``91.30% ± 0.40`` and ``1.2e-03 ± 3e-04``."""
+    """The summary table as text: ``91.30% ± 0.40`` and ``1.2e-03 ± 3e-04``; unset options
+    read "off"."""
     if table.empty:
         return "no finished runs to summarise"
+    table = options_off(table)
 
     def pm(mean: float, sd: float, fmt: Callable[[float], str]) -> str:
         if mean != mean:

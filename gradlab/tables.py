@@ -190,10 +190,23 @@ def setup_name(label: str) -> str:
 def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     """The story of a results folder in plain words, one line per setup (activation and any
     config that varies, seeds averaged): its vanishing ratio and final test accuracy at each
-    depth, and what they mean. Built from the stored records, for the end of ``gradlab sweep``
-    and ``gradlab figures`` and the top of the report."""
+    depth, and what they mean (complete runs only; depths where every run diverged are named).
+    Built from the stored records, for the end of ``gradlab sweep`` and ``gradlab figures``
+    and the top of the report."""
     if grads.empty or runs.empty or "depth" not in runs:
         return []
+    diverged = pd.Series(dtype=object)
+    if "status" in runs:  # a diverged run's partial records are no measure of its setup
+        complete = set(runs.loc[runs["status"] == "complete", "run_id"])
+        grads = grads[grads["run_id"].isin(complete)]
+        if grads.empty:
+            return []
+        lost, hue = with_setup(runs[runs["status"] == "diverged"], runs)
+        if not lost.empty:
+            lost = lost[~lost.set_index([hue, "depth"]).index.isin(
+                with_setup(runs[runs["status"] == "complete"], runs)[0]
+                .set_index([hue, "depth"]).index)]
+            diverged = lost.groupby(hue)["depth"].apply(lambda d: sorted(set(d)))
     ratios, hue = with_setup(vanishing_ratios(grads), runs)
     ratio = ratios.groupby([hue, "depth"])["vanishing_ratio"].apply(geometric_mean)
     accuracy = pd.Series(dtype=float)
@@ -219,5 +232,7 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
             marks = [("n/a" if a != a else f"{a:.0%}" + (" (chance)" if a <= CHANCE else ""))
                      for a in acc]
             text += f"; final test accuracy {' → '.join(marks)}"
+        if setup in diverged.index:
+            text += f"; every run diverged at depth {', '.join(map(str, diverged[setup]))}"
         lines.append(text + ".")
     return lines

@@ -54,6 +54,7 @@ def test_measures_equal_hand_computed_values():
         claim(measure="dist_stat", layer=-2, q=0.5, runs={"seed": [0, 1]}),
         claim(measure="dist_stat", layer=0, q=0.5, runs={"seed": 1}),
         claim(measure="dist_stat", layer=2, of_layer=0, q=0.5),
+        claim(measure="layer_product", column="grad_output_norm", layer=1, step=0),
     ]
     table = evaluate_claims(claims, results)
     # grad_bias_norm of layer 1 at step 2 = scale*2*3: 6 and 12; the diverged run is left out
@@ -70,6 +71,8 @@ def test_measures_equal_hand_computed_values():
     assert table.loc[6, "mean"] == pytest.approx(0.4) and math.isnan(table.loc[6, "sd"])
     assert table.loc[6, "gradlab"] == "0.4 (n=1)"
     assert table.loc[7, "mean"] == pytest.approx((0.6 / 0.2 + 0.8 / 0.4) / 2)
+    # layers 1 and 2 (of_layer -1 = 3 excluded): s 2^1 * s 2^2 = 8 s^2, s = 1 and 2
+    assert table.loc[8, "mean"] == pytest.approx((8 + 32) / 2)
 
 
 def test_verdicts():

@@ -4,6 +4,7 @@ and SIGKILL, failures that do not stop it, the per-run lock, --jobs, Ray, and re
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,6 +180,13 @@ def test_a_diverging_run_is_recorded_and_not_retried(fake_mnist, tmp_path):
     assert r.exit_code == 1, r.output
     assert sorted(statuses(tmp_path).values()) == ["complete", "diverged"]
     assert "1 of 2 runs complete" in r.stdout and "diverged at step" in r.stdout
+    # the summary leaves the diverged run's partial records out of its statistics
+    table = summary_table(store.load(tmp_path)).set_index("diverged")
+    assert table.loc[0, "vanishing_ratio_mean"] > 0 and table.loc[0, "seeds"] == 1
+    assert math.isnan(table.loc[1, "vanishing_ratio_mean"]) and table.loc[1, "seeds"] == 0
+    printed = [line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["elu"]]
+    assert sorted(row[-1] for row in printed)[-1] == "n/a", r.stdout
+    assert "every run diverged at depth 5" in r.stdout and "at depth 3, 5" not in r.stdout
     again = sweep(fake_mnist, tmp_path, grid=grid)
     assert again.exit_code == 1 and "2 already finished, 0 to train" in again.stderr
 
