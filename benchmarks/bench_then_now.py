@@ -77,7 +77,8 @@ def autograd_blocks(then, steps: int, data) -> dict[str, list[float]]:
     then_steps = np.array([s for s in range(steps) if owner[s] == kinds[1]])
     now_steps = np.array([s for s in range(steps) if owner[s] == kinds[2]])
     times: dict[str, list[float]] = {k: [] for k in kinds}
-    with then.record.GradientRecorder(model, "sigmoid", then_steps, optimizer=optimizer) as a, \
+    then_record = importlib.import_module(f"{then.__name__}.record")
+    with then_record.GradientRecorder(model, "sigmoid", then_steps, optimizer=optimizer) as a, \
             GradientRecorder(model, "sigmoid", now_steps, optimizer=optimizer) as b:
         for start in range(0, steps, BLOCK):
             t0 = time.process_time()

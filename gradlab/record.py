@@ -115,15 +115,26 @@ def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = Fals
     return steps[steps < total_steps]
 
 
-def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
+def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None],
                extra: tuple[torch.Tensor, ...] = ()) -> None:
     """Write the 2-norm of each tensor (None: NaN), then the 0-d ``extra`` values, into the
-    1-d ``out``; norms exact down to the smallest positive float32 (see the module docstring)."""
+    1-d ``out``; norms exact down to the smallest positive float32 (see the module docstring).
+
+    ``out``: a tensor on the tensors' device, or for CPU tensors a numpy array (a CPU buffer's
+    host view: the values are read and written without a further torch operation)."""
     real = [t for t in tensors if t is not None]
-    kind = out.device.type
-    if kind == "cpu":
-        norms = compat.foreach_norm(real) if real else []
-    elif kind == "mps":
+    if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+        out = out.numpy()
+    if isinstance(out, np.ndarray):
+        found = iter([norm.item() for norm in compat.foreach_norm(real)] if real else [])
+        values = [math.nan if t is None else next(found) for t in tensors]
+        if not (values and TRUSTED_NORM <= min(values) and sum(values) < math.inf):
+            for i, value in enumerate(values):  # (NaN fails the test too)
+                if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+                    values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
+        out[:] = values + [value.item() for value in extra]
+        return
+    if out.device.type == "mps":
         norms = [_scaled_norm(t) for t in real]
     else:
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]
@@ -131,30 +142,7 @@ def norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
         nan = norms[0].new_full((), math.nan) if norms else out.new_full((), math.nan)
         found = iter(norms)
         norms = [nan if t is None else next(found) for t in tensors]
-    if kind != "cpu":
-        torch.stack([*norms, *extra], out=out)
-        return
-    # stacked in their own dtype, then copied: a stack that converts is several times slower
-    values = torch.stack([*norms, *extra], out=_scratch(len(norms) + len(extra), norms, extra))
-    out.copy_(values)
-    found = values.tolist()[:len(tensors)]  # a CPU tensor: no device to wait for
-    if found and TRUSTED_NORM <= min(found) and sum(found) < math.inf:  # (NaN fails too)
-        return
-    for i, value in enumerate(found):
-        if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
-            out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
-
-
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(size: int, norms, extra) -> torch.Tensor:
-    """A reused 1-d tensor for ``norms_into``'s stack (no allocation per recorded step)."""
-    first = norms[0] if norms else extra[0]
-    key = (size, first.dtype, first.device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = first.new_empty(size)
-    return _SCRATCH[key]
+    torch.stack([*norms, *extra], out=out)
 
 
 def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
@@ -296,7 +284,8 @@ class GradientRecorder:
         self._count_width = start
         self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
         self._queued = False
-        self._widths = np.array([units(m) for m in self.linears], dtype=np.float64)
+        self._unit_counts = [units(m) for m in self.linears]
+        self._widths = np.array(self._unit_counts, dtype=np.float64)
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
         self._grad_hooks = [partial(self._grad_output_hook, i) for i in range(n)]
         self._handles: list = []
@@ -326,7 +315,7 @@ class GradientRecorder:
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
         if not self._plain:  # the plain MLP's statistics are taken per chunk
             self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
-        self._step_numel = np.zeros(n)
+        self._step_numel = [0] * n  # (Python ints: numpy in the step loop costs more)
 
     # -- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> GradientRecorder:
@@ -423,6 +412,11 @@ class GradientRecorder:
         self._act = torch.full((rows, n, 3), math.nan, device=device)
         self._counts = torch.full((rows, self._count_width), math.nan, device=device)
         self._nan = torch.tensor(math.nan, device=device, dtype=dtype)
+        # what norms_into writes to: on the CPU the buffers' numpy views (no torch op per row)
+        host = device.type == "cpu"
+        self._norms_out, self._update_out, self._applied_out = (
+            buffer.numpy() if host else buffer
+            for buffer in (self._norms, self._update, self._applied))
 
     def is_recorded(self, step: int) -> bool:
         """Whether step ``step`` is one this recorder records."""
@@ -461,7 +455,7 @@ class GradientRecorder:
         before any clipping)."""
         if self._active:
             n = len(self.linears)
-            norms_into(self._norms[self._row, :4 * n],
+            norms_into(self._norms_out[self._row, :4 * n],
                        self._outputs() + self._param_grads() + self._weights)
             self._read = True
 
@@ -486,7 +480,7 @@ class GradientRecorder:
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
-        n, row = len(self.linears), self._norms[self._row]
+        n, row = len(self.linears), self._norms_out[self._row]
         if self._read:  # the norms are in already
             if loss is not None:
                 row[4 * n] = loss.detach()
@@ -508,7 +502,8 @@ class GradientRecorder:
         return self._group_of
 
     def _prepare_update(self, n: int) -> None:
-        plans = [_update_plan(self._optimizer, w, self._groups()) for w in self._weight_params]
+        groups = self._groups()
+        plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
         self._plans = plans
         self._update_mode.append([mode for mode, _, _ in plans])
         self._update_scale.append([lr for _, lr, _ in plans])
@@ -547,9 +542,9 @@ class GradientRecorder:
                 tensors.append(None if weight.grad is None
                                else _sgd_direction(weight, prev, group, state))
         if any(t is not None for t in tensors):
-            norms_into(self._update[self._row], tensors)
+            norms_into(self._update_out[self._row], tensors)
         if self.applied_updates:
-            norms_into(self._applied[self._row], deltas)
+            norms_into(self._applied_out[self._row], deltas)
         self._recorded_grads = []
 
     # -- activation statistics -----------------------------------------------------------------
@@ -570,7 +565,7 @@ class GradientRecorder:
             self._hidden = [None] * len(hidden)
             return
         batch = hidden[0].shape[0]
-        self._step_numel[:-1] = batch * self._widths[:-1]
+        self._step_numel[:-1] = [batch * width for width in self._unit_counts[:-1]]
         chunk = self._chunk
         if chunk is not None and (chunk.shape[1] != batch or self._chunk_rows == chunk.shape[0]
                                   or self._chunk_start + self._chunk_rows != self._row):
