@@ -124,6 +124,18 @@ def extra(recorded: list[float], plain: list[float]) -> list[float]:
     return [r - p for r, p in zip(recorded[:n], plain[:n], strict=True)]
 
 
+def difference_interval(now: list[float], then: list[float], draws: int = 2000
+                        ) -> tuple[float, float]:
+    """A 95 % bootstrap interval of median(now) − median(then): how finely this run resolves
+    the difference between the two recorders' costs."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(now), np.asarray(then)
+    diffs = [np.median(rng.choice(a, len(a))) - np.median(rng.choice(b, len(b)))
+             for _ in range(draws)]
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def run(args) -> str:
     threads = common.set_threads(args.threads)
     facts = common.machine()
@@ -157,10 +169,15 @@ def run(args) -> str:
                          f"{100 * statistics.median(values) / statistics.median(plain):+.1f}"])
     table = common.markdown_table(["path", "code", "µs/step unrecorded (CPU)",
                                    "µs more per recorded step (median)", "% of a step"], rows)
-    verdicts = [f"{path}: a recorded step costs {medians[path, 'now']:+.0f} µs now against "
-                f"{medians[path, 'then']:+.0f} µs then (now/then "
-                f"{medians[path, 'now'] / medians[path, 'then']:.2f})"
-                for path in ("autograd", "fused")]
+    verdicts = []
+    for path in ("autograd", "fused"):
+        low, high = difference_interval(figures[path, "now"], figures[path, "then"])
+        verdicts.append(
+            f"{path}: a recorded step costs {medians[path, 'now']:+.0f} µs now against "
+            f"{medians[path, 'then']:+.0f} µs then (now/then "
+            f"{medians[path, 'now'] / medians[path, 'then']:.2f}; now − then "
+            f"{medians[path, 'now'] - medians[path, 'then']:+.0f} µs, 95 % bootstrap interval "
+            f"{low:+.0f} to {high:+.0f} µs)")
     body = (f"Tutorial net 784-128-256-10, sigmoid, SGD lr 0.01, MNIST batches of 64; "
             f"{args.reps} runs of {args.steps} steps per path in blocks of {BLOCK}, threads "
             f"{threads}. Then: commit {args.then}; now: this checkout.\n\n{table}\n\n"
