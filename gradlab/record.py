@@ -97,6 +97,7 @@ def derivative_into(activation: str, from_output: bool):
 
 # how a layer's update_ratio is measured at a recorded step
 _SNAPSHOT, _FROM_GRAD_NORM, _FROM_TENSORS = 0, 1, 2
+_PLAN_KEYS = ("lr", "momentum", "weight_decay", "nesterov")  # what a plan depends on
 
 
 def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = False) -> np.ndarray:
@@ -265,6 +266,8 @@ class GradientRecorder:
         self._prev: list[torch.Tensor] | None = None  # weight snapshot
         self._group_of: dict[int, dict] = {}
         self._group_count = -1
+        self._group_list: list[dict] = []
+        self._plan_settings: list[tuple] | None = None  # the settings the plans were made for
         self._optimizer = optimizer
         self.applied_updates = applied_updates
         self._plain = _is_plain_mlp(model, self.linears, activation)
@@ -294,6 +297,7 @@ class GradientRecorder:
         self._read = False  # the gradients of the current row have been read
         self._pending_update = False
         self._order: list[int] = []  # recorded modules by first call in the forward pass
+        self._called = [False] * n
         self._recorded: list[int] = []
         self._numel: list[np.ndarray] = []  # per recorded row: elements of z per layer
         self._update_mode: list[list[int]] = []  # per row and layer: how update_ratio is known
@@ -340,7 +344,8 @@ class GradientRecorder:
     def _forward_hook(self, index: int, module, inputs, z: torch.Tensor) -> None:
         if not self._active or not torch.is_grad_enabled():
             return
-        if index not in self._order:
+        if not self._called[index]:
+            self._called[index] = True
             self._order.append(index)
         if z.requires_grad:
             z.register_hook(self._grad_hooks[index])
@@ -499,19 +504,26 @@ class GradientRecorder:
         if len(groups) != self._group_count:
             self._group_of = {id(p): g for g in groups for p in g["params"]}
             self._group_count = len(groups)
+            self._group_list = list(groups)
+            self._plan_settings = None
         return self._group_of
 
     def _prepare_update(self, n: int) -> None:
         groups = self._groups()
-        plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
-        self._plans = plans
-        self._update_mode.append([mode for mode, _, _ in plans])
-        self._update_scale.append([lr for _, lr, _ in plans])
-        needs_before = self.applied_updates or any(
-            mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
-                                  and (group["nesterov"] or group["momentum"] == 0))
-            for mode, _, group in plans)
-        self._snapshot = needs_before
+        # the plans change only with the groups' settings (a scheduler's new lr, say)
+        settings = [tuple(g.get(k) for k in _PLAN_KEYS) for g in self._group_list]
+        if settings != self._plan_settings:
+            plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
+            self._plans, self._plan_settings = plans, settings
+            self._plan_modes = [mode for mode, _, _ in plans]
+            self._plan_scales = [lr for _, lr, _ in plans]
+            self._plan_snapshot = self.applied_updates or any(
+                mode == _SNAPSHOT or (mode == _FROM_TENSORS and group["weight_decay"] != 0
+                                      and (group["nesterov"] or group["momentum"] == 0))
+                for mode, _, group in plans)
+        self._update_mode.append(list(self._plan_modes))  # (after_update may change a mode)
+        self._update_scale.append(self._plan_scales)
+        needs_before = self._snapshot = self._plan_snapshot
         if needs_before:
             if self._prev is None:
                 self._prev = [torch.empty_like(w) for w in self._weights]

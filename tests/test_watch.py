@@ -429,3 +429,25 @@ def test_the_backward_pass_reads_each_gradient_once(monkeypatch):
             opt.step()
     assert len(queued) == 3
     assert rec.flush()[list(COLUMNS[:4])].notna().all().all()
+
+
+def test_update_ratio_follows_a_learning_rate_schedule():
+    """The update plan is rebuilt when a group's settings change: each step's update_ratio
+    is read with the lr that step used."""
+    torch.manual_seed(0)
+    model = build_mlp((IN, 8, OUT), "tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    applied = []
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for _ in range(3):
+            before = model.fc0.weight.detach().clone()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            schedule.step()
+            applied.append(((model.fc0.weight.detach() - before).norm() / before.norm()).item())
+    frame = rec.flush()
+    got = frame[frame["layer_name"] == "fc0"].sort_values("step")["update_ratio"].tolist()
+    assert got == pytest.approx(applied, rel=1e-4)
