@@ -55,9 +55,9 @@ Under ``torch.amp.GradScaler`` the gradients that are recorded are those of the 
 snapshot optimizers); a step the scaler skips is not an optimizer step.
 
 Cost. Per recorded step the device work is one fused norm over dL/dz, the gradients and the
-weights (taken as the backward pass ends, or in ``after_backward``), a stack into the row
-buffer, and the f' passes above; the layers' hooks are registered only while steps are
-recorded, so unrecorded steps run without them.
+weights (taken as the backward pass ends, or in ``after_backward``) written into the row
+buffer (on the CPU through its numpy view), and the f' passes above; the layers' hooks are
+registered only while steps are recorded, so unrecorded steps run without them.
 """
 
 from __future__ import annotations
