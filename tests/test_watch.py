@@ -451,3 +451,24 @@ def test_update_ratio_follows_a_learning_rate_schedule():
     frame = rec.flush()
     got = frame[frame["layer_name"] == "fc0"].sort_values("step")["update_ratio"].tolist()
     assert got == pytest.approx(applied, rel=1e-4)
+
+
+def test_relu_counts_under_bfloat16_autocast():
+    """Under ``torch.autocast`` a Linear's z is bfloat16: the f′ counts are still exact (the
+    flags are float32), equal to counting z > 0 directly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 32), nn.ReLU(), nn.Linear(32, OUT))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, z: seen.append(z.detach().clone()))
+    with gradlab.watch(model, opt, log_every=1) as rec, \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.zero_grad()
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    (z,) = seen
+    assert z.dtype == torch.bfloat16
+    row = rec.flush().iloc[0]
+    assert row["act_grad_mean"] == (z > 0).sum().item() / z.numel()
+    assert row["dead_frac"] == pytest.approx(((z > 0).sum(0) == 0).float().mean().item())
