@@ -230,13 +230,12 @@ def build(
 def step0_table(results) -> str:
     """The vanishing ratio at step 0 (initialisation) beside its median over training, per
     setup, mean ± sd over the complete runs' seeds ("" when there are no records)."""
-    from .tables import table_keys, vanishing_ratios
+    from .tables import complete_only, table_keys, vanishing_ratios
 
     grads = results.grads
     if grads.empty or (grads["depth"] < 2).all():
         return ""
-    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
-    grads = grads[grads["run_id"].isin(complete)]
+    grads = complete_only(grads, results.runs)
     if grads.empty:
         return ""
     both = vanishing_ratios(grads[grads["step"] == 0]).merge(

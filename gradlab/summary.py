@@ -30,16 +30,14 @@ def summary_table(results: store.Results, by: list[str] | None = None) -> pd.Dat
     ``diverged``, ``failed``, ``test_accuracy_mean``, ``test_accuracy_sd``,
     ``vanishing_ratio_mean``, ``vanishing_ratio_sd`` (an sd is NaN for a single seed).
     """
-    from .tables import final_accuracy_table, table_keys, vanishing_ratios
+    from .tables import complete_only, final_accuracy_table, table_keys, vanishing_ratios
 
     if results.runs.empty or results.epochs.empty:
         return pd.DataFrame()
     by = list(by or table_keys(results.runs))
     table = final_accuracy_table(results.epochs, results.runs, by=by).rename(
         columns={"mean": "test_accuracy_mean", "sd": "test_accuracy_sd"})
-    complete = set(results.runs.loc[results.runs["status"] == "complete", "run_id"])
-    grads = results.grads[results.grads["run_id"].isin(complete)] if len(results.grads) else \
-        results.grads
+    grads = complete_only(results.grads, results.runs)
     if grads.empty:
         return table.assign(vanishing_ratio_mean=math.nan, vanishing_ratio_sd=math.nan)
     ratios = vanishing_ratios(grads).groupby(by, sort=True, dropna=False)

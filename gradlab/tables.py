@@ -88,6 +88,14 @@ def with_setup(frame: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, s
     return frame.assign(setup=label.str.removeprefix(", ")), "setup"
 
 
+def complete_only(grads: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The records of complete runs: a diverged run's partial records are no measure of its
+    setup (summaries count it in ``diverged`` instead)."""
+    if grads.empty or "status" not in runs:
+        return grads
+    return grads[grads["run_id"].isin(runs.loc[runs["status"] == "complete", "run_id"])]
+
+
 def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.DataFrame:
     """Per run: ‖g_first‖/‖g_last‖, ``y`` of layer 0 over layer depth−1, taken per recorded step,
     then the median over steps (``vanishing_ratio``). Steps where the ratio is not finite and
@@ -195,18 +203,16 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
     and the top of the report."""
     if grads.empty or runs.empty or "depth" not in runs:
         return []
-    diverged = pd.Series(dtype=object)
-    if "status" in runs:  # a diverged run's partial records are no measure of its setup
-        complete = set(runs.loc[runs["status"] == "complete", "run_id"])
-        grads = grads[grads["run_id"].isin(complete)]
-        if grads.empty:
-            return []
-        lost, hue = with_setup(runs[runs["status"] == "diverged"], runs)
-        if not lost.empty:
-            lost = lost[~lost.set_index([hue, "depth"]).index.isin(
-                with_setup(runs[runs["status"] == "complete"], runs)[0]
-                .set_index([hue, "depth"]).index)]
-            diverged = lost.groupby(hue)["depth"].apply(lambda d: sorted(set(d)))
+    grads = complete_only(grads, runs)
+    if grads.empty:
+        return []
+    diverged = pd.Series(dtype=object)  # per setup: the depths where every run diverged
+    if "status" in runs:
+        labelled, hue = with_setup(runs, runs)
+        lost = labelled.groupby([hue, "depth"])["status"].agg(
+            lambda s: "diverged" in set(s) and "complete" not in set(s))
+        lost = lost[lost].reset_index().sort_values("depth")
+        diverged = lost.groupby(hue)["depth"].apply(list)
     ratios, hue = with_setup(vanishing_ratios(grads), runs)
     ratio = ratios.groupby([hue, "depth"])["vanishing_ratio"].apply(geometric_mean)
     accuracy = pd.Series(dtype=float)
