@@ -277,18 +277,18 @@ class GradientRecorder:
             self._derivative = derivative_into(activation, self._from_output)
             self._copy_z = any(getattr(m, "inplace", False) for m in model.modules())
         self._axes = [unit_axis(m) for m in self.linears]
+        self._unit_counts = [units(m) for m in self.linears]
+        self._widths = np.array(self._unit_counts, dtype=np.float64)
         # relu-family layers (outside the plain MLP): their per-unit counts of z > 0 per row
         self._count_at: dict[int, slice] = {}
         start = 0
         for i, act in enumerate(self.activations):
             if not self._plain and act is not None and act.relu_family:
-                self._count_at[i] = slice(start, start + units(self.linears[i]))
-                start += units(self.linears[i])
+                self._count_at[i] = slice(start, start + self._unit_counts[i])
+                start += self._unit_counts[i]
         self._count_width = start
         self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
         self._queued = False
-        self._unit_counts = [units(m) for m in self.linears]
-        self._widths = np.array(self._unit_counts, dtype=np.float64)
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
         self._grad_hooks = [partial(self._grad_output_hook, i) for i in range(n)]
         self._handles: list = []
