@@ -245,9 +245,14 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None,
                         on_progress(outcome["run_id"], steps, steps)
                 yield outcomes
         except BaseException:
-            for ref in pending:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+            # a local instance of our own ends every task at its shutdown (below); cancelling
+            # there too races with tasks that are just finishing, which crashes Ray's core
+            # worker ("Tried to complete task that was not pending"). On a cluster, or a Ray
+            # the caller started, the tasks would outlive us: cancel them.
+            if not (started and address is None):
+                for ref in pending:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)
             raise
     finally:
         if started:
