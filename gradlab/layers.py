@@ -2,7 +2,8 @@
 
 A recorded layer is a module with a weight whose output has a unit axis: ``nn.Linear`` (units =
 output features, the last axis; every leading axis counts as examples) and ``nn.Conv1d`` /
-``nn.Conv2d`` (units = output channels, axis 1; the batch and positions count as examples).
+``nn.Conv2d`` (units = output channels, the axis before the positions; the batch, if any, and
+the positions count as examples).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from torch import nn
 
 from .activations import ACTIVATIONS, Activation, get
 
-# the unit axis of each recordable type's output
-UNIT_AXIS: dict[type, int] = {nn.Linear: -1, nn.Conv1d: 1, nn.Conv2d: 1}
+# the unit axis of each recordable type's output, counted from the end (so that it holds for
+# a convolution's unbatched input too)
+UNIT_AXIS: dict[type, int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3}
 TYPE_NAMES = ", ".join(f"nn.{t.__name__}" for t in UNIT_AXIS)
 
 

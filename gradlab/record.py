@@ -31,7 +31,8 @@ How each column is obtained (README, "Recorded columns"):
   *output*, which is the next Linear's input: it is read there, and the statistics of a whole
   chunk of steps are taken at once. Elsewhere f'(z) is taken in the forward hook, before any
   in-place activation can overwrite z; for the relu family only each unit's count of z > 0
-  is taken there (two passes over z), from which ``flush`` derives the three columns. Units:
+  is taken there (on a CPU with numba one pass over z, ``engines/positives.py``; else two),
+  from which ``flush`` derives the three columns. Units:
   output features (Linear) or channels (Conv).
 * ``update_ratio``: ‖ΔW‖ / ‖W‖ of the update the optimizer *intends*, ‖W‖ taken before the
   update (``weight_norm``), each weight with its own parameter group's settings. SGD: lr times
@@ -74,6 +75,11 @@ from torch import nn
 from . import compat
 from .activations import SATURATION, Activation, get
 from .layers import Spec, layer_activations, select, unit_axis, units
+
+try:  # the optional one-pass kernel for relu-family counts (numba: gradlab[fast])
+    from .engines.positives import count_positive_into
+except ImportError:
+    count_positive_into = None
 
 COLUMNS = (
     "grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm", "update_ratio",
@@ -162,10 +168,12 @@ def _scaled_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _per_unit_sum(t: torch.Tensor, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over everything but the unit axis (``axis``: -1 for features, 1 for channels)."""
-    if axis == -1 or axis == t.dim() - 1:
-        return torch.sum(t.reshape(-1, t.shape[-1]), 0, out=out)
-    return torch.sum(t.reshape(t.shape[0], t.shape[1], -1), (0, 2), out=out)
+    """Sum over everything but the unit axis (``axis``, counted from the end: -1 for features,
+    -3 for a Conv2d's channels)."""
+    width = t.shape[axis]
+    if axis == -1:
+        return torch.sum(t.reshape(-1, width), 0, out=out)
+    return torch.sum(t.reshape(-1, width, math.prod(t.shape[axis + 1:])), (0, 2), out=out)
 
 
 def _slope(act: Activation) -> float:
@@ -373,15 +381,18 @@ class GradientRecorder:
         at = self._count_at.get(index)
         if at is not None:
             # f' is 1 where z > 0, else the slope (0 for relu): each unit's count of
-            # positives says all (flush turns them into the columns). Flags as floats in a
-            # reused buffer: on CPU a bool tensor and its sum are several times slower than a
-            # float pass; the counts are integers, exact in float32 below 2**24 per call
-            flags = torch.gt(z, 0, out=self._flags_like(z))
+            # positives says all (flush turns them into the columns). On a CPU, one pass of
+            # the optional kernel; else flags as floats in a reused buffer (a bool tensor and
+            # its sum are several times slower than a float pass) and their per-unit sum; the
+            # counts are integers, exact in float32 below 2**24 per call
             counts = self._counts[self._row, at]
-            if self._step_numel[index] == 0:
-                _per_unit_sum(flags, self._axes[index], out=counts)
-            else:  # a further call of the layer in this step
-                counts.add_(_per_unit_sum(flags, self._axes[index]))
+            axis, add = self._axes[index], self._step_numel[index] > 0  # add: a further call
+            if count_positive_into is None or not count_positive_into(z, axis, counts, add):
+                flags = torch.gt(z, 0, out=self._flags_like(z))
+                if add:
+                    counts.add_(_per_unit_sum(flags, axis))
+                else:
+                    _per_unit_sum(flags, axis, out=counts)
         else:
             act = self.activations[index]
             fp = act.derivative(z)

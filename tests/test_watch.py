@@ -16,6 +16,7 @@ from torch.nn import functional as F
 import gradlab
 from gradlab.activations import ACTIVATIONS, SATURATION
 from gradlab.models import build_mlp
+from gradlab import record
 from gradlab.record import COLUMNS
 
 IN, OUT, BATCH = 12, 5, 6
@@ -472,3 +473,10 @@ def test_relu_counts_under_bfloat16_autocast():
     row = rec.flush().iloc[0]
     assert row["act_grad_mean"] == (z > 0).sum().item() / z.numel()
     assert row["dead_frac"] == pytest.approx(((z > 0).sum(0) == 0).float().mean().item())
+
+
+@pytest.mark.parametrize("kind", ["modulelist", "cnn", "residual", "encoder"])
+def test_every_column_matches_the_reference_without_the_count_kernel(kind, monkeypatch):
+    """The relu-family counts by PyTorch ops (no numba, or a tensor the kernel declines)."""
+    monkeypatch.setattr(record, "count_positive_into", None)
+    test_every_column_matches_the_reference(kind, "sgd")
