@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradlab
+from gradlab import record
 from gradlab.activations import ACTIVATIONS, SATURATION
 from gradlab.models import build_mlp
-from gradlab import record
 from gradlab.record import COLUMNS
 
 IN, OUT, BATCH = 12, 5, 6
