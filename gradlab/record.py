@@ -133,8 +133,10 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
     if isinstance(out, torch.Tensor) and out.device.type == "cpu":
         out = out.numpy()
     if isinstance(out, np.ndarray):
-        found = iter([norm.item() for norm in compat.foreach_norm(real)] if real else [])
-        values = [math.nan if t is None else next(found) for t in tensors]
+        values = [norm.item() for norm in compat.foreach_norm(real)] if real else []
+        if len(real) < len(tensors):
+            found = iter(values)
+            values = [math.nan if t is None else next(found) for t in tensors]
         if not (values and TRUSTED_NORM <= min(values) and sum(values) < math.inf):
             for i, value in enumerate(values):  # (NaN fails the test too)
                 if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
@@ -375,9 +377,9 @@ class GradientRecorder:
         self._queued = False
         self.read_gradients()
 
-    @torch.no_grad()
     def _layer_stats(self, index: int, z: torch.Tensor) -> None:
-        """Add one call's f' statistics of a layer (any shape, units on its unit axis)."""
+        """Add one call's f' statistics of a layer (any shape, units on its unit axis); ``z``
+        is detached, so no autograd context is needed."""
         at = self._count_at.get(index)
         if at is not None:
             # f' is 1 where z > 0, else the slope (0 for relu): each unit's count of
@@ -442,7 +444,8 @@ class GradientRecorder:
 
     def begin_step(self, step: int) -> bool:
         """Start step ``step``; returns whether it is recorded (then call the two methods below)."""
-        active = self.is_recorded(step)
+        every = self._every  # (is_recorded, inline: this runs every step)
+        active = (every > 0 and step % every == 0) if every is not None else step in self._steps
         if self._entered and active != bool(self._handles):
             self._set_hooks(active)  # unrecorded steps run without hooks
         self._active = active
@@ -522,7 +525,7 @@ class GradientRecorder:
     def _prepare_update(self, n: int) -> None:
         groups = self._groups()
         # the plans change only with the groups' settings (a scheduler's new lr, say)
-        settings = [tuple(g.get(k) for k in _PLAN_KEYS) for g in self._group_list]
+        settings = [tuple(map(g.get, _PLAN_KEYS)) for g in self._group_list]
         if settings != self._plan_settings:
             plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
             self._plans, self._plan_settings = plans, settings
