@@ -342,6 +342,12 @@ class GradientRecorder:
         self._set_hooks(False)
         self._active = False
 
+    def hooks(self, on: bool) -> None:
+        """Register (or remove) the layers' forward hooks now, inside the ``with`` block
+        (``begin_step`` does as needed; ``watch`` does it between steps)."""
+        if self._entered:
+            self._set_hooks(on)
+
     def _set_hooks(self, on: bool) -> None:
         if on and not self._handles:
             self._handles = [layer.register_forward_hook(hook)

@@ -13,6 +13,10 @@ Step boundaries come from PyTorch's own hooks, so the loop needs no calls:
 * the optimizer's step pre-hook stores the f' statistics and snapshots weights where needed;
   its step post-hook measures the update and closes the step.
 
+Only the step post-hook, which counts steps, stays registered through the block: the others,
+and the layers' hooks, are registered when the next step is one to record and removed after
+it, so an unrecorded step costs one Python call.
+
 Step ``s`` is the number of optimizer steps made since ``watch`` was entered. The loss is not
 visible to hooks: the ``loss`` column is empty in these records.
 """
@@ -74,25 +78,40 @@ class Watch:
         self.step = 0  # optimizer steps made inside the block
         self._open = False  # a step has begun (a forward ran) and not yet ended
         self._recording = False
-        self._handles: list = []
+        self._handles: list = []  # the step post-hook
+        self._armed: list = []  # the hooks of a recorded step
         recorder.read_at_backward_end = True
         self._frames: list[pd.DataFrame] = []
         self._started = now()
 
     def __enter__(self) -> Watch:
         self.recorder.__enter__()
-        self._handles = [
-            self.model.register_forward_pre_hook(self._on_forward),
-            self.optimizer.register_step_pre_hook(self._before_step),
-            self.optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
+        recorded = self.recorder.is_recorded(self.step)
+        self.recorder.hooks(recorded)
+        self._arm(recorded)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._arm(False)
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.recorder.__exit__(*exc)
+
+    def _arm(self, on: bool) -> None:
+        """Register (or remove) the hooks that record a step: the model's forward pre-hook,
+        the optimizer's step pre-hook and the recorded layers' hooks."""
+        if on == bool(self._armed):
+            return
+        if on:
+            self._armed = [self.model.register_forward_pre_hook(self._on_forward),
+                           self.optimizer.register_step_pre_hook(self._before_step)]
+        else:
+            for handle in self._armed:
+                handle.remove()
+            self._armed = []
+        self.recorder.hooks(on)
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_forward(self, module, args) -> None:
@@ -110,6 +129,7 @@ class Watch:
             self.recorder.after_update()
         self._recording = self._open = False
         self.step += 1
+        self._arm(self.recorder.is_recorded(self.step))
 
     # -- output --------------------------------------------------------------------------------
     def flush(self) -> pd.DataFrame:

@@ -238,6 +238,10 @@ def test_unrecorded_steps_run_without_hooks_and_steps_count_optimizer_steps():
             recorded = step % 3 == 0
             assert bool(out._backward_hooks) == recorded
             assert any(m._forward_hooks for m in model.modules()) == recorded
+            # an unrecorded step runs one hook of watch's: the step post-hook, counting steps
+            assert bool(model._forward_pre_hooks) == recorded
+            assert len(opt._optimizer_step_pre_hooks) == recorded
+            assert len(opt._optimizer_step_post_hooks) == 1
             with torch.no_grad():  # an evaluation pass opens no step
                 model(x)
             opt.zero_grad()
