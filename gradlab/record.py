@@ -514,6 +514,7 @@ class GradientRecorder:
             norms_into(row, self._outputs() + self._param_grads() + self._weights, (loss,))
         self._store_stats()
         self._numel.append(self._step_numel)
+        self._grad_out = [[] for _ in range(n)]  # read: let autograd reuse their memory
         self._prepare_update(n)
         self._pending_update = True
 
