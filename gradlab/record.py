@@ -63,6 +63,8 @@ registered only while steps are recorded, so unrecorded steps run without them.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Iterable
 from functools import partial
@@ -76,10 +78,22 @@ from . import compat
 from .activations import SATURATION, Activation, get
 from .layers import Spec, layer_activations, select, unit_axis, units
 
-try:  # the optional one-pass kernel for relu-family counts (numba: gradlab[fast])
-    from .engines.positives import count_positive_into
-except ImportError:
-    count_positive_into = None
+USE_KERNELS = True  # False: PyTorch ops only (the tests compare both)
+
+
+@functools.cache
+def _kernel_module(name: str):
+    try:
+        return importlib.import_module(f".engines.{name}", __package__)
+    except ImportError:  # no numba (gradlab[fast])
+        return None
+
+
+def optional_kernel(module: str, name: str):
+    """``gradlab.engines.<module>.<name>``, a numba kernel, imported on first use (numba takes
+    a moment to load); None without numba or with ``USE_KERNELS`` off."""
+    found = _kernel_module(module) if USE_KERNELS else None
+    return getattr(found, name) if found is not None else None
 
 COLUMNS = (
     "grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm", "update_ratio",
@@ -297,6 +311,17 @@ class GradientRecorder:
                 self._count_at[i] = slice(start, start + self._unit_counts[i])
                 start += self._unit_counts[i]
         self._count_width = start
+        self._count_positive = (optional_kernel("positives", "count_positive_into")
+                                if start else None)
+        # relu's f' statistics in one pass (CPU float32): its sums are counts, exact in
+        # either path, so the records do not depend on whether numba is installed (the
+        # kernel's sums of sigmoid's or tanh's f' differ from PyTorch's in the last bits)
+        self._stats_kernel = None
+        if self._plain and self.activation.name == "relu":
+            self._stats_kernel = optional_kernel("fused", "activation_stats")
+            self._kernel_steps: dict[int, np.ndarray] = {}  # STEP records by batch size
+            self._bounds = [np.array([0, width], dtype=np.int64)
+                            for width in self._unit_counts[:-1]]
         self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
         self._queued = False
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
@@ -395,7 +420,8 @@ class GradientRecorder:
             # counts are integers, exact in float32 below 2**24 per call
             counts = self._counts[self._row, at]
             axis, add = self._axes[index], self._step_numel[index] > 0  # add: a further call
-            if count_positive_into is None or not count_positive_into(z, axis, counts, add):
+            kernel = self._count_positive
+            if kernel is None or not kernel(z, axis, counts, add):
                 flags = torch.gt(z, 0, out=self._flags_like(z))
                 if add:
                     counts.add_(_per_unit_sum(flags, axis))
@@ -441,6 +467,7 @@ class GradientRecorder:
         self._norms_out, self._update_out, self._applied_out = (
             buffer.numpy() if host else buffer
             for buffer in (self._norms, self._update, self._applied))
+        self._act_out = self._act.numpy() if host else None
 
     def is_recorded(self, step: int) -> bool:
         """Whether step ``step`` is one this recorder records."""
@@ -599,6 +626,9 @@ class GradientRecorder:
             return
         batch = hidden[0].shape[0]
         self._step_numel[:-1] = [batch * width for width in self._unit_counts[:-1]]
+        if self._stats_kernel is not None and self._kernel_stats(hidden, batch):
+            self._hidden = [None] * len(hidden)
+            return
         chunk = self._chunk
         if chunk is not None and (chunk.shape[1] != batch or self._chunk_rows == chunk.shape[0]
                                   or self._chunk_start + self._chunk_rows != self._row):
@@ -614,6 +644,29 @@ class GradientRecorder:
         torch.cat(hidden, dim=1, out=chunk[self._chunk_rows])
         self._chunk_rows += 1
         self._hidden = [None] * len(hidden)
+
+    def _kernel_stats(self, hidden: list[torch.Tensor], batch: int) -> bool:
+        """This step's f' statistics of the plain MLP's hidden outputs by the fused engine's
+        one-pass kernel (no chunk copy); False, doing nothing, where it does not apply (not
+        contiguous float32 on the CPU): the chunk path then runs."""
+        if self._act_out is None or not all(
+                h.dtype == torch.float32 and h.is_contiguous() for h in hidden):
+            return False
+        if self._chunk_rows:  # rows of the chunk path before this one
+            self._process_chunk()
+        step = self._kernel_steps.get(batch)
+        if step is None:
+            from .activations import LEAKY_SLOPE
+            from .engines.fused import step_spec
+            act = self.activation
+            step = self._kernel_steps[batch] = step_spec(
+                1, batch, code=act.code, slope=LEAKY_SLOPE,
+                threshold=SATURATION * act.max_derivative)
+        row = self._act_out[self._row]
+        for i, h in enumerate(hidden):  # each layer's stats into its slot of the row
+            self._stats_kernel(h.numpy().reshape(-1), 0, 1, self._bounds[i], step,
+                               row[i:][None, None], 0)
+        return True
 
     def _process_chunk(self) -> None:
         rows = self._chunk_rows

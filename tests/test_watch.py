@@ -482,5 +482,5 @@ def test_relu_counts_under_bfloat16_autocast():
 @pytest.mark.parametrize("kind", ["modulelist", "cnn", "residual", "encoder"])
 def test_every_column_matches_the_reference_without_the_count_kernel(kind, monkeypatch):
     """The relu-family counts by PyTorch ops (no numba, or a tensor the kernel declines)."""
-    monkeypatch.setattr(record, "count_positive_into", None)
+    monkeypatch.setattr(record, "USE_KERNELS", False)
     test_every_column_matches_the_reference(kind, "sgd")
