@@ -29,11 +29,12 @@ How each column is obtained (README, "Recorded columns"):
   never computed with a guessed function). In a plain ``Linear, act, Linear, …`` Sequential
   (``build_mlp``'s), f' of sigmoid, tanh and the relu family is a function of the activation's
   *output*, which is the next Linear's input: it is read there, and the statistics of a whole
-  chunk of steps are taken at once. Elsewhere f'(z) is taken in the forward hook, before any
-  in-place activation can overwrite z; for the relu family only each unit's count of z > 0
-  is taken there (on a CPU with numba one pass over z, ``engines/positives.py``; else two),
-  from which ``flush`` derives the three columns. Units:
-  output features (Linear) or channels (Conv).
+  chunk of steps are taken at once (relu on a CPU with numba: each step's in one pass, by the
+  fused engine's kernel). Elsewhere f'(z) is taken in the forward hook, before any in-place
+  activation can overwrite z; for the relu family only each unit's count of z > 0 is taken
+  there (on a CPU with numba one pass over z, ``engines/positives.py``; else two), from which
+  ``flush`` derives the three columns. The kernels only count, so the records are the same
+  bits with numba or without. Units: output features (Linear) or channels (Conv).
 * ``update_ratio``: ‖ΔW‖ / ‖W‖ of the update the optimizer *intends*, ‖W‖ taken before the
   update (``weight_norm``), each weight with its own parameter group's settings. SGD: lr times
   the norm of the direction it applies - the gradient (``.grad`` as the optimizer sees it, so

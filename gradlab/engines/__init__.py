@@ -11,5 +11,9 @@ The core (``gradlab.train``) imports an engine only when a run's config names it
   the classifier layer in one pass, a first layer that skips zero pixels; a 16-float vector type);
 * ``batches``: batches gathered ahead in a worker thread, into reused buffers;
 * ``members``: the training loop (``train_members``, ``train_one``);
-* ``ensemble``: the seeds of one configuration trained together (``gradlab sweep --ensemble``).
+* ``ensemble``: the seeds of one configuration trained together (``gradlab sweep --ensemble``);
+* ``positives``: for ``GradientRecorder`` on any model, each unit's count of z > 0 in one pass
+  (its relu-family f'); the recorder also takes a plain relu MLP's f' statistics with
+  ``fused.activation_stats``. It loads both on first use (``record.optional_kernel``) and runs
+  PyTorch's ops without numba, with the same records.
 """
