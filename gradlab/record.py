@@ -748,9 +748,13 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
         zeros = torch.zeros_like(total)
         saturated = dead = zeros
         if activation.saturating:
-            # f' - t < 0 exactly where f' < t, and lies in (-1, 1) for these activations
-            # (0 <= f' <= 1), so its floor is -1 there and 0 elsewhere
-            saturated = fp.sub_(SATURATION * activation.max_derivative).floor_().sum(-2).neg_()
+            threshold = SATURATION * activation.max_derivative
+            count = optional_kernel("positives", "count_below") if a.dim() == 3 else None
+            saturated = count(fp, threshold) if count is not None else None
+            if saturated is None:
+                # f' - t < 0 exactly where f' < t, and lies in (-1, 1) for these activations
+                # (0 <= f' <= 1), so its floor is -1 there and 0 elsewhere
+                saturated = fp.sub_(threshold).floor_().sum(-2).neg_()
         if activation.relu_family:  # dead: no example has z > 0, i.e. f(z) > 0
             # relu's f' is 1 exactly where z > 0, so its sum already counts the positives
             positive = (total if activation.name == "relu"

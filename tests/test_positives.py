@@ -60,3 +60,22 @@ def test_a_convolution_on_unbatched_input_counts_per_channel(kernel, monkeypatch
     row = rec.flush().set_index("layer_name").loc["0"]
     assert row["act_grad_mean"] == (z > 0).sum().item() / z.numel()
     assert row["dead_frac"] == ((z > 0).flatten(1).sum(1) == 0).float().mean().item()
+
+
+def test_counts_below_a_threshold_match_pytorch_with_nan_and_ties():
+    """Saturated counts (f' below the threshold) per step and unit: the same as PyTorch's
+    floor trick in ``record.activation_stats``, NaN where a value is NaN, ties not below."""
+    from gradlab.engines.positives import count_below
+
+    torch.manual_seed(0)
+    fp = torch.rand(5, 33, 40) * 0.25
+    fp[0, 3, 5] = float("nan")
+    fp[1, :, 7] = 0.025
+    threshold = 0.025
+    expected = fp.clone().sub_(threshold).floor_().sum(-2).neg_()
+    got = count_below(fp, threshold)
+    assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().sum() == 1
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))
+    assert got[1, 7] == 0
+    assert count_below(fp.double(), threshold) is None
+    assert count_below(fp[0], threshold) is None

@@ -183,4 +183,5 @@ def test_the_kernel_and_pytorch_statistics_agree_over_steps_and_batch_sizes(acti
         frames[use] = pd.concat(parts, ignore_index=True)
     columns = ["act_grad_mean", "saturated_frac", "dead_frac"]
     assert frames[True][columns].notna().sum().sum() > 0
-    pd.testing.assert_frame_equal(frames[True][columns], frames[False][columns], check_exact=True)
+    # the same bits (zeros' signs and NaNs too)
+    assert frames[True][columns].to_numpy().tobytes() == frames[False][columns].to_numpy().tobytes()
