@@ -29,12 +29,12 @@ How each column is obtained (README, "Recorded columns"):
   never computed with a guessed function). In a plain ``Linear, act, Linear, …`` Sequential
   (``build_mlp``'s), f' of sigmoid, tanh and the relu family is a function of the activation's
   *output*, which is the next Linear's input: it is read there, and the statistics of a whole
-  chunk of steps are taken at once (relu on a CPU with numba: each step's in one pass, by the
-  fused engine's kernel). Elsewhere f'(z) is taken in the forward hook, before any in-place
-  activation can overwrite z; for the relu family only each unit's count of z > 0 is taken
-  there (on a CPU with numba one pass over z, ``engines/positives.py``; else two), from which
-  ``flush`` derives the three columns. The kernels only count, so the records are the same
-  bits with numba or without. Units: output features (Linear) or channels (Conv).
+  chunk of steps are taken at once. Elsewhere f'(z) is taken in the forward hook, before any
+  in-place activation can overwrite z; for the relu family only each unit's count of z > 0
+  is taken there (on a CPU with numba one pass over z, ``engines/positives.py``; else two),
+  from which ``flush`` derives the three columns. The kernel only counts (NaN is not > 0,
+  in both), so the records are the same bits with numba or without. Units: output features
+  (Linear) or channels (Conv).
 * ``update_ratio``: ‖ΔW‖ / ‖W‖ of the update the optimizer *intends*, ‖W‖ taken before the
   update (``weight_norm``), each weight with its own parameter group's settings. SGD: lr times
   the norm of the direction it applies - the gradient (``.grad`` as the optimizer sees it, so
@@ -314,15 +314,6 @@ class GradientRecorder:
         self._count_width = start
         self._count_positive = (optional_kernel("positives", "count_positive_into")
                                 if start else None)
-        # relu's f' statistics in one pass (CPU float32): its sums are counts, exact in
-        # either path, so the records do not depend on whether numba is installed (the
-        # kernel's sums of sigmoid's or tanh's f' differ from PyTorch's in the last bits)
-        self._stats_kernel = None
-        if self._plain and self.activation.name == "relu":
-            self._stats_kernel = optional_kernel("fused", "activation_stats")
-            self._kernel_steps: dict[int, np.ndarray] = {}  # STEP records by batch size
-            self._bounds = [np.array([0, width], dtype=np.int64)
-                            for width in self._unit_counts[:-1]]
         self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
         self._queued = False
         self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
@@ -468,7 +459,6 @@ class GradientRecorder:
         self._norms_out, self._update_out, self._applied_out = (
             buffer.numpy() if host else buffer
             for buffer in (self._norms, self._update, self._applied))
-        self._act_out = self._act.numpy() if host else None
 
     def is_recorded(self, step: int) -> bool:
         """Whether step ``step`` is one this recorder records."""
@@ -627,9 +617,6 @@ class GradientRecorder:
             return
         batch = hidden[0].shape[0]
         self._step_numel[:-1] = [batch * width for width in self._unit_counts[:-1]]
-        if self._stats_kernel is not None and self._kernel_stats(hidden, batch):
-            self._hidden = [None] * len(hidden)
-            return
         chunk = self._chunk
         if chunk is not None and (chunk.shape[1] != batch or self._chunk_rows == chunk.shape[0]
                                   or self._chunk_start + self._chunk_rows != self._row):
@@ -645,29 +632,6 @@ class GradientRecorder:
         torch.cat(hidden, dim=1, out=chunk[self._chunk_rows])
         self._chunk_rows += 1
         self._hidden = [None] * len(hidden)
-
-    def _kernel_stats(self, hidden: list[torch.Tensor], batch: int) -> bool:
-        """This step's f' statistics of the plain MLP's hidden outputs by the fused engine's
-        one-pass kernel (no chunk copy); False, doing nothing, where it does not apply (not
-        contiguous float32 on the CPU): the chunk path then runs."""
-        if self._act_out is None or not all(
-                h.dtype == torch.float32 and h.is_contiguous() for h in hidden):
-            return False
-        if self._chunk_rows:  # rows of the chunk path before this one
-            self._process_chunk()
-        step = self._kernel_steps.get(batch)
-        if step is None:
-            from .activations import LEAKY_SLOPE
-            from .engines.fused import step_spec
-            act = self.activation
-            step = self._kernel_steps[batch] = step_spec(
-                1, batch, code=act.code, slope=LEAKY_SLOPE,
-                threshold=SATURATION * act.max_derivative)
-        row = self._act_out[self._row]
-        for i, h in enumerate(hidden):  # each layer's stats into its slot of the row
-            self._stats_kernel(h.numpy().reshape(-1), 0, 1, self._bounds[i], step,
-                               row[i:][None, None], 0)
-        return True
 
     def _process_chunk(self) -> None:
         rows = self._chunk_rows
@@ -748,13 +712,9 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
         zeros = torch.zeros_like(total)
         saturated = dead = zeros
         if activation.saturating:
-            threshold = SATURATION * activation.max_derivative
-            count = optional_kernel("positives", "count_below") if a.dim() == 3 else None
-            saturated = count(fp, threshold) if count is not None else None
-            if saturated is None:
-                # f' - t < 0 exactly where f' < t, and lies in (-1, 1) for these activations
-                # (0 <= f' <= 1), so its floor is -1 there and 0 elsewhere
-                saturated = fp.sub_(threshold).floor_().sum(-2).neg_()
+            # f' - t < 0 exactly where f' < t, and lies in (-1, 1) for these activations
+            # (0 <= f' <= 1), so its floor is -1 there and 0 elsewhere
+            saturated = fp.sub_(SATURATION * activation.max_derivative).floor_().sum(-2).neg_()
         if activation.relu_family:  # dead: no example has z > 0, i.e. f(z) > 0
             # relu's f' is 1 exactly where z > 0, so its sum already counts the positives
             positive = (total if activation.name == "relu"

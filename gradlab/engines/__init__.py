@@ -13,7 +13,6 @@ The core (``gradlab.train``) imports an engine only when a run's config names it
 * ``members``: the training loop (``train_members``, ``train_one``);
 * ``ensemble``: the seeds of one configuration trained together (``gradlab sweep --ensemble``);
 * ``positives``: for ``GradientRecorder`` on any model, each unit's count of z > 0 in one pass
-  (its relu-family f'); the recorder also takes a plain relu MLP's f' statistics with
-  ``fused.activation_stats``. It loads both on first use (``record.optional_kernel``) and runs
-  PyTorch's ops without numba, with the same records.
+  (its relu-family f'), loaded on first use (``record.optional_kernel``); without numba the
+  recorder runs PyTorch's ops, with the same records.
 """

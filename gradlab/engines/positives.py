@@ -1,5 +1,4 @@
-"""Counts in one pass, for the recorder's f' statistics on a CPU: each unit's count of z > 0
-(its relu-family f') and of f' below the saturation threshold.
+"""Each unit's count of z > 0 in one pass over z: the recorder's relu-family f' on a CPU.
 
 ``GradientRecorder`` keeps, for a layer followed by relu, leaky_relu or elu, only how often each
 unit's z was positive (f' follows from it). In PyTorch that is two passes and a scratch tensor
@@ -71,31 +70,3 @@ def count_positive_into(z: torch.Tensor, axis: int, out: torch.Tensor, add: bool
         _count_units_inner(values.reshape(-1, width, inner), out.numpy(), add)
     return True
 
-
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _count_below(values, threshold, out):  # pragma: no cover - compiled
-    """values (rows, batch, units): out[r, u] = the number of values[r, :, u] < threshold,
-    NaN where one is NaN (as PyTorch's sum of the flags would be)."""
-    rows, batch, width = values.shape
-    nan = np.float32(np.nan)
-    for r in range(rows):
-        counts = np.zeros(width, np.float32)
-        for b in range(batch):
-            row = values[r, b]
-            for u in range(width):
-                v = row[u]
-                counts[u] += (np.float32(1) if v < threshold else
-                              np.float32(0) if v >= threshold else nan)
-        for u in range(width):
-            out[r, u] = counts[u]
-
-
-def count_below(values: torch.Tensor, threshold: float) -> torch.Tensor | None:
-    """Each (row, unit)'s count of ``values < threshold`` over the batch axis of ``values``
-    (rows, batch, units), as float32 (rows, units); None where the kernel does not apply."""
-    if (values.device.type != "cpu" or values.dtype != torch.float32 or values.dim() != 3
-            or not values.is_contiguous() or values.shape[1] >= EXACT):
-        return None
-    out = values.new_empty((values.shape[0], values.shape[2]))
-    _count_below(values.numpy(), np.float32(threshold), out.numpy())
-    return out
