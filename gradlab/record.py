@@ -468,8 +468,7 @@ class GradientRecorder:
 
     def begin_step(self, step: int) -> bool:
         """Start step ``step``; returns whether it is recorded (then call the two methods below)."""
-        every = self._every  # (is_recorded, inline: this runs every step)
-        active = (every > 0 and step % every == 0) if every is not None else step in self._steps
+        active = self.is_recorded(step)
         if self._entered and active != bool(self._handles):
             self._set_hooks(active)  # unrecorded steps run without hooks
         self._active = active

@@ -12,6 +12,8 @@ either way, so records do not depend on whether numba is installed.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from numba import njit
@@ -60,9 +62,7 @@ def count_positive_into(z: torch.Tensor, axis: int, out: torch.Tensor, add: bool
     width = shape[axis]
     if z.numel() >= EXACT * width:  # a unit's count could pass 2**24
         return False
-    inner = 1
-    for size in shape[len(shape) + axis + 1:]:
-        inner *= size
+    inner = math.prod(shape[len(shape) + axis + 1:])
     values = z.numpy()
     if inner == 1:
         _count_units_last(values.reshape(-1, width), out.numpy(), add)
