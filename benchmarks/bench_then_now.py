@@ -6,14 +6,17 @@ folder and imported as ``gradlab_then`` (its imports are all relative). Both rec
 tutorial net (784-128-256-10, sigmoid, batch 64, SGD lr 0.01) on MNIST:
 
 * ``autograd``: one model and optimizer, ``GradientRecorder`` of then and of now both entered
-  (each records only its own blocks); blocks of 10 steps rotate among unrecorded, recorded by
-  then, recorded by now;
+  (each records only its own blocks); blocks of 10 steps cycle through unrecorded, recorded by
+  then, recorded by now, unrecorded, recorded by now, recorded by then (so neither recorder
+  always follows the other);
 * ``fused``: the stacked engine of then and of now (``StackedMLP``, one member each), each
   alternating recorded and unrecorded blocks.
 
 Each block is timed in process CPU seconds; a recorded block's cost is its time less that of the
-neighbouring unrecorded block(s) of the same code, and the figures are medians over the run. On a
-shared machine, only these differences measured side by side mean anything.
+neighbouring unrecorded block(s) of the same code, and the figures are medians over the run. The
+autograd verdict is the median of the paired differences: each "now" block less the "then" block
+of the same three (blocks seconds apart, so the machine's load drifts out). On a shared machine,
+only these differences measured side by side mean anything.
 
     python benchmarks/bench_then_now.py --data-dir ../shared/data [--then 7520b59] [--write]
 """
@@ -73,7 +76,8 @@ def autograd_blocks(then, steps: int, data) -> dict[str, list[float]]:
     model = build_mlp(SIZES, "sigmoid")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     kinds = ("not recorded", "recorded then", "recorded now")
-    owner = [kinds[(s // BLOCK) % 3] for s in range(steps)]
+    cycle = (0, 1, 2, 0, 2, 1)  # each three blocks: one of each kind, then and now alternating
+    owner = [kinds[cycle[(s // BLOCK) % len(cycle)]] for s in range(steps)]
     then_steps = np.array([s for s in range(steps) if owner[s] == kinds[1]])
     now_steps = np.array([s for s in range(steps) if owner[s] == kinds[2]])
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -136,6 +140,15 @@ def difference_interval(now: list[float], then: list[float], draws: int = 2000
     return float(low), float(high)
 
 
+def median_interval(values: list[float], draws: int = 2000) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of ``values``."""
+    rng = np.random.default_rng(0)
+    a = np.asarray(values)
+    low, high = np.percentile([np.median(rng.choice(a, len(a))) for _ in range(draws)],
+                              [2.5, 97.5])
+    return float(low), float(high)
+
+
 def run(args) -> str:
     threads = common.set_threads(args.threads)
     facts = common.machine()
@@ -154,6 +167,8 @@ def run(args) -> str:
             figures.setdefault(("autograd", who), []).extend(
                 extra(t[f"recorded {who}"], t["not recorded"]))
             figures.setdefault(("autograd", "plain"), []).extend(t["not recorded"])
+        figures.setdefault(("autograd", "paired"), []).extend(  # same three blocks
+            extra(t["recorded now"], t["recorded then"]))
         for who, module in (("then", then_stacked), ("now", stacked_now)):
             t = fused_blocks(module, args.steps, data, density)
             figures.setdefault(("fused", who), []).extend(extra(t["recorded"], t["not recorded"]))
@@ -178,6 +193,12 @@ def run(args) -> str:
             f"{medians[path, 'now'] / medians[path, 'then']:.2f}; now − then "
             f"{medians[path, 'now'] - medians[path, 'then']:+.0f} µs, 95 % bootstrap interval "
             f"{low:+.0f} to {high:+.0f} µs)")
+    paired = figures["autograd", "paired"]
+    low, high = median_interval(paired)
+    verdicts.append(
+        f"autograd, paired (each now block less the then block beside it, {len(paired)} pairs): "
+        f"now − then {statistics.median(paired):+.0f} µs per recorded step, 95 % bootstrap "
+        f"interval {low:+.0f} to {high:+.0f} µs")
     body = (f"Tutorial net 784-128-256-10, sigmoid, SGD lr 0.01, MNIST batches of 64; "
             f"{args.reps} runs of {args.steps} steps per path in blocks of {BLOCK}, threads "
             f"{threads}. Then: commit {args.then}; now: this checkout.\n\n{table}\n\n"

@@ -316,7 +316,10 @@ class GradientRecorder:
                                 if start else None)
         self.read_at_backward_end = False  # watch: read .grad as the backward pass ends
         self._queued = False
-        self._forward_hooks = [partial(self._forward_hook, i) for i in range(n)]
+        # (a hook's every line counts: it runs between PyTorch's kernels, with cold caches)
+        hook = (self._plain_forward_hook if self._plain and self._from_output
+                else self._forward_hook)
+        self._forward_hooks = [partial(hook, i) for i in range(n)]
         self._grad_hooks = [partial(self._grad_output_hook, i) for i in range(n)]
         self._handles: list = []
         self._entered = False
@@ -382,14 +385,22 @@ class GradientRecorder:
             self._order.append(index)
         if z.requires_grad:
             z.register_hook(self._grad_hooks[index])
-        if self._plain:
-            if self._from_output:
-                if index > 0:
-                    self._hidden[index - 1] = inputs[0]  # autograd saves it: nothing overwrites it
-            elif index < len(self._hidden):
+        if self._plain:  # f' from z (see _plain_forward_hook), kept from in-place activations
+            if index < len(self._hidden):
                 self._hidden[index] = z.detach().clone() if self._copy_z else z.detach()
         elif self.activations[index] is not None:
             self._layer_stats(index, z.detach())
+
+    def _plain_forward_hook(self, index: int, module, inputs, z: torch.Tensor) -> None:
+        """``_forward_hook`` for a plain MLP whose f' is read from the activations' outputs:
+        its layers are called in order (``layer_order`` needs no record of it), and each
+        Linear after the first receives the previous activation's output."""
+        if not self._active or not torch.is_grad_enabled():
+            return
+        if z.requires_grad:
+            z.register_hook(self._grad_hooks[index])
+        if index > 0:
+            self._hidden[index - 1] = inputs[0]  # autograd saves it: nothing overwrites it
 
     def _grad_output_hook(self, index: int, grad: torch.Tensor) -> None:
         self._grad_out[index].append(grad)
