@@ -144,20 +144,31 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
 
     ``out``: a tensor on the tensors' device, or for CPU tensors a numpy array (a CPU buffer's
     host view: the values are read and written without a further torch operation)."""
-    real = [t for t in tensors if t is not None]
-    if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+    if not isinstance(out, np.ndarray):
+        if out.device.type != "cpu":
+            _device_norms_into(out, tensors, extra)
+            return
         out = out.numpy()
-    if isinstance(out, np.ndarray):
-        values = [norm.item() for norm in compat.foreach_norm(real)] if real else []
-        if len(real) < len(tensors):
-            found = iter(values)
-            values = [math.nan if t is None else next(found) for t in tensors]
-        if not (values and TRUSTED_NORM <= min(values) and sum(values) < math.inf):
-            for i, value in enumerate(values):  # (NaN fails the test too)
-                if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
-                    values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
-        out[:] = values + [value.item() for value in extra]
-        return
+    # (the step loop's path: every line here runs between kernels, with cold caches)
+    real = [t for t in tensors if t is not None]
+    values = [norm.item() for norm in compat.foreach_norm(real)] if real else []
+    if len(real) < len(tensors):
+        found = iter(values)
+        values = [math.nan if t is None else next(found) for t in tensors]
+    if not (values and TRUSTED_NORM <= min(values) and sum(values) < math.inf):
+        for i, value in enumerate(values):  # (NaN fails the test too)
+            if not TRUSTED_NORM <= value < math.inf and tensors[i] is not None:
+                values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
+    for value in extra:
+        values.append(value.item())
+    out[:] = values
+
+
+def _device_norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
+                       extra: tuple[torch.Tensor, ...]) -> None:
+    """``norms_into`` on a device: every norm accumulated in float64 (MPS: scaled), no
+    synchronisation."""
+    real = [t for t in tensors if t is not None]
     if out.device.type == "mps":
         norms = [_scaled_norm(t) for t in real]
     else:
@@ -508,23 +519,22 @@ class GradientRecorder:
         before any clipping)."""
         if self._active:
             n = len(self.linears)
-            norms_into(self._norms_out[self._row, :4 * n],
-                       self._outputs() + self._param_grads() + self._weights)
+            norms_into(self._norms_out[self._row, :4 * n], self._norm_inputs())
             self._read = True
 
-    def _outputs(self) -> list[torch.Tensor | None]:
-        """Each layer's dL/dz (several calls: taken together; never called: None)."""
-        return [grads[0] if len(grads) == 1 else
-                torch.cat([g.reshape(-1) for g in grads]) if grads else None
-                for grads in self._grad_out]
-
-    def _param_grads(self) -> list[torch.Tensor | None]:
-        """The recorded layers' ``.grad`` (weights, then biases); notes them, to see later
-        whether clipping changed them."""
+    def _norm_inputs(self) -> list[torch.Tensor | None]:
+        """What a row's norms are taken of: each layer's dL/dz (several calls: taken together;
+        never called: None), the layers' ``.grad`` (weights, then biases) and their weights.
+        Notes the weights' ``.grad``, to see later whether clipping changed them."""
+        weights = self._weight_params
         self._recorded_grads = [(w.grad, compat.version(w.grad) if w.grad is not None else 0)
-                                for w in self._weight_params]
-        return [p.grad if p is not None else None
-                for p in self._weight_params + self._bias_params]
+                                for w in weights]
+        return ([grads[0] if len(grads) == 1 else
+                 torch.cat([g.reshape(-1) for g in grads]) if grads else None
+                 for grads in self._grad_out]
+                + [w.grad for w in weights]
+                + [b.grad if b is not None else None for b in self._bias_params]
+                + self._weights)
 
     @torch.no_grad()
     def after_backward(self, loss: torch.Tensor | None = None) -> None:
@@ -537,9 +547,8 @@ class GradientRecorder:
         if self._read:  # the norms are in already
             if loss is not None:
                 row[4 * n] = loss.detach()
-        else:  # one fused norm, one stack
-            loss = self._nan if loss is None else loss.detach()
-            norms_into(row, self._outputs() + self._param_grads() + self._weights, (loss,))
+        else:  # one fused norm
+            norms_into(row, self._norm_inputs(), (self._nan if loss is None else loss,))
         self._store_stats()
         self._numel.append(self._step_numel)
         self._grad_out = [[] for _ in range(n)]  # read: let autograd reuse their memory
