@@ -67,6 +67,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import operator
 from collections.abc import Iterable
 from functools import partial
 
@@ -118,7 +119,8 @@ def derivative_into(activation: str, from_output: bool):
 
 # how a layer's update_ratio is measured at a recorded step
 _SNAPSHOT, _FROM_GRAD_NORM, _FROM_TENSORS = 0, 1, 2
-_PLAN_KEYS = ("lr", "momentum", "weight_decay", "nesterov")  # what a plan depends on
+# what an SGD plan depends on (SGD's groups have every key)
+_PLAN_SETTINGS = operator.itemgetter("lr", "momentum", "weight_decay", "nesterov")
 
 
 def recorded_steps(total_steps: int, log_every: int = 1, log_spaced: bool = False) -> np.ndarray:
@@ -302,9 +304,9 @@ class GradientRecorder:
         self._prev: list[torch.Tensor] | None = None  # weight snapshot
         self._group_of: dict[int, dict] = {}
         self._group_count = -1
-        self._group_list: list[dict] = []
-        self._plan_settings: list[tuple] | None = None  # the settings the plans were made for
+        self._plan_settings: list[tuple] | None | bool = False  # what the plans were made for
         self._optimizer = optimizer
+        self._sgd = type(optimizer) is torch.optim.SGD
         self.applied_updates = applied_updates
         self._plain = _is_plain_mlp(model, self.linears, activation)
         self.activation = get(activation) if isinstance(activation, str) else None
@@ -549,29 +551,26 @@ class GradientRecorder:
                 row[4 * n] = loss.detach()
         else:  # one fused norm
             norms_into(row, self._norm_inputs(), (self._nan if loss is None else loss,))
-        self._store_stats()
+        if self._plain:
+            self._store_hidden()
+        else:
+            self._store_sums()
         self._numel.append(self._step_numel)
         self._grad_out = [[] for _ in range(n)]  # read: let autograd reuse their memory
         self._prepare_update(n)
         self._pending_update = True
 
-    def _groups(self) -> dict[int, dict]:
-        """The optimizer's parameter group of each parameter (by id), rebuilt when groups
-        are added."""
-        groups = self._optimizer.param_groups if self._optimizer is not None else []
-        if len(groups) != self._group_count:
+    def _prepare_update(self, n: int) -> None:
+        groups = self._optimizer.param_groups if self._optimizer is not None else ()
+        if len(groups) != self._group_count:  # (groups added): the param -> group map anew
             self._group_of = {id(p): g for g in groups for p in g["params"]}
             self._group_count = len(groups)
-            self._group_list = list(groups)
-            self._plan_settings = None
-        return self._group_of
-
-    def _prepare_update(self, n: int) -> None:
-        groups = self._groups()
-        # the plans change only with the groups' settings (a scheduler's new lr, say)
-        settings = [tuple(map(g.get, _PLAN_KEYS)) for g in self._group_list]
+            self._plan_settings = False  # (no plans yet)
+        # an SGD plan changes only with its groups' settings (a scheduler's new lr, say)
+        settings = list(map(_PLAN_SETTINGS, groups)) if self._sgd else None
         if settings != self._plan_settings:
-            plans = [_update_plan(self._optimizer, w, groups) for w in self._weight_params]
+            plans = [_update_plan(self._optimizer, w, self._group_of)
+                     for w in self._weight_params]
             self._plans, self._plan_settings = plans, settings
             self._plan_modes = [mode for mode, _, _ in plans]
             self._plan_scales = [lr for _, lr, _ in plans]
@@ -618,10 +617,7 @@ class GradientRecorder:
         self._recorded_grads = []
 
     # -- activation statistics -----------------------------------------------------------------
-    def _store_stats(self) -> None:
-        if self._plain:
-            self._store_hidden()
-            return
+    def _store_sums(self) -> None:
         for i, sums in enumerate(self._sums):
             if sums is not None:  # (relu-family layers: their counts are in place)
                 self._act[self._row, i, :2] = sums
