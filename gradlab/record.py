@@ -152,10 +152,11 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
             return
         out = out.numpy()
     # (the step loop's path: every line here runs between kernels, with cold caches)
-    real = [t for t in tensors if t is not None]
-    values = [norm.item() for norm in compat.foreach_norm(real)] if real else []
-    if len(real) < len(tensors):
-        found = iter(values)
+    try:
+        values = [norm.item() for norm in compat.foreach_norm(tensors)]
+    except TypeError:  # a None among them (a layer not called, no bias, no .grad yet)
+        real = [t for t in tensors if t is not None]
+        found = iter([norm.item() for norm in compat.foreach_norm(real)] if real else [])
         values = [math.nan if t is None else next(found) for t in tensors]
     if not (values and TRUSTED_NORM <= min(values) and sum(values) < math.inf):
         for i, value in enumerate(values):  # (NaN fails the test too)
@@ -351,6 +352,7 @@ class GradientRecorder:
         self._chunk: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None  # _layer_stats' float flags
         self._flags: dict[tuple, torch.Tensor] = {}  # ...as views of each shape
+        self._hidden_batch = -1
         self._chunk_start = 0  # recorded row of the chunk's first entry
         self._chunk_rows = 0
         self._buffers_for(16)
@@ -471,6 +473,7 @@ class GradientRecorder:
         dtype = torch.float32 if device.type == "mps" else torch.float64
         n = len(self.linears)
         # norms: grad_output, grad_weight, grad_bias, weight (n each), then the loss
+        self._capacity = rows
         self._norms = torch.full((rows, 4 * n + 1), math.nan, device=device, dtype=dtype)
         self._update = torch.full((rows, n), math.nan, device=device, dtype=dtype)
         self._applied = torch.full((rows, n), math.nan, device=device, dtype=dtype)
@@ -498,7 +501,7 @@ class GradientRecorder:
         self._active = active
         if active:
             self._row += 1
-            if self._row == self._norms.shape[0]:
+            if self._row == self._capacity:
                 self._grow()
             self._recorded.append(step)
             self._reset_step()
@@ -528,13 +531,12 @@ class GradientRecorder:
         """What a row's norms are taken of: each layer's dL/dz (several calls: taken together;
         never called: None), the layers' ``.grad`` (weights, then biases) and their weights.
         Notes the weights' ``.grad``, to see later whether clipping changed them."""
-        weights = self._weight_params
-        self._recorded_grads = [(w.grad, compat.version(w.grad) if w.grad is not None else 0)
-                                for w in weights]
-        return ([grads[0] if len(grads) == 1 else
-                 torch.cat([g.reshape(-1) for g in grads]) if grads else None
-                 for grads in self._grad_out]
-                + [w.grad for w in weights]
+        grads = [w.grad for w in self._weight_params]
+        self._recorded_grads = list(zip(grads, map(compat.version, grads)))
+        return ([calls[0] if len(calls) == 1 else
+                 torch.cat([g.reshape(-1) for g in calls]) if calls else None
+                 for calls in self._grad_out]
+                + grads
                 + [b.grad if b is not None else None for b in self._bias_params]
                 + self._weights)
 
@@ -631,7 +633,10 @@ class GradientRecorder:
             self._hidden = [None] * len(hidden)
             return
         batch = hidden[0].shape[0]
-        self._step_numel[:-1] = [batch * width for width in self._unit_counts[:-1]]
+        if batch != self._hidden_batch:  # (elements of z per hidden layer, for this batch)
+            self._hidden_batch = batch
+            self._hidden_numel = [batch * width for width in self._unit_counts[:-1]]
+        self._step_numel[:-1] = self._hidden_numel
         chunk = self._chunk
         if chunk is not None and (chunk.shape[1] != batch or self._chunk_rows == chunk.shape[0]
                                   or self._chunk_start + self._chunk_rows != self._row):
