@@ -5,18 +5,20 @@ The earlier commit's ``gradlab`` package is extracted with ``git archive`` into 
 folder and imported as ``gradlab_then`` (its imports are all relative). Both recorders train the
 tutorial net (784-128-256-10, sigmoid, batch 64, SGD lr 0.01) on MNIST:
 
-* ``autograd``: one model and optimizer, ``GradientRecorder`` of then and of now both entered
-  (each records only its own blocks); blocks of 10 steps cycle through unrecorded, recorded by
-  then, recorded by now, unrecorded, recorded by now, recorded by then (so neither recorder
-  always follows the other);
+* ``autograd``: one model and optimizer, ``GradientRecorder`` of then and of now both entered;
+  blocks of 10 steps cycle through unrecorded, recorded by then, recorded by now, unrecorded,
+  recorded by now, recorded by then (so neither recorder always follows the other). A block
+  calls only its own recorder (an unrecorded block none), so each recorder's cost is that of
+  recording every step against a loop without it, its every call counted;
 * ``fused``: the stacked engine of then and of now (``StackedMLP``, one member each), each
   alternating recorded and unrecorded blocks.
 
 Each block is timed in process CPU seconds; a recorded block's cost is its time less that of the
 neighbouring unrecorded block(s) of the same code, and the figures are medians over the run. The
 autograd verdict is the median of the paired differences: each "now" block less the "then" block
-of the same three (blocks seconds apart, so the machine's load drifts out). On a shared machine,
-only these differences measured side by side mean anything.
+of the same three (blocks seconds apart, so the machine's load drifts out); its interval draws
+whole runs, since a run's figures move together with where its model and buffers lie in
+memory. On a shared machine, only these differences measured side by side mean anything.
 
     python benchmarks/bench_then_now.py --data-dir ../shared/data [--then 7520b59] [--write]
 """
@@ -85,19 +87,25 @@ def autograd_blocks(then, steps: int, data) -> dict[str, list[float]]:
     with then_record.GradientRecorder(model, "sigmoid", then_steps, optimizer=optimizer) as a, \
             GradientRecorder(model, "sigmoid", now_steps, optimizer=optimizer) as b:
         for start in range(0, steps, BLOCK):
+            # a block runs only its own recorder's calls (none in an unrecorded block), so a
+            # recorder's cost is its block less a step with no recorder at all; the other's
+            # hooks are removed first, outside the timing
+            for recorder in (a, b):
+                recorder.begin_step(-1)
+            calls = {kinds[1]: (a,), kinds[2]: (b,)}.get(owner[start], ())
             t0 = time.process_time()
             for step in range(start, start + BLOCK):
                 x, y = data[step % len(data)]
-                a.begin_step(step)
-                b.begin_step(step)
+                for recorder in calls:
+                    recorder.begin_step(step)
                 optimizer.zero_grad()
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
-                a.after_backward(loss)
-                b.after_backward(loss)
+                for recorder in calls:
+                    recorder.after_backward(loss)
                 optimizer.step()
-                a.after_update()
-                b.after_update()
+                for recorder in calls:
+                    recorder.after_update()
             times[owner[start]].append((time.process_time() - t0) / BLOCK * 1e6)
         a.flush()
         b.flush()
@@ -140,12 +148,14 @@ def difference_interval(now: list[float], then: list[float], draws: int = 2000
     return float(low), float(high)
 
 
-def median_interval(values: list[float], draws: int = 2000) -> tuple[float, float]:
-    """A 95 % bootstrap interval of the median of ``values``."""
+def run_median_interval(runs: list[list[float]], draws: int = 2000) -> tuple[float, float]:
+    """A 95 % bootstrap interval of the median of all ``runs``' values, drawing whole runs:
+    each run has a new model and new buffers, whose placement in memory moves a run's
+    figures as a whole (by tens of µs), so its values are not independent of each other."""
     rng = np.random.default_rng(0)
-    a = np.asarray(values)
-    low, high = np.percentile([np.median(rng.choice(a, len(a))) for _ in range(draws)],
-                              [2.5, 97.5])
+    medians = [np.median(np.concatenate([runs[i] for i in rng.integers(0, len(runs), len(runs))]))
+               for _ in range(draws)]
+    low, high = np.percentile(medians, [2.5, 97.5])
     return float(low), float(high)
 
 
@@ -167,7 +177,7 @@ def run(args) -> str:
             figures.setdefault(("autograd", who), []).extend(
                 extra(t[f"recorded {who}"], t["not recorded"]))
             figures.setdefault(("autograd", "plain"), []).extend(t["not recorded"])
-        figures.setdefault(("autograd", "paired"), []).extend(  # same three blocks
+        figures.setdefault(("autograd", "paired"), []).append(  # same three blocks
             extra(t["recorded now"], t["recorded then"]))
         for who, module in (("then", then_stacked), ("now", stacked_now)):
             t = fused_blocks(module, args.steps, data, density)
@@ -193,12 +203,14 @@ def run(args) -> str:
             f"{medians[path, 'now'] / medians[path, 'then']:.2f}; now − then "
             f"{medians[path, 'now'] - medians[path, 'then']:+.0f} µs, 95 % bootstrap interval "
             f"{low:+.0f} to {high:+.0f} µs)")
-    paired = figures["autograd", "paired"]
-    low, high = median_interval(paired)
+    runs = figures["autograd", "paired"]
+    paired = [value for run in runs for value in run]
+    low, high = run_median_interval(runs)
     verdicts.append(
-        f"autograd, paired (each now block less the then block beside it, {len(paired)} pairs): "
-        f"now − then {statistics.median(paired):+.0f} µs per recorded step, 95 % bootstrap "
-        f"interval {low:+.0f} to {high:+.0f} µs")
+        f"autograd, paired (each now block less the then block beside it, {len(paired)} pairs "
+        f"in {len(runs)} runs): now − then {statistics.median(paired):+.0f} µs per recorded "
+        f"step, 95 % bootstrap interval {low:+.0f} to {high:+.0f} µs (drawing whole runs); "
+        f"the runs' own medians {common.summary([statistics.median(r) for r in runs], '{:+.0f}')}")
     body = (f"Tutorial net 784-128-256-10, sigmoid, SGD lr 0.01, MNIST batches of 64; "
             f"{args.reps} runs of {args.steps} steps per path in blocks of {BLOCK}, threads "
             f"{threads}. Then: commit {args.then}; now: this checkout.\n\n{table}\n\n"

@@ -180,7 +180,7 @@ def _device_norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
         nan = norms[0].new_full((), math.nan) if norms else out.new_full((), math.nan)
         found = iter(norms)
         norms = [nan if t is None else next(found) for t in tensors]
-    torch.stack([*norms, *extra], out=out)
+    torch.stack([*norms, *(value.detach() for value in extra)], out=out)
 
 
 def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
@@ -540,10 +540,11 @@ class GradientRecorder:
                 + [b.grad if b is not None else None for b in self._bias_params]
                 + self._weights)
 
-    @torch.no_grad()
     def after_backward(self, loss: torch.Tensor | None = None) -> None:
         """Read the gradients (call after ``backward``, before clipping and the optimizer step);
         ``loss``: the batch loss, if known."""
+        # (no torch.no_grad() here or in after_update: their tensors are gradients and
+        # detached weights, and entering it costs more than some of their work)
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
@@ -588,7 +589,6 @@ class GradientRecorder:
                 self._prev = [torch.empty_like(w) for w in self._weights]
             compat.foreach_copy_(self._prev, self._weights)
 
-    @torch.no_grad()
     def after_update(self) -> None:
         """Measure the update the optimizer just made (call right after ``optimizer.step()``)."""
         if not self._pending_update:
@@ -649,7 +649,8 @@ class GradientRecorder:
             self._work = torch.empty_like(chunk)
         if self._chunk_rows == 0:
             self._chunk_start = self._row
-        torch.cat(hidden, dim=1, out=chunk[self._chunk_rows])
+        with torch.no_grad():  # (the outputs require grad)
+            torch.cat(hidden, dim=1, out=chunk[self._chunk_rows])
         self._chunk_rows += 1
         self._hidden = [None] * len(hidden)
 

@@ -1,6 +1,9 @@
 """The recorder against an independent computation: autograd on an explicit forward pass."""
 
+import copy
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.nn import functional as F
@@ -104,6 +107,31 @@ def test_inplace_activations_and_input_without_grad(activation):
                                                                      rel=1e-5)
         if layer < 2:
             assert frame.iloc[layer]["act_grad_mean"] == pytest.approx(row["act_grad_mean"])
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")
+def test_a_backward_pass_that_creates_a_graph_is_recorded_the_same():
+    """A gradient penalty's ``backward(create_graph=True)``: gradients that require grad."""
+    torch.manual_seed(3)
+    model = build_mlp((784, 12, 10), "tanh")
+    x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
+    frames = []
+    for create_graph in (False, True):
+        twin = copy.deepcopy(model)
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+        with GradientRecorder(twin, "tanh", 1, optimizer=opt, applied_updates=True) as rec:
+            rec.begin_step(0)
+            loss = F.cross_entropy(twin(x), y)
+            loss.backward(create_graph=create_graph)
+            assert all(p.grad.requires_grad == create_graph for p in twin.parameters())
+            rec.after_backward(loss)
+            opt.step()
+            rec.after_update()
+            frames.append(rec.flush())
+        for p in twin.parameters():
+            p.grad = None  # (a graph made by create_graph refers back to the parameters)
+    assert frames[0][list(COLUMNS)].notna().sum().sum() > 0
+    pd.testing.assert_frame_equal(frames[0], frames[1])
 
 
 def test_hooks_removed_on_exit_and_unrecorded_steps_cost_nothing():
