@@ -348,6 +348,7 @@ class GradientRecorder:
         self._update_scale: list[list[float]] = []  # ...and the factor (lr) its norm is scaled by
         self._row = -1
         self._hidden: list[torch.Tensor | None] = [None] * max(n - 1, 0)
+        self._grad_out: list[list[torch.Tensor]] | None = None  # each layer's dL/dz per call
         self._reset_step()
         self._chunk: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None  # _layer_stats' float flags
@@ -361,7 +362,8 @@ class GradientRecorder:
 
     def _reset_step(self) -> None:
         n = len(self.linears)
-        self._grad_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        if self._grad_out is None or any(self._grad_out):  # (after_backward empties them)
+            self._grad_out = [[] for _ in range(n)]
         if not self._plain:  # the plain MLP's statistics are taken per chunk
             self._sums: list[torch.Tensor | None] = [None] * n  # sum f', saturated count
         self._step_numel = [0] * n  # (Python ints: numpy in the step loop costs more)
