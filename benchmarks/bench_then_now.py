@@ -136,14 +136,20 @@ def extra(recorded: list[float], plain: list[float]) -> list[float]:
     return [r - p for r, p in zip(recorded[:n], plain[:n], strict=True)]
 
 
-def difference_interval(now: list[float], then: list[float], draws: int = 2000
+def flat(runs: list[list[float]]) -> list[float]:
+    return [value for run in runs for value in run]
+
+
+def difference_interval(now: list[list[float]], then: list[list[float]], draws: int = 2000
                         ) -> tuple[float, float]:
-    """A 95 % bootstrap interval of median(now) − median(then): how finely this run resolves
-    the difference between the two recorders' costs."""
+    """A 95 % bootstrap interval of median(now) − median(then) over runs' values, drawing whole
+    runs (the same runs of both; see ``run_median_interval``)."""
     rng = np.random.default_rng(0)
-    a, b = np.asarray(now), np.asarray(then)
-    diffs = [np.median(rng.choice(a, len(a))) - np.median(rng.choice(b, len(b)))
-             for _ in range(draws)]
+    diffs = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(now), len(now))
+        diffs.append(np.median(np.concatenate([now[i] for i in pick]))
+                     - np.median(np.concatenate([then[i] for i in pick])))
     low, high = np.percentile(diffs, [2.5, 97.5])
     return float(low), float(high)
 
@@ -173,21 +179,21 @@ def run(args) -> str:
     for rep in range(args.reps):
         print(f"  rep {rep + 1}/{args.reps}")
         t = autograd_blocks(then, args.steps, data)
-        for who in ("then", "now"):
-            figures.setdefault(("autograd", who), []).extend(
+        for who in ("then", "now"):  # (per run: a run's figures move together)
+            figures.setdefault(("autograd", who), []).append(
                 extra(t[f"recorded {who}"], t["not recorded"]))
-            figures.setdefault(("autograd", "plain"), []).extend(t["not recorded"])
+            figures.setdefault(("autograd", "plain"), []).append(t["not recorded"])
         figures.setdefault(("autograd", "paired"), []).append(  # same three blocks
             extra(t["recorded now"], t["recorded then"]))
         for who, module in (("then", then_stacked), ("now", stacked_now)):
             t = fused_blocks(module, args.steps, data, density)
-            figures.setdefault(("fused", who), []).extend(extra(t["recorded"], t["not recorded"]))
-            figures.setdefault(("fused", f"plain {who}"), []).extend(t["not recorded"])
+            figures.setdefault(("fused", who), []).append(extra(t["recorded"], t["not recorded"]))
+            figures.setdefault(("fused", f"plain {who}"), []).append(t["not recorded"])
     medians = {}
     for path in ("autograd", "fused"):
         for who in ("then", "now"):
-            values = figures[path, who]
-            plain = figures[path, "plain" if path == "autograd" else f"plain {who}"]
+            values = flat(figures[path, who])
+            plain = flat(figures[path, "plain" if path == "autograd" else f"plain {who}"])
             medians[path, who] = statistics.median(values)
             rows.append([path, f"{who} ({args.then if who == 'then' else 'HEAD'})",
                          common.summary(plain, "{:.0f}"), f"{statistics.median(values):+.0f}",
@@ -204,7 +210,7 @@ def run(args) -> str:
             f"{medians[path, 'now'] - medians[path, 'then']:+.0f} µs, 95 % bootstrap interval "
             f"{low:+.0f} to {high:+.0f} µs)")
     runs = figures["autograd", "paired"]
-    paired = [value for run in runs for value in run]
+    paired = flat(runs)
     low, high = run_median_interval(runs)
     verdicts.append(
         f"autograd, paired (each now block less the then block beside it, {len(paired)} pairs "
