@@ -170,8 +170,9 @@ def test_ctrl_c_at_a_random_moment(reference, fake_mnist, tmp_path, jobs, seed):
 
 
 # --jobs 2 only: the whole group is killed, so workers die mid-run or mid-write as well
-# (tests/test_sweep.py kills a --jobs 1 sweep after its first run)
-@pytest.mark.parametrize("jobs, seed", [(2, 22)])
+# (tests/test_sweep.py kills a --jobs 1 sweep after its first run). The seed puts the moment
+# at 0.52 of the window; with seed 22 (0.96) every run had sometimes finished before it.
+@pytest.mark.parametrize("jobs, seed", [(2, 17)])
 def test_sigkill_at_a_random_moment_then_again_gives_the_same_records(reference, fake_mnist,
                                                                     tmp_path, jobs, seed):
     """SIGKILL anywhere, then the same command: the records are those of an uninterrupted
