@@ -167,6 +167,7 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
     out[:] = values
 
 
+@torch.no_grad()  # (gradients of backward(create_graph=True) require grad)
 def _device_norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
                        extra: tuple[torch.Tensor, ...]) -> None:
     """``norms_into`` on a device: every norm accumulated in float64 (MPS: scaled), no
@@ -180,7 +181,7 @@ def _device_norms_into(out: torch.Tensor, tensors: list[torch.Tensor | None],
         nan = norms[0].new_full((), math.nan) if norms else out.new_full((), math.nan)
         found = iter(norms)
         norms = [nan if t is None else next(found) for t in tensors]
-    torch.stack([*norms, *(value.detach() for value in extra)], out=out)
+    torch.stack([*norms, *extra], out=out)
 
 
 def exact_norms(tensors: list[torch.Tensor | None]) -> list[float]:
