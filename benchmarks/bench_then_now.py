@@ -131,7 +131,8 @@ def fused_blocks(stacked_module, steps: int, data, density: float) -> dict[str, 
 
 
 def extra(recorded: list[float], plain: list[float]) -> list[float]:
-    """Each recorded block less the mean of the unrecorded blocks beside it (µs per step)."""
+    """Each block of ``recorded`` less the block of ``plain`` at the same index, that is of the
+    same cycle of blocks (µs per step)."""
     n = min(len(recorded), len(plain))
     return [r - p for r, p in zip(recorded[:n], plain[:n], strict=True)]
 

@@ -520,7 +520,6 @@ class GradientRecorder:
         for new, prev in zip(self._row_buffers(), old, strict=True):
             new[: prev.shape[0]] = prev
 
-    @torch.no_grad()
     def read_gradients(self) -> None:
         """Take the norms of the recorded layers' ``.grad`` now (``after_backward`` does, unless
         this was called for the step: ``watch`` calls it as the last ``.grad`` is accumulated,
@@ -546,8 +545,8 @@ class GradientRecorder:
     def after_backward(self, loss: torch.Tensor | None = None) -> None:
         """Read the gradients (call after ``backward``, before clipping and the optimizer step);
         ``loss``: the batch loss, if known."""
-        # (no torch.no_grad() here or in after_update: their tensors are gradients and
-        # detached weights, and entering it costs more than some of their work)
+        # (no torch.no_grad() here, in read_gradients or in after_update: their tensors are
+        # gradients and detached weights, and entering it costs more than some of their work)
         if not self._active:
             return
         self._active = False  # no forward hooks until the next recorded step
