@@ -60,8 +60,8 @@ def load(path, **kwargs):
 
 
 def watch(model, optimizer, log_every=10, **kwargs):
-    """Record a model's gradients around an unmodified training loop (``gradlab.watcher``)."""
-    from .watcher import watch as watch_model
+    """Record a model's gradients around an unmodified training loop (``gradlab.record.watcher``)."""
+    from .record import watch as watch_model
 
     return watch_model(model, optimizer, log_every, **kwargs)
 

@@ -1,4 +1,9 @@
-"""``train(config) -> RunResult`` and ``evaluate``: one run, in memory, no file I/O."""
+"""``train(config) -> RunResult`` and ``evaluate``: one run, in memory, no file I/O.
+
+A training loop of another engine (``ENGINES``) builds on the public parts below, as the autograd
+loop does: ``seeded_model`` for the initial weights, ``Bookkeeping`` for the progress, the epoch
+ends and the results, ``evaluate`` and ``seconds_since``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
-from .dists import DistributionRecorder, empty_dists
+from .record import DistributionRecorder, empty_dists
 from .models import build_mlp
 from .record import GradientRecorder, empty_frame, recorded_steps
 
@@ -25,6 +30,10 @@ EVAL_BATCH = 10_000  # test rows per forward pass of an evaluation
 # when a run asks for one (they live in the optional gradlab.engines wing).
 ENGINES = {"fused": "gradlab.engines.members:train_one"}
 EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
+
+__all__ = ["ENGINES", "EPOCH_COLUMNS", "EVAL_BATCH", "Bookkeeping", "RunResult", "batch_loss",
+           "engine", "evaluate", "make_optimizer", "resolve_device", "seconds_since",
+           "seeded_model", "train", "train_autograd"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -91,6 +100,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = EVAL_BATCH,
 
 
 def seeded_model(config: RunConfig, device: torch.device) -> nn.Module:
+    """``config``'s network on ``device``, initialised from ``config.seed``."""
     # Seed the global RNG only inside this block, so the caller's random state is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -246,8 +256,17 @@ def seconds_since(t0: float, device: torch.device) -> float:
 
 
 class Bookkeeping:
-    """What both training loops share: the progress bar, epoch ends (divergence, evaluation,
-    rows), and turning a training error into ``failed`` results."""
+    """What every training loop shares (this module's, and each engine's): the progress bar,
+    epoch ends (divergence, evaluation, rows), and turning a training error into ``failed``
+    results, for one run or for members trained together.
+
+    Args:
+        configs, models: the members' configs (equal but for ``seed``) and networks.
+        data: the data they train on.
+        on_epoch, progress, total, on_step: as ``train``'s; ``total`` is the steps of a run.
+        evaluators: per member, its (test loss, accuracy) now; by default ``evaluate`` of the
+            member's model on ``data.test``.
+    """
 
     def __init__(self, configs, models, data, on_epoch, progress: bool = False, total: int = 0,
                  on_step: Callable[[int, int], None] | None = None,
@@ -278,6 +297,7 @@ class Bookkeeping:
                 self.bar.close()
 
     def tick(self, step: int) -> None:
+        """After each step: the bar and ``on_step`` move on every 50 steps."""
         if step % 50 == 0:
             if self.bar is not None:
                 self.bar.update(50)
@@ -322,11 +342,13 @@ class Bookkeeping:
         return bool(self.running)
 
     def fail(self, e: BaseException) -> None:
+        """Mark the running members failed with ``e``'s first line."""
         for m in self.running:
             self.out[m].status = "failed"
             self.out[m].error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     def results(self, step: int) -> list[RunResult]:
+        """Each member's ``RunResult`` once training ends at ``step``, in order."""
         for m, result in enumerate(self.out):
             result.device = str(self.data.train.x.device)
             if result.status != "diverged":

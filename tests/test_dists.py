@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gradlab import dists as dmod
+from gradlab.record import dists as dmod
 from gradlab.config import ConfigError, make_config
-from gradlab.dists import QUANTILES, DistributionRecorder, histogram, quantile_sample
+from gradlab.record.dists import QUANTILES, DistributionRecorder, histogram, quantile_sample
 from gradlab.models import build_mlp
 from gradlab.train import batch_loss, train
 

@@ -29,7 +29,7 @@ def test_counts_match_pytorch_including_zeros_nan_and_infinities(shape, axis):
     assert torch.equal(out, expected)
     assert count_positive_into(z, axis, out, add=True)
     assert torch.equal(out, 2 * expected)
-    torch_path = record._per_unit_sum((z > 0).float(), axis)
+    torch_path = record.per_unit_sum((z > 0).float(), axis)
     assert torch.equal(torch_path, expected)
 
 

@@ -119,7 +119,7 @@ def test_optimizers_and_clipping_match_torch(options):
 def test_batch_size_changes_match_the_hook_recorder(monkeypatch):
     """Records of a run with a smaller batch now and then equal the hook recorder's (with
     several activation chunks) on the same module trained with torch.optim."""
-    monkeypatch.setattr("gradlab.record.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
+    monkeypatch.setattr("gradlab.record.fprime.CHUNK_BYTES", 3 * 40 * (30 + 20) * 4)
     activation = "sigmoid"
     (model,) = members(activation, (784, 30, 20, 10), [5])
     (twin,) = clones([model], activation, (784, 30, 20, 10))

@@ -9,10 +9,12 @@ the positions count as examples).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, Activation, get
+from ..activations import ACTIVATIONS, Activation, get
 
 # the unit axis of each recordable type's output, counted from the end (so that it holds for
 # a convolution's unbatched input too)
@@ -116,3 +118,43 @@ def layer_activations(model: nn.Module, names: list[str],
         found.update(activation)
     return [None if name is None else get(name) for name in found.values()]
 
+
+
+@dataclass(eq=False)
+class Layer:
+    """One recorded module: its name, its parameters and the activation after it."""
+
+    name: str
+    module: nn.Module
+    activation: Activation | None
+
+    def __post_init__(self):
+        self.weight: nn.Parameter = self.module.weight
+        bias = getattr(self.module, "bias", None)
+        self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
+        self.value = self.weight.detach()  # the weights, without autograd (an alias)
+        self.axis = unit_axis(self.module)
+        self.units = units(self.module)
+
+
+def recorded_layers(model: nn.Module, modules=None, activation: Spec = None) -> list[Layer]:
+    """The layers to record (``select``) with the activation after each
+    (``layer_activations``)."""
+    named = select(model, modules)
+    names = [name for name, _ in named]
+    acts = layer_activations(model, names, activation)
+    return [Layer(name, module, act) for (name, module), act in zip(named, acts, strict=True)]
+
+
+def is_plain_mlp(model: nn.Module, layers: list[Layer], activation) -> bool:
+    """Whether ``model`` is ``Linear, act, Linear, act, …, Linear`` with ``act`` the named
+    activation, so that each Linear after the first receives the previous activation's output."""
+    if not isinstance(model, nn.Sequential) or not isinstance(activation, str):
+        return False
+    act_type = type(get(activation).module())
+    children = list(model.children())
+    expected = [layers[i // 2].module if i % 2 == 0 else None
+                for i in range(2 * len(layers) - 1)]
+    return len(children) == len(expected) and all(
+        child is want if want is not None else type(child) is act_type
+        for child, want in zip(children, expected, strict=True))

@@ -32,8 +32,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .record import GradientRecorder, empty_frame
-from .store import ensure_out, now, provenance, run_dir, write_json, write_parquet
+from ..store import ensure_out, now, provenance, run_dir, write_json, write_parquet
+from .frames import empty_frame
+from .hooks import Hooks
+from .recorder import GradientRecorder
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
@@ -65,7 +67,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, log_every: int = 1
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"log_every={log_every!r} is invalid: a whole number >= 0")
     recorder = GradientRecorder(model, activations, log_every, optimizer=optimizer,
-                                modules=modules, applied_updates=applied_updates)
+                                modules=modules, applied_updates=applied_updates,
+                                read_at_backward_end=True)
     return Watch(model, optimizer, recorder)
 
 
@@ -78,39 +81,28 @@ class Watch:
         self.step = 0  # optimizer steps made inside the block
         self._open = False  # a step has begun (a forward ran) and not yet ended
         self._recording = False
-        self._handles: list = []  # the step post-hook
-        self._armed: list = []  # the hooks of a recorded step
-        recorder.read_at_backward_end = True
+        self._counter = Hooks([lambda: optimizer.register_step_post_hook(self._after_step)])
+        self._armed = Hooks([  # the hooks of a recorded step (with the layers')
+            lambda: model.register_forward_pre_hook(self._on_forward),
+            lambda: optimizer.register_step_pre_hook(self._before_step)])
         self._frames: list[pd.DataFrame] = []
         self._started = now()
 
     def __enter__(self) -> Watch:
         self.recorder.__enter__()
-        self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
-        recorded = self.recorder.is_recorded(self.step)
-        self.recorder.hooks(recorded)
-        self._arm(recorded)
+        self._counter.on()
+        self._arm(self.recorder.is_recorded(self.step))
         return self
 
     def __exit__(self, *exc) -> None:
         self._arm(False)
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._counter.off()
         self.recorder.__exit__(*exc)
 
     def _arm(self, on: bool) -> None:
         """Register (or remove) the hooks that record a step: the model's forward pre-hook,
         the optimizer's step pre-hook and the recorded layers' hooks."""
-        if on == bool(self._armed):
-            return
-        if on:
-            self._armed = [self.model.register_forward_pre_hook(self._on_forward),
-                           self.optimizer.register_step_pre_hook(self._before_step)]
-        else:
-            for handle in self._armed:
-                handle.remove()
-            self._armed = []
+        self._armed.set(on)
         self.recorder.hooks(on)
 
     # -- hooks ---------------------------------------------------------------------------------

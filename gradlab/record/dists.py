@@ -2,7 +2,7 @@
 the weight-gradient entries, at a schedule of their own (``RunConfig.dist_every``).
 
 Glorot & Bengio (2010) read saturation and the back-propagated signal from such distributions
-(their Figs. 2-3 percentiles, 6-8 histograms); the norms of ``record.py`` cannot show them.
+(their Figs. 2-3 percentiles, 6-8 histograms); the recorder's norms cannot show them.
 Everything is computed on the device and buffered; ``flush`` (at an epoch end) moves it to the
 host as a tidy frame, one row per (step, layer, quantity, stat[, quantile or bin]):
 
@@ -33,6 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from .hooks import Hooks
+from .layers import select
 
 QUANTILES = (0.0, 0.01, 0.02, 0.16, 0.5, 0.84, 0.98, 0.99, 1.0)
 BINS = 50
@@ -80,7 +83,8 @@ def summary(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 class DistributionRecorder:
-    """Record the distributions of every ``nn.Linear`` of ``model`` at ``steps``.
+    """Record the distributions of ``model``'s layers (every ``nn.Linear`` by default) at
+    ``steps``.
 
     Per step, like ``GradientRecorder`` (hooks only on recorded steps, removed on exit)::
 
@@ -91,20 +95,22 @@ class DistributionRecorder:
             frame = dists.flush(epoch)  # at an epoch end
 
     Args:
-        model: any module; its Linear layers are numbered 0… in ``model.modules()`` order, and
-            the activation of layer l is the input of Linear l+1 (a plain MLP's f(z_l)).
+        model: any module; its recorded layers are numbered 0… in ``model.modules()`` order,
+            and the activation of layer l is the input of layer l+1 (a plain MLP's f(z_l)).
         steps: the steps to record (``record.recorded_steps``).
         bins: histogram bins per (step, quantity).
+        modules: which modules to record, as ``GradientRecorder`` takes it (``layers.select``).
     """
 
-    def __init__(self, model: nn.Module, steps, *, bins: int = BINS):
-        named = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    def __init__(self, model: nn.Module, steps, *, bins: int = BINS, modules=None):
+        named = select(model, modules)
         self.names = [name for name, _ in named]
         self.linears = [m for _, m in named]
         self.steps = {int(s) for s in steps}
         self.bins = bins
         self._levels = torch.tensor(QUANTILES, device=self.linears[0].weight.device)
-        self._handles: list = []
+        self._hooks = Hooks.forward(self.linears, [partial(self._forward_hook, i)
+                                                   for i in range(len(self.linears))])
         self._inputs: list[torch.Tensor | None] = []
         self._grad_out: list[torch.Tensor | None] = []
         self._step: int | None = None
@@ -114,12 +120,7 @@ class DistributionRecorder:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.off()
 
     def _forward_hook(self, index: int, module, inputs, z: torch.Tensor) -> None:
         self._inputs[index] = inputs[0].detach()
@@ -132,11 +133,10 @@ class DistributionRecorder:
     def begin_step(self, step: int) -> bool:
         """Start step ``step``; returns whether its distributions are recorded."""
         self._step = step if step in self.steps else None
-        if self._step is not None and not self._handles:
+        if self._step is not None and not self._hooks.registered:
             n = len(self.linears)
             self._inputs, self._grad_out = [None] * n, [None] * n
-            self._handles = [m.register_forward_hook(partial(self._forward_hook, i))
-                             for i, m in enumerate(self.linears)]
+            self._hooks.on()
         return self._step is not None
 
     @torch.no_grad()
@@ -144,7 +144,7 @@ class DistributionRecorder:
         """Summarise this step's tensors (call after ``backward``, before clipping)."""
         if self._step is None:
             return
-        self._remove_hooks()
+        self._hooks.off()
         n = len(self.linears)
         # activation of layer l = input of Linear l+1; the output layer has none
         per_quantity = [self._inputs[1:] + [None], self._grad_out,

@@ -1,0 +1,230 @@
+"""``GradientRecorder``: the step protocol (begin_step / after_backward / after_update / flush)
+that ties the recorder's parts together; the package docstring says how each column is taken."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import compat
+from .buffers import RowBuffers
+from .frames import grads_frame
+from .hooks import Hooks
+from .layer_stats import CallStats, ChunkedStats
+from .layers import Spec, is_plain_mlp, recorded_layers
+from .norms import norms_into
+from .schedule import Schedule
+from .updates import UpdateMeter
+
+# where a step is: not recorded (or its gradients read by after_backward), recording, or
+# recording with its gradients' norms already taken (at the backward pass's end)
+IDLE, RECORDING, READ = 0, 1, 2
+
+
+class GradientRecorder:
+    """Record per-layer gradient statistics of a model's layers (see the package docstring).
+
+    Use as a context manager (hooks are removed on exit), and per step::
+
+        if rec.begin_step(step):      # before the forward pass
+            ...forward, loss.backward()...
+            rec.after_backward(loss)  # before clipping and optimizer.step()
+            optimizer.step()
+            rec.after_update()
+        rows = rec.flush()            # at an epoch end: a tidy DataFrame
+
+    ``gradlab.watch`` makes these calls from PyTorch's hooks; use this class directly for loops
+    without a ``torch.optim`` optimizer.
+
+    Args:
+        model: any module.
+        activation: what follows each recorded layer, for f', saturation and dead units: None
+            (found from the model where it says so; elsewhere those columns stay empty), a
+            mapping from layer names to activation names (None: no activation), or one name
+            for every layer but the output layer (the one first called last).
+        steps: the steps to record (see ``recorded_steps``), or an int N: every N-th step.
+        optimizer: the optimizer that updates the model, if known: for ``torch.optim.SGD`` the
+            update norm is then read from what SGD applies instead of a weight snapshot.
+        modules: which modules to record (see ``layers.select``): every ``nn.Linear`` by default.
+        applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
+        read_at_backward_end: take the gradients' norms as the backward pass ends (before any
+            clipping) instead of in ``after_backward`` (``watch`` does).
+    """
+
+    def __init__(self, model: nn.Module, activation: Spec = None,
+                 steps: Iterable[int] | int = 1, *,
+                 optimizer: torch.optim.Optimizer | None = None, modules=None,
+                 applied_updates: bool = False, read_at_backward_end: bool = False):
+        self.layers = recorded_layers(model, modules, activation)
+        self.names = [layer.name for layer in self.layers]
+        self.linears = [layer.module for layer in self.layers]  # every recorded module
+        self.schedule = Schedule(steps)
+        self.read_at_backward_end = read_at_backward_end
+        self._one_activation = isinstance(activation, str)  # the output layer's is dropped
+        self._stats = (ChunkedStats(model, self.layers, activation)
+                       if is_plain_mlp(model, self.layers, activation) else CallStats(self.layers))
+        device = self.layers[0].value.device
+        self._buffers = self._stats.buffers = RowBuffers(len(self.layers),
+                                                         self._stats.count_width, device)
+        self._updates = UpdateMeter(self.layers, optimizer, applied_updates)
+        self._state = IDLE
+        self._queued = False  # a read at the backward pass's end is queued
+        self._order: list[int] = []  # layers by first call in the forward pass
+        self._called: set[int] = set()
+        self._row = -1  # the buffers' row of the current recorded step
+        self._steps: list[int] = []  # the step of each row
+        self._numel: list[list[int]] = []  # per read row: elements of z per layer
+        self._grad_out: list[list[torch.Tensor]] = [[] for _ in self.layers]  # dL/dz per call
+        self._forward = Hooks.forward(
+            self.linears, [self._forward_hook(i) for i in range(len(self.layers))])
+        self._hooks: Hooks | None = None  # the forward hooks, inside the ``with`` block
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def __enter__(self) -> GradientRecorder:
+        self._hooks = self._forward
+        self._hooks.on()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._forward.off()
+        self._hooks = None
+        self._state = IDLE
+
+    def hooks(self, on: bool) -> None:
+        """Register (or remove) the layers' forward hooks now, inside the ``with`` block
+        (``begin_step`` does as needed; ``watch`` does it between steps)."""
+        if self._hooks is not None:
+            self._hooks.set(on)
+
+    def _forward_hook(self, index: int):
+        stats, grad_out, order, called = self._stats, self._grad_out, self._order, self._called
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            grad_out[index].append(grad)
+            if self.read_at_backward_end and not self._queued:
+                self._queued = compat.at_backward_end(self._backward_ended)
+
+        def hook(module, inputs, z: torch.Tensor) -> None:
+            if self._state == IDLE or not torch.is_grad_enabled():
+                return
+            if index not in called:
+                called.add(index)
+                order.append(index)
+            if z.requires_grad:
+                z.register_hook(grad_hook)
+            stats.forward(index, inputs, z)
+
+        return hook
+
+    def _backward_ended(self) -> None:
+        self._queued = False
+        self.read_gradients()
+
+    # -- the step protocol ---------------------------------------------------------------------
+    def is_recorded(self, step: int) -> bool:
+        """Whether step ``step`` is one this recorder records."""
+        return step in self.schedule
+
+    def begin_step(self, step: int) -> bool:
+        """Start step ``step``; returns whether it is recorded (then call the two methods below)."""
+        recorded = step in self.schedule
+        self.hooks(recorded)  # unrecorded steps run without hooks
+        self._state = RECORDING if recorded else IDLE
+        if recorded:
+            self._row += 1
+            if self._row == self._buffers.capacity:
+                self._buffers.grow()
+            self._steps.append(step)
+            self._stats.begin(self._row)
+            self._grad_out[:] = [[] for _ in self.layers]
+        return recorded
+
+    def read_gradients(self) -> None:
+        """Take the norms of the recorded layers' ``.grad`` now (``after_backward`` does, unless
+        this was called for the step: ``watch`` calls it as the last ``.grad`` is accumulated,
+        before any clipping)."""
+        if self._state != IDLE:
+            norms_into(self._buffers.host[0][self._row, :4 * len(self.layers)],
+                       self._norm_inputs())
+            self._state = READ
+
+    def _norm_inputs(self) -> list[torch.Tensor | None]:
+        """What a row's norms are taken of: each layer's dL/dz (several calls: taken together;
+        never called: None), the layers' ``.grad`` (weights, then biases) and their weights."""
+        grads = [layer.weight.grad for layer in self.layers]
+        self._updates.note(grads)
+        return ([calls[0] if len(calls) == 1 else
+                 torch.cat([g.reshape(-1) for g in calls]) if calls else None
+                 for calls in self._grad_out]
+                + grads
+                + [layer.bias.grad if layer.bias is not None else None for layer in self.layers]
+                + [layer.value for layer in self.layers])
+
+    def after_backward(self, loss: torch.Tensor | None = None) -> None:
+        """Read the gradients (call after ``backward``, before clipping and the optimizer step);
+        ``loss``: the batch loss, if known."""
+        # (no torch.no_grad(): these tensors are gradients and detached weights)
+        if self._state == IDLE:
+            return
+        n, row = len(self.layers), self._buffers.host[0][self._row]
+        if self._state == READ:  # the norms are in already
+            if loss is not None:
+                row[4 * n] = loss.detach()
+        else:  # one fused norm
+            norms_into(row, self._norm_inputs(), (self._buffers.nan if loss is None else loss,))
+        self._state = IDLE  # no forward hooks until the next recorded step
+        self._numel.append(self._stats.end_step(self._row))
+        self._grad_out[:] = [[] for _ in self.layers]  # read: let autograd reuse their memory
+        self._updates.begin()
+
+    def after_update(self) -> None:
+        """Measure the update the optimizer just made (call right after ``optimizer.step()``)."""
+        _, update, applied = self._buffers.host
+        self._updates.measure(update[self._row], applied[self._row])
+
+    # -- output --------------------------------------------------------------------------------
+    def layer_order(self) -> list[int]:
+        """Indices into ``layers`` by first call in the forward pass (never called: last)."""
+        return self._order + [i for i in range(len(self.layers)) if i not in self._order]
+
+    def pending(self) -> int:
+        """The number of recorded steps not yet flushed."""
+        return len(self._numel)
+
+    def flush(self, epoch: int = 0) -> pd.DataFrame:
+        """Move the buffered rows to the host as a tidy frame (one row per step and layer)."""
+        self._stats.flush()
+        rows, n = len(self._numel), len(self.layers)  # rows whose gradients were read
+        steps = self._steps[:rows]
+        # a step begun and not yet read (flush inside a step) moves to the next flush's row 0;
+        # an update not yet measured (flush before after_update) stays empty
+        self._steps = self._steps[rows:]
+        self._row = len(self._steps) - 1
+        norms, update, applied, act, counts = self._buffers.take(rows, self._row == 0)
+        numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
+        self._numel = []
+        self._stats.finish(act, counts, numel)
+        update = self._updates.take(update, norms[:, n:2 * n])
+        order = self.layer_order()
+        blocks = np.concatenate([norms[:, b * n:(b + 1) * n][:, order] for b in range(4)], 1)
+        return grads_frame(steps, epoch, blocks, norms[:, 4 * n], update[:, order],
+                           act[:, order], None,
+                           np.array([self.layers[i].units for i in order], dtype=np.float64),
+                           self._frame_activations(order),
+                           layer_names=[self.names[i] for i in order],
+                           applied=applied[:, order], numel=numel[:, order])
+
+    def _frame_activations(self, order: list[int]):
+        """The activation after each layer in ``order``; the output layer's dropped where one
+        name was given for every layer."""
+        activations = [self.layers[i].activation for i in order]
+        if isinstance(self._stats, ChunkedStats):
+            activations[-1] = None
+        elif self._one_activation and self._order:
+            activations[len(self._order) - 1] = None  # the output layer: first called last
+        return activations
+
