@@ -20,7 +20,7 @@ of the same three (blocks seconds apart, so the machine's load drifts out); its 
 whole runs, since a run's figures move together with where its model and buffers lie in
 memory. On a shared machine, only these differences measured side by side mean anything.
 
-    python benchmarks/bench_then_now.py --data-dir ../shared/data [--then 7520b59] [--write]
+    python benchmarks/bench_then_now.py --data-dir ../shared/data [--then 301208b] [--write]
 """
 
 from __future__ import annotations
@@ -172,7 +172,10 @@ def run(args) -> str:
     then = import_then(args.then)
     data, density = batches(args.data_dir, 50)
     from gradlab.engines import stacked as stacked_now
-    then_stacked = importlib.import_module("gradlab_then.stacked")
+    try:  # (the stacked engine moved into engines/ after 7520b59)
+        then_stacked = importlib.import_module("gradlab_then.engines.stacked")
+    except ImportError:
+        then_stacked = importlib.import_module("gradlab_then.stacked")
     for module in (then_stacked, stacked_now):  # compile the kernels outside the timing
         fused_blocks(module, 2 * BLOCK, data, density)
     autograd_blocks(then, 3 * BLOCK, data)
@@ -229,7 +232,8 @@ def run(args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA))
-    parser.add_argument("--then", default="7520b59", help="the earlier commit")
+    parser.add_argument("--then", default="301208b",
+                        help="the earlier commit (301208b: the recorder before gradlab/record/)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -60,7 +60,7 @@ def load(path, **kwargs):
 
 
 def watch(model, optimizer, log_every=10, **kwargs):
-    """Record a model's gradients around an unmodified training loop (``gradlab.record.watcher``)."""
+    """Record a model's gradients around an unmodified training loop (``gradlab.record``)."""
     from .record import watch as watch_model
 
     return watch_model(model, optimizer, log_every, **kwargs)

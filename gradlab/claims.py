@@ -30,13 +30,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import GradlabError
+
 CLAIM_KEYS = ("claim", "source", "published", "measure", "runs", "expect", "differs", "column",
               "layer", "of_layer", "step", "quantity", "stat", "q", "scale")
 EXPECTATIONS = ("within", "below", "above", "between")
 CLAIM_COLUMNS = ("claim", "source", "published", "mean", "sd", "runs", "gradlab", "verdict")
 
 
-class ClaimError(ValueError):
+class ClaimError(GradlabError, ValueError):
     """A claim is invalid; the message is one line naming the key."""
 
 

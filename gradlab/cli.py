@@ -12,12 +12,20 @@ from pathlib import Path
 
 import click
 
-from .options import SectionedCommand, grid_from_options, sweep_options, train_options
+from .errors import GradlabError
+from .options import (
+    Device,
+    SectionedCommand,
+    check_device,
+    data_dir_option,
+    device_option,
+    engine_option,
+    grid_from_options,
+    jobs_options,
+    sweep_options,
+    train_options,
+)
 from .startup import Terminated
-
-# Errors the library raises for bad input; each message is one line. Imported lazily by name so
-# that this module stays light.
-USER_ERRORS = ("ConfigError", "DataError", "StoreError", "SpecError", "SweepError")
 
 
 class Interrupted(Exception):
@@ -87,11 +95,9 @@ class Group(click.Group):
             name = f" {shorten(e.filename)}" if e.filename else ""
             click.echo(f"Error: cannot use{name}: {e.strerror}", err=True)
             sys.exit(2)
-        except Exception as e:
-            if type(e).__name__ in USER_ERRORS:
-                click.echo(f"Error: {e}", err=True)
-                sys.exit(2)
-            raise
+        except GradlabError as e:  # bad input, said in one line by the library
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -124,59 +130,6 @@ def cli():
     """
 
 
-def data_dir_option(f):
-    return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                        help="dataset root [default: $GRADLAB_DATA, else ./data]")(f)
-
-
-class Device(click.ParamType):
-    """A torch device name: auto, cpu, cuda, cuda:N or mps."""
-
-    name = "device"
-    PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-
-    def convert(self, value, param, ctx):
-        import re
-
-        if not re.fullmatch(self.PATTERN, str(value)):
-            self.fail(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or mps", param, ctx)
-        return str(value)
-
-
-def check_device(device: str) -> None:
-    """Refuse a device that this machine lacks, before anything is written (``auto`` and
-    ``cpu`` always work)."""
-    if device in ("auto", "cpu"):
-        return
-    import torch
-
-    if device == "mps":
-        ok = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        count = "no MPS device"
-    else:
-        index = int(device.partition(":")[2] or 0)
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ok, count = index < n, f"{n} CUDA device{'s' if n != 1 else ''}"
-    if not ok:
-        raise click.BadParameter(f"{device} is not available here (torch sees {count}): use "
-                                 f"auto or cpu", param_hint="'--device'")
-
-
-def engine_option(f):
-    from .config import ENGINE_HELP, ENGINES
-
-    text = "; ".join(f"{name}: {ENGINE_HELP[name]}" for name in ENGINES)
-    return click.option("--engine", type=click.Choice(ENGINES), default=None,
-                        help=f"how runs are trained; part of the run's config, so the two "
-                             f"engines' runs never share a run id [default: autograd; fused "
-                             f"with --ensemble]. {text}")(f)
-
-
-def device_option(f):
-    return click.option("--device", type=Device(), default="auto",
-                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")(f)
-
-
 @cli.command(cls=SectionedCommand)
 @train_options
 @click.option("--out", type=click.Path(), default="results", help="results root")
@@ -199,65 +152,38 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
     """
     from .config import make_config
     from .data import ensure_data, resolve_data_dir
-    from .locks import LOCKED, run_lock
-    from .runner import execute
+    from .locks import LOCKED
+    from .progress import accuracy_text, describe, epoch_line, summary_line
     from .store import ensure_out, run_dir
-    from .tasks import ready
+    from .tasks import DONE_ELSEWHERE, run_one
 
     config = make_config(**grid_from_options(options), engine=engine)
     check_device(device)
     ensure_data(config.dataset, resolve_data_dir(data_dir), config.train_size)
     ensure_out(out)
-    path = run_dir(out, config.run_id())
+    run_id, path = config.run_id(), run_dir(out, config.run_id())
 
-    def on_epoch(e: dict) -> None:
-        if not quiet:
-            click.echo(f"epoch {e['epoch']:>3}/{e['epochs']}  train loss {e['train_loss']:.4f} "
-                       f"acc {e['train_accuracy']:.2%}  test loss {e['test_loss']:.4f} "
-                       f"acc {e['test_accuracy']:.2%}  {e['seconds']:.2f}s")
-
-    # the run's lock, as a sweep takes it: one process at a time trains a run
-    with run_lock(out, config.run_id()) as locked:
-        if not locked:
-            raise click.ClickException(f"run {config.run_id()} is {LOCKED} (another gradlab "
-                                       f"process holds its lock): nothing trained; run this "
-                                       f"again when it is done")
-        stored, damage = ready(out, config.run_id())
-        if stored is not None and stored["status"] == "complete" and not force:
-            acc = stored.get("final_test_accuracy")
-            click.echo(f"run {config.run_id()} is already complete in {path} (final test "
-                       f"accuracy {'n/a' if acc is None else f'{acc:.2%}'}); use --force to "
-                       f"train it again")
-            return 0
+    def on_train(damage: str | None) -> None:
         if damage:
-            click.echo(f"run {config.run_id()} was damaged: {damage}; training it again",
-                       err=True)
+            click.echo(f"run {run_id} was damaged: {damage}; training it again", err=True)
         if not quiet:
-            click.echo(f"run {config.run_id()}: {describe(config)}", err=True)
+            click.echo(f"run {run_id}: {describe(config)}", err=True)
 
-        import torch
-
-        torch.set_num_threads(threads)
-        status = execute(config, out, data_dir=data_dir, device=device, progress=not quiet,
-                         on_epoch=on_epoch)
-    click.echo(summary_line(status, path))
-    return 0 if status["status"] == "complete" else 1
-
-
-def jobs_options(f):
-    """``--jobs`` and ``--threads`` of the commands that train many runs."""
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    f = click.option("--threads", type=click.IntRange(1), default=1,
-                     help="torch threads per run, whatever --jobs is, so that records do not "
-                          "depend on how many runs train at once")(f)
-    return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,
-                        show_default="this machine's cores",
-                        help="runs at once, each in its own process (or Ray task)")(f)
+    # under the run's lock, as a sweep trains it: one process at a time trains a run
+    outcome = run_one(config.to_dict(), out, data_dir, device, threads,
+                      keep=() if force else ("complete",), progress=not quiet,
+                      on_epoch=None if quiet else lambda e: click.echo(epoch_line(e)),
+                      on_train=on_train)
+    if outcome["status"] == LOCKED:
+        raise click.ClickException(f"run {run_id} is {LOCKED} (another gradlab process holds "
+                                   f"its lock): nothing trained; run this again when it is done")
+    if outcome["status"] == DONE_ELSEWHERE:
+        click.echo(f"run {run_id} is already complete in {path} (final test accuracy "
+                   f"{accuracy_text(outcome.get('final_test_accuracy'))}); use --force to "
+                   f"train it again")
+        return 0
+    click.echo(summary_line(outcome, path))
+    return 0 if outcome["status"] == "complete" else 1
 
 
 @cli.command(cls=SectionedCommand)
@@ -291,6 +217,7 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     Example: gradlab sweep --depths 3,5,10 --activations sigmoid,relu --seeds 0,1,2 -j 2
     """
     from .config import expand_grid
+    from .progress import SweepProgress, progress_callbacks
     from .sweep import format_summary, run_sweep, sweep_summary
 
     if ensemble and engine not in (None, "fused"):
@@ -298,16 +225,17 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
                                f"{engine}, or --ensemble")
     engine = "fused" if ensemble else engine
     configs = expand_grid({**grid_from_options(options), "engine": engine or "autograd"})
+    run_ids = [c.run_id() for c in configs]
     if executor == "local" or ray_address is None:  # a Ray cluster may have devices that
         check_device(device)                          # this machine lacks
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
                            ensemble=ensemble, **progress_callbacks(progress))
-    click.echo(format_summary(sweep_summary(out, [c.run_id() for c in configs])))
+    click.echo(format_summary(sweep_summary(out, run_ids)))
     for line in result.repaired():  # damaged runs, trained again
         click.echo(line)
-    echo_verdict(out, [c.run_id() for c in configs])
+    echo_verdict(out, run_ids)
     echo_problems(result, out)
     if make_report:
         try:
@@ -318,131 +246,11 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     return 0 if result.ok else 1
 
 
-TRAIN_EXAMPLES = 60_000  # MNIST's and Fashion-MNIST's training sets
-
-
-def planned_steps(config) -> int:
-    """The optimizer steps a run takes, from its config alone (before its data is loaded)."""
-    examples = config.train_size or TRAIN_EXAMPLES
-    return config.epochs * -(-examples // config.batch_size)
-
-
-class SweepProgress:
-    """Progress of a sweep on stderr (for sweep and figures), counted in training steps across
-    every run to train, with an ETA, and one line per finished run: a tqdm bar on a terminal,
-    else plain lines at most every ``every`` seconds (a log file gets no redraws).
-
-    Its methods are ``run_sweep``'s callbacks: ``on_start``, ``on_run`` and ``on_progress``
-    (``fn(run_id, steps_done, steps_total)``). Without ``on_progress`` a run's steps count
-    when it finishes.
-    """
-
-    def __init__(self, configs, out, *, stream=None, every: float = 10.0):
-        self.configs, self.out = configs, out
-        self.stream = stream or sys.stderr
-        self.every = every
-        self.totals = {c.run_id(): planned_steps(c) for c in configs}
-        self.done: dict[str, int] = {}
-        self.todo: set[str] = set()
-        self.runs_done = 0
-        self.bar = None
-        self.started = self.shown = 0.0
-
-    @property
-    def steps(self) -> tuple[int, int]:
-        """(steps done, steps in all) of the runs to train."""
-        return (sum(self.done.get(r, 0) for r in self.todo),
-                sum(self.totals[r] for r in self.todo))
-
-    def on_start(self, todo: int, skipped: int) -> None:
-        import time
-
-        from .sweep import plan
-
-        click.echo(f"{len(self.configs)} runs into {self.out}: {skipped} already finished, "
-                   f"{todo} to train", file=self.stream)
-        self.todo = {c.run_id() for c in plan(self.configs, self.out)[0]} if todo else set()
-        self.started = self.shown = time.monotonic()
-        if todo and self.stream.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.steps[1], unit="step", unit_scale=True,
-                            file=self.stream, dynamic_ncols=True, postfix=self.runs_text())
-
-    def on_progress(self, run_id: str, steps_done: int, steps_total: int) -> None:
-        self.totals[run_id] = steps_total  # the run's own count is the truth
-        self.done[run_id] = steps_done
-        self.todo.add(run_id)
-        self.show()
-
-    def on_run(self, config, outcome: dict) -> None:
-        from .sweep import outcome_line
-
-        run_id = config.run_id()
-        self.done[run_id] = self.totals[run_id]  # a diverged run ends early: nothing left
-        self.todo.add(run_id)
-        self.runs_done += 1
-        line = outcome_line(config, outcome, self.configs)
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            click.echo(line, file=self.stream)
-        self.show(force=True)
-
-    def runs_text(self) -> str:
-        return f"{self.runs_done}/{len(self.todo)} runs"
-
-    def show(self, force: bool = False) -> None:
-        import time
-
-        done, total = self.steps
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.set_postfix_str(self.runs_text(), refresh=False)
-            self.bar.update(done - self.bar.n)
-            return
-        now = time.monotonic()
-        if force or now - self.shown >= self.every:
-            self.shown = now
-            click.echo(self.line(done, total, now - self.started), file=self.stream)
-
-    def line(self, done: int, total: int, elapsed: float) -> str:
-        """A plain progress line: steps, runs, elapsed time and the time left at this rate."""
-        from tqdm import tqdm
-
-        return "progress: " + tqdm.format_meter(
-            done, total, elapsed, unit="step", postfix=self.runs_text(),
-            bar_format="{percentage:3.0f}% {n_fmt}/{total_fmt} steps{postfix}, "
-                       "{elapsed} elapsed, {remaining} left")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def progress_callbacks(progress: SweepProgress) -> dict:
-    """``progress``'s callbacks, as ``run_sweep`` (and ``experiment.build``) take them."""
-    return {"on_start": progress.on_start, "on_run": progress.on_run,
-            "on_progress": progress.on_progress}
-
-
 def echo_verdict(out, run_ids) -> None:
     """Print what the runs of ``out`` show, in plain words, one line per setup."""
-    import warnings
+    from .summary import sweep_verdict
 
-    from .store import load
-    from .tables import verdict
-
-    with warnings.catch_warnings():  # damaged runs are named by the command itself
-        warnings.simplefilter("ignore")
-        results = load(out)
-    keep = set(run_ids)
-    frames = [f[f["run_id"].isin(keep)] if "run_id" in f else f
-              for f in (results.grads, results.epochs, results.runs)]
-    lines = verdict(*frames)
+    lines = sweep_verdict(out, run_ids)
     if lines:
         click.echo("\nIn plain words (‖g_first‖/‖g_last‖: the first layer's gradient norm over "
                    "the last layer's; 1 = kept):")
@@ -475,26 +283,6 @@ def ls(path):
         click.echo(f"Warning: {problem}", err=True)
     click.echo(format_runs(table) if len(table) else f"no runs in {path}")
     return 0
-
-
-def describe(config) -> str:
-    """A one-line human description of a config."""
-    sizes = "→".join(map(str, config.layer_sizes))
-    return (f"{config.dataset} {sizes} {config.activation} init={config.init} "
-            f"{config.optimizer} lr={config.lr} batch={config.batch_size} "
-            f"epochs={config.epochs} seed={config.seed}")
-
-
-def summary_line(status: dict, path) -> str:
-    acc = status.get("final_test_accuracy")
-    acc_text = "n/a" if acc is None or acc != acc else f"{acc:.2%}"
-    extra = ""
-    if status["status"] == "diverged":
-        extra = f" at step {status['diverged_step']}"
-    elif status["status"] == "failed":
-        extra = f": {status.get('error')}"
-    return (f"{status['status']}{extra}: final test accuracy {acc_text}, {status['steps']} steps "
-            f"in {status['seconds']:.1f}s → {path}")
 
 
 def main() -> None:  # python -m gradlab
@@ -575,7 +363,8 @@ def figures(spec, out, jobs, threads, data_dir, device, make_report):
     summary.md and manifest.json (run_ids, content hash of the records behind each figure,
     versions, git SHA) to OUT. The same spec gives the same figure bytes and tables.
     """
-    from .experiment import build, load_spec
+    from .experiment import build, load_spec, summary_text
+    from .progress import SweepProgress, progress_callbacks
 
     experiment = load_spec(spec)
     check_device(device)
@@ -585,7 +374,7 @@ def figures(spec, out, jobs, threads, data_dir, device, make_report):
         manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, threads=threads,
                                                data_dir=data_dir, device=device,
                                                **progress_callbacks(progress)))
-    click.echo((Path(out) / "summary.md").read_text().split("```")[1].strip("\n"))
+    click.echo(summary_text(out))
     echo_verdict(out, [c.run_id() for c in configs])
     for name in manifest["figures"]:
         click.echo(str(Path(out) / name))

@@ -1,4 +1,4 @@
-"""The few PyTorch internals gradlab uses, each behind one function with a public fallback.
+"""The few PyTorch internals gradlab's core uses, each behind one function with a public fallback.
 
 Private APIs can change between releases; here they are in one place, each tested
 (``tests/test_compat.py``), so a new torch breaks at most this module and only in speed: every
@@ -8,8 +8,6 @@ function falls back to public operations when the private one is missing.
 from __future__ import annotations
 
 import torch
-
-_aten = getattr(torch.ops, "aten", None)
 
 
 def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -58,26 +56,3 @@ def at_backward_end(callback) -> bool:
     queue(callback)
     return True
 
-
-def _aten_op(name: str, overload: str):
-    packet = getattr(_aten, name, None) if _aten is not None else None
-    return getattr(packet, overload, None) if packet is not None else None
-
-
-def backward_into(name: str, *args, out: torch.Tensor, fallback) -> torch.Tensor:
-    """An activation's backward kernel ``aten.<name>.grad_input(*args)`` written into ``out``
-    (the kernel autograd itself runs, so the bits match autograd's); ``fallback()`` computes the
-    same value with public ops where the kernel is missing."""
-    op = _aten_op(name, "grad_input")
-    if op is not None:
-        return op(*args, grad_input=out)
-    return out.copy_(fallback())
-
-
-def forward_into(name: str, z: torch.Tensor, *args, out: torch.Tensor, fallback) -> torch.Tensor:
-    """The activation ``aten.<name>.out(z, *args)`` written into ``out`` (no new tensor);
-    ``fallback()`` where the kernel is missing."""
-    op = _aten_op(name, "out")
-    if op is not None:
-        return op(z, *args, out=out)
-    return out.copy_(fallback())

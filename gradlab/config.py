@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .activations import NAMES as ACTIVATIONS  # the registry's names
+from .errors import GradlabError
 
 WEIGHT_INITS = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
@@ -49,7 +50,7 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {"engine": "autograd", "applied_updates": F
 CRITERIA = ("cross_entropy", "sigmoid_bce")
 
 
-class ConfigError(ValueError):
+class ConfigError(GradlabError, ValueError):
     """A configuration value is invalid; the message is one line naming it and what is allowed."""
 
 

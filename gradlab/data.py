@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import GradlabError
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,7 +28,7 @@ RAW_FILES = (
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DataError(RuntimeError):
+class DataError(GradlabError, RuntimeError):
     """The data could not be found or read; the message is one line saying where and what."""
 
 
@@ -61,6 +63,9 @@ def _dataset_class(name: str):
 # torchvision's folder for each dataset (its class name), known without importing torchvision:
 # checking the files before a sweep imports neither torch nor torchvision.
 FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# The training examples of each dataset, known before its files are read (a sweep's progress
+# counts its steps before any run loads its data).
+TRAIN_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000}
 
 
 def _raw_folder(name: str, root: Path) -> Path:

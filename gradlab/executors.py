@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+from .errors import GradlabError
 from .startup import Terminated
 from .tasks import Progress, Task, failed, run_task
 
@@ -22,7 +23,7 @@ RAY_MISSING = "ray is not installed: pip install 'gradlab[ray]'"
 RAY_CONNECT_SECONDS = 10  # how long to wait for a Ray cluster to answer
 
 
-class SweepError(RuntimeError):
+class SweepError(GradlabError, RuntimeError):
     """A sweep cannot start (e.g. ray missing); the message is one line."""
 
 

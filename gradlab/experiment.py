@@ -31,6 +31,7 @@ import pandas as pd
 
 from .claims import ClaimError, check_claim, claims_markdown, evaluate_claims
 from .config import CONFIG_FIELDS, ConfigError, RunConfig, expand_grid, load_toml
+from .errors import GradlabError
 from .summary import options_off, summary_table
 
 SPEC_KEYS = ("description", "sweep", "figures", "claim")
@@ -38,7 +39,7 @@ FIGURE_KEYS = ("only", "formats")
 FORMATS = ("png", "pdf", "svg")
 
 
-class SpecError(ValueError):
+class SpecError(GradlabError, ValueError):
     """An experiment spec is invalid; the message is one line naming the file and the key."""
 
 
@@ -174,7 +175,7 @@ def build(
     from . import __version__
     from .paper_figures import PAPER_FIGURES, write_paper_figures
     from .plots import FIGURES, write_figures
-    from .store import Results, atomic_write, git_sha, load, write_json
+    from .store import atomic_write, git_sha, load, write_json
     from .sweep import run_sweep
 
     out = Path(out) if out is not None else Path("results") / experiment.name
@@ -182,13 +183,8 @@ def build(
     sweep = run_sweep(configs, out, jobs=jobs, threads=threads, data_dir=data_dir, device=device,
                       on_start=on_start, on_run=on_run, on_progress=on_progress)
     ids = [c.run_id() for c in configs]
-    results = load(out)  # only this experiment's runs are drawn, even if the folder has more
-
-    def mine(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[frame["run_id"].isin(ids)] if "run_id" in frame else frame
-
-    results = Results(mine(results.grads), mine(results.epochs), mine(results.runs),
-                      results.problems, mine(results.dists))
+    # only this experiment's runs are drawn, even if the folder has more
+    results = load(out, run_ids=ids)
     table = summary_table(results)
     claims = evaluate_claims(list(experiment.claims), results)
     atomic_write(out / "summary.csv",
@@ -278,6 +274,12 @@ def markdown_summary(experiment: Experiment, table: pd.DataFrame, claims: pd.Dat
                      "update) beside its median over the recorded steps, mean ± sd over "
                      f"seeds.\n\n```\n{step0}\n```\n")
     return "\n".join(parts)
+
+
+def summary_text(out: str | os.PathLike) -> str:
+    """The summary table of a built experiment as text, read back from its summary.md (the
+    first fenced block that ``markdown_summary`` writes)."""
+    return (Path(out) / "summary.md").read_text().split("```")[1].strip("\n")
 
 
 def _versions(gradlab_version: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The run options shared by ``gradlab train`` (one value each) and ``gradlab sweep`` (comma lists).
+"""The run options shared by ``gradlab train`` (one value each) and ``gradlab sweep`` (comma lists),
+and the data, device, engine and jobs options of several commands.
 
 One table serves both commands, so a new RunConfig field is added once.
 """
@@ -234,3 +235,75 @@ def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:
     """The run-option values of a parsed command as a grid (field -> value or list)."""
     keys = {opt.field for opt in RUN_OPTIONS} | {"widths", *_flags(sweep=False)}
     return {k: v for k, v in values.items() if k in keys and v is not None}
+
+
+# -- the options of several commands: data, device, engine, jobs ------------------------------
+
+
+def data_dir_option(f):
+    return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                        help="dataset root [default: $GRADLAB_DATA, else ./data]")(f)
+
+
+class Device(click.ParamType):
+    """A torch device name: auto, cpu, cuda, cuda:N or mps."""
+
+    name = "device"
+    PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        if not re.fullmatch(self.PATTERN, str(value)):
+            self.fail(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or mps", param, ctx)
+        return str(value)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that this machine lacks, before anything is written (``auto`` and
+    ``cpu`` always work)."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device == "mps":
+        ok = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        count = "no MPS device"
+    else:
+        index = int(device.partition(":")[2] or 0)
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ok, count = index < n, f"{n} CUDA device{'s' if n != 1 else ''}"
+    if not ok:
+        raise click.BadParameter(f"{device} is not available here (torch sees {count}): use "
+                                 f"auto or cpu", param_hint="'--device'")
+
+
+def device_option(f):
+    return click.option("--device", type=Device(), default="auto",
+                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")(f)
+
+
+def engine_option(f):
+    from .config import ENGINE_HELP, ENGINES
+
+    text = "; ".join(f"{name}: {ENGINE_HELP[name]}" for name in ENGINES)
+    return click.option("--engine", type=click.Choice(ENGINES), default=None,
+                        help=f"how runs are trained; part of the run's config, so the two "
+                             f"engines' runs never share a run id [default: autograd; fused "
+                             f"with --ensemble]. {text}")(f)
+
+
+def jobs_options(f):
+    """``--jobs`` and ``--threads`` of the commands that train many runs."""
+    import os
+
+    try:  # as gradlab.sweep.cores, which --help cannot import (it loads pandas)
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    f = click.option("--threads", type=click.IntRange(1), default=1,
+                     help="torch threads per run, whatever --jobs is, so that records do not "
+                          "depend on how many runs train at once")(f)
+    return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,
+                        show_default="this machine's cores",
+                        help="runs at once, each in its own process (or Ray task)")(f)

@@ -44,32 +44,3 @@ def execute(
         (path / "error.txt").write_text(traceback.format_exc())
     return finish_run(path, result)
 
-
-def execute_ensemble(
-    configs: list[RunConfig],
-    out: str | os.PathLike,
-    *,
-    data_dir: str | None = None,
-    device: str = "auto",
-) -> list[dict]:
-    """Train ``configs`` (equal but for ``seed``) as one vectorised ensemble
-    (``gradlab.engines.ensemble.train_ensemble``) and write each run's folder; returns their status
-    dicts, in order. A failure during training is stored as ``failed`` for every run of the
-    ensemble, as ``execute`` stores it for one run."""
-    from .engines.ensemble import train_ensemble
-
-    out = ensure_out(out)
-    dev = resolve_device(device)
-    first = configs[0]
-    data = load_data(first.dataset, data_dir, device=dev, train_size=first.train_size,
-                     standardize=first.standardize)
-    paths = [begin_run(out, config, str(dev), ensemble=len(configs)) for config in configs]
-    try:
-        results = train_ensemble(configs, data=data, device=dev)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:  # stored, not raised: the sweep goes on
-        results = [RunResult.failed(config, str(dev), e) for config in configs]
-        for path in paths:
-            (path / "error.txt").write_text(traceback.format_exc())
-    return [finish_run(path, result) for path, result in zip(paths, results, strict=True)]

@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import CONFIG_FIELDS, RunConfig
+from .errors import GradlabError
 from .validate import Damaged, digests, is_gradlab_run, read_config, read_records, strict
 from .validate import read_status as read_valid_status
 
@@ -37,7 +39,7 @@ FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
 STALE = ("dists.parquet", "error.txt")
 
 
-class StoreError(RuntimeError):
+class StoreError(GradlabError, RuntimeError):
     """A results path is not usable; the message is one line."""
 
 
@@ -181,47 +183,63 @@ def ensure_out(out: str | os.PathLike) -> Path:
     return out
 
 
-def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = None) -> Path:
-    """Clear a stale run folder and write its config.json (the status file comes last)."""
-    path = run_dir(out, config.run_id())
+EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")  # epochs.parquet
+
+
+def open_run(out: Path, run_id: str, meta: dict) -> Path:
+    """Start writing run ``run_id`` of ``out``: clear what a stale run left, then write its
+    config.json (``meta``, with ``run_id`` first); the status file comes last (``close_run``).
+    The one writer of a run folder: ``train``, sweeps and ``watch`` all go through it."""
+    path = run_dir(out, run_id)
     path.mkdir(parents=True, exist_ok=True)
     for name in FILES + STALE:
         (path / name).unlink(missing_ok=True)
-    write_json(path / "config.json", {
-        "run_id": config.run_id(),
+    write_json(path / "config.json", {"run_id": run_id, **meta})
+    return path
+
+
+def close_run(path: Path, run_id: str, records: dict[str, pd.DataFrame], status: dict) -> dict:
+    """Write the run's records (``records``: file stem -> frame, e.g. ``grads``; an empty
+    optional frame is not written), stamp the config's finish time, then ``status.json`` last
+    with the sha256 of every file; returns the status dict."""
+    for stem, frame in records.items():
+        if frame is not None and (stem in ("grads", "epochs") or not frame.empty):
+            write_parquet(path / f"{stem}.parquet", frame, run_id)
+    meta = json.loads((path / "config.json").read_text())
+    meta["provenance"]["finished"] = now()
+    write_json(path / "config.json", meta)
+    status = {"status": status.get("status", "complete"), "run_id": run_id,
+              **{k: v for k, v in status.items() if k not in ("status", "run_id")},
+              "finished": meta["provenance"]["finished"],
+              # what the files were when the run finished: a change to any byte later is damage
+              "sha256": digests(path)}
+    write_json(path / "status.json", status)
+    return status
+
+
+def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = None) -> Path:
+    """Open the run folder of ``config`` (``open_run``)."""
+    return open_run(out, config.run_id(), {
         "config": config.to_dict(),
         "layer_sizes": list(config.layer_sizes),
         # ensemble: trained as one of that many stacked members (gradlab sweep --ensemble)
         "provenance": {**provenance(device), "ensemble": ensemble, "started": now()},
     })
-    return path
 
 
 def finish_run(path: Path, result) -> dict:
-    """Write the records, then ``status.json`` last; returns the status dict."""
-    run_id = result.config.run_id()
-    write_parquet(path / "grads.parquet", result.grads, run_id)
-    write_parquet(path / "epochs.parquet", result.epochs, run_id)
-    dists = getattr(result, "dists", None)
-    if dists is not None and not dists.empty:  # optional: only runs with dist_every > 0
-        write_parquet(path / "dists.parquet", dists, run_id)
-    meta = json.loads((path / "config.json").read_text())
-    meta["provenance"]["finished"] = now()
-    write_json(path / "config.json", meta)
-    status = {
+    """Write a ``RunResult``'s records, then ``status.json`` last (``close_run``)."""
+    return close_run(path, result.config.run_id(), {
+        "grads": result.grads, "epochs": result.epochs,
+        "dists": getattr(result, "dists", None),  # optional: only runs with dist_every > 0
+    }, {
         "status": result.status,
-        "run_id": run_id,
         "steps": result.steps,
         "seconds": round(result.seconds, 3),
         "final_test_accuracy": result.final_test_accuracy,
         "diverged_step": result.diverged_step,
         "error": result.error,
-        "finished": meta["provenance"]["finished"],
-        # what the files were when the run finished: a change to any byte later is damage
-        "sha256": digests(path),
-    }
-    write_json(path / "status.json", status)
-    return status
+    })
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -246,6 +264,17 @@ class Results:
         problems = f", {len(self.problems)} problems" if self.problems else ""
         return (f"Results({len(self.runs)} runs{f' ({counts})' if counts else ''}; "
                 f"grads {len(self.grads)} rows, epochs {len(self.epochs)} rows{problems})")
+
+    def only(self, run_ids: Iterable[str]) -> Results:
+        """These results cut to the runs ``run_ids`` (e.g. one sweep's, in a folder that holds
+        more); ``problems`` are kept whole."""
+        keep = set(run_ids)
+
+        def cut(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[frame["run_id"].isin(keep)] if "run_id" in frame else frame
+
+        return Results(cut(self.grads), cut(self.epochs), cut(self.runs), self.problems,
+                       cut(self.dists))
 
 
 def config_columns(config: dict) -> dict[str, Any]:
@@ -293,13 +322,15 @@ def read_run_meta(path: Path) -> dict:
     }
 
 
-def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Results:
+def load(path: str | os.PathLike, *, include_unfinished: bool = False,
+         run_ids: Iterable[str] | None = None) -> Results:
     """Load a results folder (or one run folder) into tidy pandas frames.
 
     Runs without ``status.json`` are unfinished and left out unless ``include_unfinished``
     (they still appear in ``runs``). A damaged file (``gradlab.validate``) is named in
     ``problems`` and in a warning, and the rest is loaded: a run whose config.json or
     status.json does not read back is left out, a record file that does not is left out alone.
+    Given ``run_ids``, only those runs are kept (``Results.only``).
     """
     path = Path(path)
     try:
@@ -340,5 +371,6 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False) -> Result
         frame = pd.concat(frames, ignore_index=True)
         return frame.merge(runs[config_cols], on="run_id", how="left")
 
-    return Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
-                   dists=join(dists))
+    results = Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
+                      dists=join(dists))
+    return results if run_ids is None else results.only(run_ids)

@@ -79,15 +79,23 @@ def format_summary(table: pd.DataFrame) -> str:
     return text.to_string(index=False)
 
 
+def sweep_results(out: str | os.PathLike, run_ids: Iterable[str]) -> store.Results:
+    """The given runs of a results folder (other runs there are ignored), loaded without
+    warnings: the command that asks names damaged runs itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return store.load(out, run_ids=run_ids)
+
+
 def sweep_summary(out: str | os.PathLike, run_ids: Iterable[str]) -> pd.DataFrame:
     """``summary_table`` of the given runs of a results folder (other runs there are ignored)."""
-    with warnings.catch_warnings():  # damaged runs are named by the sweep itself
-        warnings.simplefilter("ignore")
-        results = store.load(out)
-    keep = set(run_ids)
+    return summary_table(sweep_results(out, run_ids))
 
-    def subset(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[frame["run_id"].isin(keep)] if "run_id" in frame else frame
 
-    return summary_table(store.Results(subset(results.grads), subset(results.epochs),
-                                       subset(results.runs), results.problems))
+def sweep_verdict(out: str | os.PathLike, run_ids: Iterable[str]) -> list[str]:
+    """``gradlab.tables.verdict`` of the given runs of a results folder: what they show, in
+    plain words, one line per setup."""
+    from .tables import verdict
+
+    results = sweep_results(out, run_ids)
+    return verdict(results.grads, results.epochs, results.runs)

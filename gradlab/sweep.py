@@ -1,12 +1,12 @@
 """Sweeps: run a grid of configs into one results folder, skipping finished runs, on local
 processes or Ray (``gradlab.executors``).
 
-Every run goes through ``tasks.run_one`` (or, for ``--ensemble``, ``tasks.run_ensemble`` with
-the other seeds of its configuration), whichever executor calls it: it takes the run's lock
-(``gradlab.locks``), so two processes on the same folder never train one run at once; it trains
-again a run whose files do not read back (``gradlab.validate``), its damaged files moved aside;
-and it writes through ``runner.execute`` (status.json last), so a run that is interrupted is
-simply redone next time.
+Every run goes through ``tasks.run_one`` (or, for ``--ensemble``,
+``gradlab.engines.ensemble.run_ensemble`` with the other seeds of its configuration), whichever
+executor calls it: it takes the run's lock (``gradlab.locks``), so two processes on the same
+folder never train one run at once; it trains again a run whose files do not read back
+(``gradlab.validate``), its damaged files moved aside; and it writes through ``runner.execute``
+(status.json last), so a run that is interrupted is simply redone next time.
 
 The summary table lives in ``gradlab.summary`` and the listing of ``gradlab ls`` in
 ``gradlab.listing``; their names are importable from here too.
@@ -34,15 +34,15 @@ from .executors import (
 from .listing import LS_COLUMNS, format_runs, list_runs
 from .locks import LOCKED, lock_path, run_lock
 from .summary import format_summary, summary_table, sweep_summary
-from .tasks import DONE_ELSEWHERE, FINISHED, Progress, Task, run_ensemble, run_one, run_task
+from .tasks import DONE_ELSEWHERE, FINISHED, Progress, Task, run_one, run_task
 from .validate import check_run
 
 # Names other modules import from here (the sweep's public face); they live in its parts.
 __all__ = ["DONE_ELSEWHERE", "EXECUTORS", "FINISHED", "LOCKED", "LS_COLUMNS", "RAY_MISSING",
-           "SweepError", "SweepResult", "Task", "check_data", "cores", "ensemble_tasks",
-           "format_runs", "format_summary", "import_ray", "label", "list_runs", "lock_path",
-           "outcome_line", "plan", "run_ensemble", "run_lock", "run_one", "run_sweep",
-           "run_task", "seed_groups", "summary_table", "sweep_summary"]
+           "SweepError", "SweepResult", "Task", "check_data", "cores", "format_runs",
+           "format_summary", "import_ray", "label", "list_runs", "lock_path", "outcome_line",
+           "plan", "run_lock", "run_one", "run_sweep", "run_task", "summary_table",
+           "sweep_summary"]
 
 
 def cores() -> int:
@@ -137,30 +137,6 @@ def check_data(configs: Iterable[RunConfig], data_dir: str | None) -> None:
         ensure_data(dataset, resolve_data_dir(data_dir), largest[dataset])
 
 
-def seed_groups(configs: list[RunConfig]) -> list[tuple[RunConfig, ...]]:
-    """The configs grouped by everything but ``seed`` (the runs of one ensemble), in order of
-    each group's first config."""
-    groups: dict[tuple, list[RunConfig]] = {}
-    for config in configs:
-        key = tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k != "seed"))
-        groups.setdefault(key, []).append(config)
-    return [tuple(group) for group in groups.values()]
-
-
-def ensemble_tasks(configs: list[RunConfig], device: str) -> list[tuple[RunConfig, ...]]:
-    """The seed groups of ``configs``, each cut into ensembles of the group size of
-    ``gradlab.engines.ensemble`` for ``device`` (a few members of a small net on a CPU, all of
-    them on a GPU), so that ``--jobs`` trains several ensembles at once."""
-    from .engines.ensemble import group_size
-    from .train import resolve_device
-
-    tasks = []
-    for group in seed_groups(configs):
-        size = group_size(group[0], resolve_device(device))
-        tasks += [group[i:i + size] for i in range(0, len(group), size)]
-    return tasks
-
-
 def run_sweep(
     configs: list[RunConfig],
     out: str | os.PathLike,
@@ -208,7 +184,12 @@ def run_sweep(
     if on_start is not None:
         on_start(len(todo), len(outcomes))
     by_id = {c.run_id(): c for c in configs}
-    groups = ensemble_tasks(todo, device) if ensemble else [(c,) for c in todo]
+    if ensemble:  # the optional engines' wing, imported only when asked for
+        from .engines.ensemble import ensemble_tasks
+
+        groups = ensemble_tasks(todo, device)
+    else:
+        groups = [(c,) for c in todo]
     tasks = [Task(group, str(out), data_dir, device, threads, ensemble)
              for group in groups]
     if not tasks:

@@ -1,4 +1,5 @@
-"""What every executor runs: one run, or one ensemble of seeds, each under its run lock.
+"""What every executor runs: one run under its run lock (or, through the engines' wing, one
+ensemble of seeds, each under its run lock: ``gradlab.engines.ensemble.run_ensemble``).
 
 A run is trained unless it is finished and whole (``gradlab.validate.check_run``): a run whose
 files do not read back is named, its files are moved aside (``store.set_aside``), and it is
@@ -8,7 +9,6 @@ interrupted is simply redone next time.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +27,17 @@ FINISHED = ("complete", "diverged")
 Progress = Callable[[str, int, int], None]  # (run_id, steps done, steps in all)
 
 
-def ready(out: str, run_id: str) -> tuple[dict | None, str | None]:
+def ready(out: str, run_id: str, keep: tuple[str, ...] = FINISHED
+          ) -> tuple[dict | None, str | None]:
     """Ready a run's folder for training; call it holding the run's lock.
 
-    Returns (status, damage): the stored status of a run that is finished and whole (do not
-    train it), else None; and, for a run whose files did not read back, one line naming what
-    was damaged and where its files were moved.
+    Returns (status, damage): the stored status of a run that is whole and whose status is
+    one of ``keep`` (do not train it), else None; and, for a run whose files did not read
+    back, one line naming what was damaged and where its files were moved.
     """
     path = store.run_dir(out, run_id)
     status, problems = check_run(path)
-    if not problems and status is not None and status["status"] in FINISHED:
+    if not problems and status is not None and status["status"] in keep:
         return status, None
     damage = None
     if problems:
@@ -47,8 +48,11 @@ def ready(out: str, run_id: str) -> tuple[dict | None, str | None]:
 
 
 def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: int,
-            on_progress: Progress | None = None) -> dict:
-    """Train one run unless it is finished or locked; the task of every executor.
+            on_progress: Progress | None = None, *, keep: tuple[str, ...] = FINISHED,
+            progress: bool = False, on_epoch: Callable[[dict], None] | None = None,
+            on_train: Callable[[str | None], None] | None = None) -> dict:
+    """Train one run unless it is finished or locked; the task of every executor, and
+    ``gradlab train``.
 
     Args:
         config: ``RunConfig.to_dict()`` (plain data, so it pickles to any worker).
@@ -57,10 +61,15 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         device: ``auto``, ``cpu``, ``cuda``...
         threads: torch threads for this run, so parallel runs do not fight over cores.
         on_progress: called with (run_id, steps done, steps in all) as the run trains.
+        keep: the stored statuses of a whole run that are not trained again.
+        progress, on_epoch: as for ``runner.execute`` (a tqdm bar; a call per epoch).
+        on_train: called just before the run trains, with the ``damaged`` line or None.
 
     Returns an outcome dict: ``run_id``, ``status`` (complete, diverged, failed, or LOCKED /
-    DONE_ELSEWHERE when another process has or had it), accuracy, seconds, error, and
-    ``damaged`` (a line) when the run was trained again because its files were damaged.
+    DONE_ELSEWHERE when another process has or had it, or it is finished with a status in
+    ``keep``), accuracy, seconds (from the lock to the last file), ``train_seconds`` (the
+    stored status's: training alone), error, and ``damaged`` (a line) when the run was
+    trained again because its files were damaged.
     """
     import torch
 
@@ -72,9 +81,11 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
     with run_lock(out, run_id) as locked:
         if not locked:
             return {"run_id": run_id, "status": LOCKED}
-        status, damage = ready(out, run_id)
+        status, damage = ready(out, run_id, keep)
         if status is not None:
             return {**status, "status": DONE_ELSEWHERE, "stored": status["status"]}
+        if on_train is not None:
+            on_train(damage)
         on_step = None
         if on_progress is not None:
             def on_step(done: int, total: int) -> None:
@@ -82,55 +93,12 @@ def run_one(config: dict, out: str, data_dir: str | None, device: str, threads: 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            status = execute(cfg, out, data_dir=data_dir, device=device, on_step=on_step)
+            status = execute(cfg, out, data_dir=data_dir, device=device, progress=progress,
+                             on_epoch=on_epoch, on_step=on_step)
         finally:
             torch.set_num_threads(before)
-    return {**status, "seconds": time.perf_counter() - t0,
+    return {**status, "seconds": time.perf_counter() - t0, "train_seconds": status["seconds"],
             **({"damaged": damage} if damage else {})}
-
-
-def run_ensemble(configs: list[dict], out: str, data_dir: str | None, device: str,
-                 threads: int) -> list[dict]:
-    """Train runs that differ only in seed as one vectorised ensemble, each run under its lock
-    as in ``run_one``: runs that another process holds or has finished are left to it, the
-    others are trained together. Returns one outcome dict per config, in order."""
-    import torch
-
-    from .runner import execute_ensemble
-
-    cfgs = [make_config(**c) for c in configs]
-    t0 = time.perf_counter()
-    outcomes: dict[str, dict] = {}
-    damages: dict[str, str] = {}
-    with contextlib.ExitStack() as stack:
-        todo = []
-        for cfg in cfgs:
-            run_id = cfg.run_id()
-            if not stack.enter_context(run_lock(out, run_id)):
-                outcomes[run_id] = {"run_id": run_id, "status": LOCKED}
-                continue
-            status, damage = ready(out, run_id)
-            if status is not None:
-                outcomes[run_id] = {**status, "status": DONE_ELSEWHERE,
-                                    "stored": status["status"]}
-                continue
-            if damage:
-                damages[run_id] = damage
-            todo.append(cfg)
-        if todo:
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                statuses = execute_ensemble(todo, out, data_dir=data_dir, device=device)
-            finally:
-                torch.set_num_threads(before)
-            seconds = time.perf_counter() - t0
-            for status in statuses:
-                run_id = status["run_id"]
-                outcomes[run_id] = {**status, "seconds": seconds, "ensemble_size": len(todo),
-                                    **({"damaged": damages[run_id]} if run_id in damages
-                                       else {})}
-    return [outcomes[cfg.run_id()] for cfg in cfgs]
 
 
 @dataclass(frozen=True)
@@ -151,9 +119,11 @@ class Task:
 
 def run_task(configs: list[dict], out: str, data_dir: str | None, device: str, threads: int,
              ensemble: bool, on_progress: Progress | None = None) -> list[dict]:
-    """A task of every executor: one run (``run_one``) or one ensemble (``run_ensemble``);
-    returns the outcome dict of each of its runs."""
-    if ensemble:
+    """A task of every executor: one run (``run_one``) or one ensemble
+    (``gradlab.engines.ensemble.run_ensemble``); returns the outcome dict of each of its runs."""
+    if ensemble:  # the optional engines' wing, imported only when a sweep asks for it
+        from .engines.ensemble import run_ensemble
+
         return run_ensemble(configs, out, data_dir, device, threads)
     return [run_one(configs[0], out, data_dir, device, threads, on_progress)]
 

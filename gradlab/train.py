@@ -21,15 +21,14 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .data import Data, Split, batch_order, load_data
-from .record import DistributionRecorder, empty_dists
 from .models import build_mlp
-from .record import GradientRecorder, empty_frame, recorded_steps
+from .record import DistributionRecorder, GradientRecorder, empty_dists, empty_frame, recorded_steps
+from .store import EPOCH_COLUMNS
 
 EVAL_BATCH = 10_000  # test rows per forward pass of an evaluation
 # Engines other than this module's autograd loop, by name: "module:function", imported only
 # when a run asks for one (they live in the optional gradlab.engines wing).
 ENGINES = {"fused": "gradlab.engines.members:train_one"}
-EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
 
 __all__ = ["ENGINES", "EPOCH_COLUMNS", "EVAL_BATCH", "Bookkeeping", "RunResult", "batch_loss",
            "engine", "evaluate", "make_optimizer", "resolve_device", "seconds_since",

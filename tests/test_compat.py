@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gradlab import compat
-from gradlab.activations import ACTIVATIONS
+from gradlab.engines import act_kernels
+from gradlab.engines.act_kernels import ACTIVATIONS
 
 
 def tensors():
@@ -49,7 +50,7 @@ def test_without_a_version_counter_every_comparison_says_changed():
 def test_activation_backward_equals_autograd(monkeypatch, name, kernel):
     """The registry's backward (aten's kernel, or its public fallback) is autograd's dL/dz."""
     if not kernel:
-        monkeypatch.setattr(compat, "_aten", None)
+        monkeypatch.setattr(act_kernels, "_aten", None)
     act = ACTIVATIONS[name]
     z = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), requires_grad=True) * 3
     z.retain_grad()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gradlab.record import dists as dmod
 from gradlab.config import ConfigError, make_config
-from gradlab.record.dists import QUANTILES, DistributionRecorder, histogram, quantile_sample
 from gradlab.models import build_mlp
+from gradlab.record import dists as dmod
+from gradlab.record.dists import QUANTILES, DistributionRecorder, histogram, quantile_sample
 from gradlab.train import batch_loss, train
 
 
@@ -186,3 +186,24 @@ def test_paper_figures_draw_frames_without_facet_columns(tiny_data):
                             hue="depth")
     assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3]  # the three hidden layers
     plt.close(fig)
+
+
+def test_distributions_record_the_modules_chosen_as_the_gradient_recorder_does():
+    """``modules=`` chooses the layers as ``GradientRecorder``'s does (here a Conv2d too), and
+    the hooks are gone after the block."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 10))
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with DistributionRecorder(model, [0], modules=(nn.Conv2d, nn.Linear)) as dists:
+        dists.begin_step(0)
+        F.cross_entropy(model(x), y).backward()
+        dists.after_backward()
+        frame = dists.flush(1)
+    assert list(frame.drop_duplicates("layer")["layer_name"]) == ["0", "3"]
+    weights = frame[(frame.quantity == "grad_weight") & (frame.stat == "quantile")]
+    conv = weights[weights.layer_name == "0"].set_index("q")["value"]
+    expected = torch.quantile(model[0].weight.grad.reshape(-1), torch.tensor(QUANTILES))
+    np.testing.assert_allclose(conv.to_numpy(), expected.numpy(), rtol=1e-6)
+    assert not model[0]._forward_hooks and not model[3]._forward_hooks

@@ -155,9 +155,10 @@ def test_sgd_step_norms_matches_float64_sums_across_tiles(sizes):
 
 @pytest.mark.parametrize("activation", sorted(fused.CODES))
 def test_activation_stats_kernel_matches_the_torch_statistics(activation):
+    from gradlab.activations import SATURATION
     from gradlab.models import ACTIVATIONS
-    from gradlab.record import SATURATION, derivative_into, hidden_segments
     from gradlab.record import activation_stats as reference
+    from gradlab.record import derivative_into, hidden_segments
 
     rows, members, batch, widths = 3, 2, 5, (4, 7)
     units = sum(widths)
@@ -253,7 +254,8 @@ def test_head_equals_the_last_layers_torch_step():
 
 @pytest.mark.parametrize("activation", sorted(fused.CODES))
 def test_head_takes_the_layer_belows_derivative_as_torch_does(activation):
-    from gradlab.activations import ACTIVATIONS, LEAKY_SLOPE
+    from gradlab.activations import LEAKY_SLOPE
+    from gradlab.engines.act_kernels import ACTIVATIONS
 
     g = torch.Generator().manual_seed(1)
     batch, width, classes = 6, 21, 10

@@ -8,9 +8,10 @@ import re
 
 import click
 
-from gradlab.cli import SweepProgress, cli, planned_steps, progress_callbacks
+from gradlab.cli import cli
 from gradlab.config import make_config
 from gradlab.options import LAST_SECTION, SECTIONS
+from gradlab.progress import SweepProgress, planned_steps, progress_callbacks
 
 
 def configs():

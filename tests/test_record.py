@@ -168,3 +168,35 @@ def test_schedules():
     log = recorded_steps(100_000, 1, log_spaced=True)
     assert log[0] == 0 and log[-1] < 100_000 and 80 < len(log) <= 101
     assert np.all(np.diff(log) > 0)
+
+
+@pytest.mark.parametrize("settings", [
+    {"maximize": True, "weight_decay": 0.1},
+    {"maximize": True, "weight_decay": 0.1, "momentum": 0.9, "dampening": 0.3},
+    {"maximize": True, "weight_decay": 0.1, "momentum": 0.9, "nesterov": True},
+    {"maximize": False, "weight_decay": 0.1, "momentum": 0.9, "dampening": 0.5},
+], ids=["maximize-wd", "maximize-wd-dampening", "maximize-wd-nesterov", "wd-dampening"])
+def test_sgd_update_ratio_equals_a_weight_snapshot(settings):
+    """update_ratio read from SGD's own direction equals ‖W_after − W_before‖/‖W_before‖ taken
+    from a snapshot of the weights around each step (float64: no rounding between them)."""
+    torch.manual_seed(0)
+    model = build_mlp((784, 16, 12, 10), "tanh").double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, **settings)
+    g = torch.Generator().manual_seed(3)
+    expected = []
+    with GradientRecorder(model, "tanh", 1, optimizer=opt) as rec:
+        for step in range(4):
+            x = torch.rand(8, 784, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 10, (8,), generator=g)
+            rec.begin_step(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.after_backward(loss)
+            before = [m.weight.detach().clone() for m in linear_layers(model)]
+            opt.step()
+            rec.after_update()
+            expected += [((m.weight.detach() - w).norm() / w.norm()).item()
+                         for m, w in zip(linear_layers(model), before)]
+        frame = rec.flush()
+    np.testing.assert_allclose(frame["update_ratio"], expected, rtol=1e-9)

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from gradlab import store
 from gradlab.cli import cli
 from gradlab.config import make_config
-from gradlab.sweep import LOCKED, run_ensemble, run_lock, seed_groups
+from gradlab.engines.ensemble import run_ensemble, seed_groups
+from gradlab.sweep import LOCKED, run_lock
 
 GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--seeds", "0,1,2", "--widths", "8",
         "--epochs", "2", "--train-sizes", "256"]
@@ -102,8 +103,7 @@ def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, executor):
 
 
 def test_ensemble_tasks_cut_seed_groups_to_the_cpu_group_size():
-    from gradlab.engines.ensemble import group_size
-    from gradlab.sweep import ensemble_tasks
+    from gradlab.engines.ensemble import ensemble_tasks, group_size
 
     size = group_size(make_config(depth=3, widths=(128, 256)), __import__("torch").device("cpu"))
     assert size > 1

@@ -130,6 +130,29 @@ def test_recorder_exported_and_watch_saves_a_run(tmp_path):
         rec.save(tmp_path / "mine", name="../x")
 
 
+def test_a_watched_run_carries_the_digests_of_a_trained_run(tmp_path):
+    """Watch.save writes through the store's one run writer: status.json holds every file's
+    sha256, so a byte changed later is named as damage, as for a run gradlab trained."""
+    from gradlab import store
+    from gradlab.validate import check_run
+
+    model = build_mlp((12, 8, OUT), "relu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 12)), torch.randint(0, OUT, (8,))).backward()
+        opt.step()
+    path = rec.save(tmp_path, name="watched")
+    status = json.loads((path / "status.json").read_text())
+    assert set(status["sha256"]) >= {"config.json", "grads.parquet", "epochs.parquet"}
+    assert store.is_complete(tmp_path, "watched")
+    data = bytearray((path / "grads.parquet").read_bytes())
+    data[len(data) // 2] ^= 1
+    (path / "grads.parquet").write_bytes(bytes(data))
+    assert any("grads.parquet" in p for p in check_run(path)[1])
+
+
+
 def test_norms_exact_below_float32_square_underflow():
     """Depth 32, width 16 sigmoid: the first layers' gradients are far below 1e-19, where
     float32 squares underflow; every norm equals the float64 norm of the same gradients."""

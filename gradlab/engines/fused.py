@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..activations import ACTIVATIONS
+from .act_kernels import ACTIVATIONS
 from .simd import (
     LANES,
     add,
@@ -73,7 +73,7 @@ HEAD_AT = np.dtype([("weight", np.int64), ("bias", np.int64), ("delta", np.int64
                     ("below_delta", np.int64), ("below_bias", np.int64)], align=True)
 
 # activation codes of ``activation_stats`` (f' as a function of the output a = f(z)): the
-# registry's ``code`` of each activation that has one
+# ``code`` of each activation of ``act_kernels`` that has one
 CODES = {a.name: a.code for a in ACTIVATIONS.values() if a.code is not None}
 SIGMOID, TANH, RELU, LEAKY_RELU, ELU = (CODES[name] for name in (
     "sigmoid", "tanh", "relu", "leaky_relu", "elu"))

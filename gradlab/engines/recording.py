@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..activations import Activation
 from ..record import activation_stats, derivative_into, grads_frame, hidden_segments
+from .act_kernels import KernelActivation
 from .layout import BatchViews, FlatBuffer, squares_dtype
 from .optim import FlatOptimizer
 
@@ -30,8 +30,9 @@ class StepRecords:
         fused_stats: the f' statistics are taken by ``kernels.record_step`` with the update.
     """
 
-    def __init__(self, buffer: FlatBuffer, optimizer: FlatOptimizer, activation: Activation,
-                 rows: int, kernels=None, fused_stats: bool = False):
+    def __init__(self, buffer: FlatBuffer, optimizer: FlatOptimizer,
+                 activation: KernelActivation, rows: int, kernels=None,
+                 fused_stats: bool = False):
         self.buffer, self.optimizer, self.activation = buffer, optimizer, activation
         self.kernels, self.fused_stats = kernels, fused_stats
         m_count, n = buffer.members, buffer.depth

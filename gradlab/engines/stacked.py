@@ -36,10 +36,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..activations import LEAKY_SLOPE, get
+from ..activations import LEAKY_SLOPE, SATURATION
 from ..compat import version
 from ..models import linear_layers
-from ..record import SATURATION
+from .act_kernels import get
 from .layout import BatchViews, FlatBuffer, batch_views
 from .optim import FlatOptimizer
 from .recording import StepRecords

@@ -79,8 +79,15 @@ from __future__ import annotations
 
 from ..activations import SATURATION
 from .dists import DistributionRecorder, empty_dists
-from .fprime import (CHUNK_BYTES, activation_stats, derivative_into, hidden_segments,
-                     optional_kernel, per_unit_sum, relu_family_stats)
+from .fprime import (
+                     CHUNK_BYTES,
+                     activation_stats,
+                     derivative_into,
+                     hidden_segments,
+                     optional_kernel,
+                     per_unit_sum,
+                     relu_family_stats,
+)
 from .frames import COLUMNS, empty_frame, grads_frame
 from .hooks import Hooks
 from .layers import select
@@ -92,7 +99,8 @@ from .watcher import Watch, watch
 USE_KERNELS = True  # False: PyTorch ops only, never the optional numba kernels (tests compare)
 
 __all__ = [
-    "CHUNK_BYTES", "COLUMNS", "SATURATION", "USE_KERNELS", "DistributionRecorder", "GradientRecorder", "Hooks",
+    "CHUNK_BYTES", "COLUMNS", "SATURATION", "USE_KERNELS", "DistributionRecorder",
+    "GradientRecorder", "Hooks",
     "Watch", "activation_stats", "derivative_into", "empty_dists", "empty_frame", "exact_norms",
     "grads_frame", "hidden_segments", "norms_into", "optional_kernel", "per_unit_sum",
     "recorded_steps", "relu_family_stats", "select", "watch",

@@ -113,9 +113,9 @@ def relu_family_stats(counts: np.ndarray, numel: np.ndarray, act: Activation) ->
     return np.stack([positive * (1 - slope) + slope * numel, np.zeros_like(positive), dead], 1)
 
 
-def hidden_segments(widths, device=None) -> torch.Tensor:
+def hidden_segments(widths, device=None, dtype=None) -> torch.Tensor:
     """The (sum of widths, layers) 0/1 matrix that sums concatenated units per layer."""
-    segments = torch.zeros(sum(widths), len(widths), device=device)
+    segments = torch.zeros(sum(widths), len(widths), device=device, dtype=dtype)
     start = 0
     for layer, width in enumerate(widths):
         segments[start:start + width, layer] = 1

@@ -1,5 +1,6 @@
-"""The tidy grads frame: one row per (step, layer), the columns of DESIGN.md ("What is
-recorded"). The engines make their frames here too, so every engine's records have one shape."""
+"""The tidy grads frame: one row per (step, layer), one column per recorded statistic (README,
+"Recorded columns"). The engines make their frames here too, so every engine's records have one
+shape."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ class ChunkedStats:
         self.copy_z = any(getattr(m, "inplace", False) for m in model.modules())
         self.n = len(layers)
         widths = [layer.units for layer in layers[:-1]]
-        self.segments = fprime.hidden_segments(widths, layers[0].value.device)
+        self.segments = fprime.hidden_segments(widths, layers[0].value.device,
+                                               layers[0].value.dtype)
         self.widths = widths
         self.hidden: list[torch.Tensor | None] = [None] * len(widths)
         self.buffers: RowBuffers | None = None

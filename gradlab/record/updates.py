@@ -7,7 +7,9 @@ weight decay · W, the momentum buffer, or for Nesterov gradient + momentum · b
 under ``maximize``), taken before the new weights are rounded to their dtype - so where lr·g is
 far below the weights' float spacing it is still the intended update, not rounding noise. With
 neither momentum nor weight decay no tensor is needed at all: ‖ΔW‖ = lr · the recorded
-‖∂L/∂W‖, unless the gradient was changed (clipped) after it was read.
+‖∂L/∂W‖, unless the gradient was changed (clipped) after it was read. (Measured to matter: on
+the tutorial net a snapshot and its difference cost 0.94 ms a recorded step, a third of the
+step; the shortcut costs nothing. AMD EPYC, 1 thread.)
 """
 
 from __future__ import annotations

@@ -32,13 +32,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..store import ensure_out, now, provenance, run_dir, write_json, write_parquet
+from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance
 from .frames import empty_frame
 from .hooks import Hooks
 from .recorder import GradientRecorder
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")
 
 
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, log_every: int = 10, *,
@@ -165,20 +164,15 @@ class Watch:
             self.flush()
         frames = [f for f in self._frames if len(f)]
         grads = pd.concat(frames, ignore_index=True) if frames else empty_frame()
-        path = run_dir(ensure_out(out), name)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "status.json").unlink(missing_ok=True)
         device = str(self.recorder.linears[0].weight.device)
-        write_json(path / "config.json", {
-            "run_id": name, "source": "watch", "config": settings,
-            "provenance": {**provenance(device), "started": self._started, "finished": now()},
-        })
-        write_parquet(path / "grads.parquet", grads.drop(columns="run_id", errors="ignore"), name)
-        write_parquet(path / "epochs.parquet", pd.DataFrame(columns=list(EPOCH_COLUMNS)), name)
-        write_json(path / "status.json", {
-            "status": "complete", "run_id": name, "steps": self.step, "seconds": None,
-            "final_test_accuracy": None, "diverged_step": None, "error": None,
-            "finished": now()})
+        path = open_run(ensure_out(out), name, {
+            "source": "watch", "config": settings,
+            "provenance": {**provenance(device), "started": self._started}})
+        close_run(path, name, {
+            "grads": grads.drop(columns="run_id", errors="ignore"),
+            "epochs": pd.DataFrame(columns=list(EPOCH_COLUMNS))},
+            {"steps": self.step, "seconds": None, "final_test_accuracy": None,
+             "diverged_step": None, "error": None})
         return path
 
 
