@@ -59,7 +59,7 @@ def load(path, **kwargs):
     return load_results(path, **kwargs)
 
 
-def watch(model, optimizer, log_every=10, **kwargs):
+def watch(model, optimizer=None, log_every=10, **kwargs):
     """Record a model's gradients around an unmodified training loop (``gradlab.record``)."""
     from .record import watch as watch_model
 

@@ -9,6 +9,8 @@ unit's count of z > 0), from which ``finish`` derives the same three.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -47,6 +49,12 @@ class ChunkedStats:
 
     def begin(self, row: int) -> None:
         self.numel = [0] * self.n  # (Python ints: numpy in the step loop costs more)
+
+    def restart(self) -> None:
+        """(The chunk holds the last forward's outputs: nothing to forget.)"""
+
+    def commit(self, call: None) -> None:
+        """(Each step's statistics are those of its last forward pass.)"""
 
     def forward(self, index: int, inputs: tuple, z: torch.Tensor) -> None:
         if self.from_output:
@@ -121,32 +129,47 @@ class CallStats:
 
     def begin(self, row: int) -> None:
         self.row = row
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the step's statistics so far (its gradient was zeroed: a new one begins)."""
         self.sums = [None] * len(self.layers)
         self.numel = [0] * len(self.layers)
 
-    def forward(self, index: int, inputs: tuple, z: torch.Tensor) -> None:
+    def forward(self, index: int, inputs: tuple, z: torch.Tensor) -> Call | None:
+        """One call's statistics, to ``commit`` to the step once a backward pass uses it."""
         layer = self.layers[index]
         if layer.activation is None:
-            return
+            return None
         z = z.detach()
-        at = self.count_at.get(index)
-        if at is not None:
+        if index in self.count_at:
             # f' is 1 where z > 0, else the slope (0 for relu): each unit's count of positives
             # says all. The counts are integers, exact in float32 below 2**24 per call
-            counts = self.buffers.counts[self.row, at]
-            add = self.numel[index] > 0  # a further call of the layer
+            counts = z.new_empty(layer.units, dtype=torch.float32)
             kernel = self.count_positive
-            if kernel is None or not kernel(z, layer.axis, counts, add):
+            if kernel is None or not kernel(z, layer.axis, counts, False):
                 flags = torch.gt(z, 0, out=self.flags.like(z))
-                if add:
-                    counts.add_(fprime.per_unit_sum(flags, layer.axis))
-                else:
-                    fprime.per_unit_sum(flags, layer.axis, out=counts)
+                fprime.per_unit_sum(flags, layer.axis, out=counts)
+            return Call(index, counts, z.numel())
+        return Call(index, fprime.call_stats(z, layer.activation), z.numel())
+
+    def commit(self, call: Call | None) -> None:
+        """Add a call's statistics to the step (once)."""
+        if call is None or call.committed:
+            return
+        call.committed = True
+        i = call.index
+        at = self.count_at.get(i)
+        if at is not None:
+            counts = self.buffers.counts[self.row, at]
+            if self.numel[i] > 0:  # a further call of the layer
+                counts.add_(call.stats)
+            else:
+                counts.copy_(call.stats)
         else:
-            sums = fprime.call_stats(z, layer.activation)
-            previous = self.sums[index]
-            self.sums[index] = sums if previous is None else previous + sums
-        self.numel[index] += z.numel()
+            previous = self.sums[i]
+            self.sums[i] = call.stats if previous is None else previous + call.stats
+        self.numel[i] += call.numel
 
     def end_step(self, row: int) -> list[int]:
         for i, sums in enumerate(self.sums):
@@ -162,6 +185,17 @@ class CallStats:
         for i, at in self.count_at.items():
             act[:, i] = fprime.relu_family_stats(counts[:, at], numel[:, i],
                                                  self.layers[i].activation)
+
+
+@dataclass(eq=False)
+class Call:
+    """One forward call of a layer: its f' statistics (f' sum and saturated count, or each
+    unit's count of z > 0) and its elements of z, until a backward pass uses it."""
+
+    index: int
+    stats: torch.Tensor
+    numel: int
+    committed: bool = False
 
 
 class FlagBuffer:

@@ -4,19 +4,20 @@ that ties the recorder's parts together; the package docstring says how each col
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .. import compat
 from .buffers import RowBuffers
 from .frames import grads_frame
 from .hooks import Hooks
 from .layer_stats import CallStats, ChunkedStats
 from .layers import Spec, is_plain_mlp, recorded_layers
 from .norms import norms_into
+from .passes import Passes
 from .schedule import Schedule
 from .updates import UpdateMeter
 
@@ -51,36 +52,45 @@ class GradientRecorder:
             update norm is then read from what SGD applies instead of a weight snapshot.
         modules: which modules to record (see ``layers.select``): every ``nn.Linear`` by default.
         applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
-        read_at_backward_end: take the gradients' norms as the backward pass ends (before any
-            clipping) instead of in ``after_backward`` (``watch`` does).
+        read_at_backward_end: take the gradients' norms as each backward pass ends (before any
+            clipping), and count only the passes that accumulate into the recorded layers'
+            ``.grad`` since it was last zeroed (``passes.Passes``; ``watch`` does).
+        scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: the records are
+            then those of the real loss (divided by its scale).
     """
 
     def __init__(self, model: nn.Module, activation: Spec = None,
                  steps: Iterable[int] | int = 1, *,
                  optimizer: torch.optim.Optimizer | None = None, modules=None,
-                 applied_updates: bool = False, read_at_backward_end: bool = False):
+                 applied_updates: bool = False, read_at_backward_end: bool = False,
+                 scaler=None):
         self.layers = recorded_layers(model, modules, activation)
         self.names = [layer.name for layer in self.layers]
         self.linears = [layer.module for layer in self.layers]  # every recorded module
         self.schedule = Schedule(steps)
-        self.read_at_backward_end = read_at_backward_end
+        self.by_pass = read_at_backward_end
         self._one_activation = isinstance(activation, str)  # the output layer's is dropped
-        self._stats = (ChunkedStats(model, self.layers, activation)
-                       if is_plain_mlp(model, self.layers, activation) else CallStats(self.layers))
+        plain = not self.by_pass and is_plain_mlp(model, self.layers, activation)
+        self._stats = (ChunkedStats(model, self.layers, activation) if plain
+                       else CallStats(self.layers))
         device = self.layers[0].value.device
         self._buffers = self._stats.buffers = RowBuffers(len(self.layers),
                                                          self._stats.count_width, device)
         self._updates = UpdateMeter(self.layers, optimizer, applied_updates)
+        self._scaler = scaler  # a torch.amp.GradScaler: norms are divided by its scale
         self._state = IDLE
-        self._queued = False  # a read at the backward pass's end is queued
         self._order: list[int] = []  # layers by first call in the forward pass
         self._called: set[int] = set()
         self._row = -1  # the buffers' row of the current recorded step
         self._steps: list[int] = []  # the step of each row
         self._numel: list[list[int]] = []  # per read row: elements of z per layer
+        self._scales: list = []  # per read row: the loss scale (GradScaler) the norms carry
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in self.layers]  # dL/dz per call
-        self._forward = Hooks.forward(
-            self.linears, [self._forward_hook(i) for i in range(len(self.layers))])
+        self._passes = Passes(self)
+        self._forward = Hooks(
+            [lambda m=m, h=h: m.register_forward_hook(h)
+             for m, h in zip(self.linears, map(self._forward_hook, range(len(self.layers))))]
+            + (self._passes.registrations() if self.by_pass else []))
         self._hooks: Hooks | None = None  # the forward hooks, inside the ``with`` block
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -102,11 +112,7 @@ class GradientRecorder:
 
     def _forward_hook(self, index: int):
         stats, grad_out, order, called = self._stats, self._grad_out, self._order, self._called
-
-        def grad_hook(grad: torch.Tensor) -> None:
-            grad_out[index].append(grad)
-            if self.read_at_backward_end and not self._queued:
-                self._queued = compat.at_backward_end(self._backward_ended)
+        passes = self._passes
 
         def hook(module, inputs, z: torch.Tensor) -> None:
             if self._state == IDLE or not torch.is_grad_enabled():
@@ -114,15 +120,15 @@ class GradientRecorder:
             if index not in called:
                 called.add(index)
                 order.append(index)
-            if z.requires_grad:
-                z.register_hook(grad_hook)
-            stats.forward(index, inputs, z)
+            call = stats.forward(index, inputs, z)
+            if not self.by_pass:  # every call counts (the caller says what a step is)
+                stats.commit(call)
+                if z.requires_grad:
+                    z.register_hook(grad_out[index].append)
+            elif z.requires_grad:  # counts once a backward pass that makes .grad uses it
+                z.register_hook(partial(passes.received, index, call))
 
         return hook
-
-    def _backward_ended(self) -> None:
-        self._queued = False
-        self.read_gradients()
 
     # -- the step protocol ---------------------------------------------------------------------
     def is_recorded(self, step: int) -> bool:
@@ -133,15 +139,42 @@ class GradientRecorder:
         """Start step ``step``; returns whether it is recorded (then call the two methods below)."""
         recorded = step in self.schedule
         self.hooks(recorded)  # unrecorded steps run without hooks
+        if self._state != IDLE:  # a recorded step begun and never read: begun again
+            self._row -= 1
+            self._steps.pop()
+            self._updates.drop_row()
         self._state = RECORDING if recorded else IDLE
         if recorded:
             self._row += 1
             if self._row == self._buffers.capacity:
                 self._buffers.grow()
             self._steps.append(step)
+            self._updates.open_row()
             self._stats.begin(self._row)
-            self._grad_out[:] = [[] for _ in self.layers]
+            self._passes.begin()
+            self._forget()
         return recorded
+
+    def first_pass_only(self) -> None:
+        """Count only the current step's first backward pass that makes ``.grad`` (a closure
+        that ``optimizer.step`` evaluates again at trial weights: LBFGS)."""
+        self._passes.first_only = True
+
+    def _forget(self) -> None:
+        """Forget the step's dL/dz (after a read: let autograd reuse their memory)."""
+        for calls in self._grad_out:
+            calls.clear()
+
+    def restart(self) -> None:
+        """The step's gradient was zeroed: forget its passes so far."""
+        self._forget()
+        self._stats.restart()
+
+    def take(self, items: list[tuple]) -> None:
+        """Add a backward pass's dL/dz and the forward calls it used to the step."""
+        for index, grad, call in items:
+            self._grad_out[index].append(grad)
+            self._stats.commit(call)
 
     def read_gradients(self) -> None:
         """Take the norms of the recorded layers' ``.grad`` now (``after_backward`` does, unless
@@ -164,12 +197,14 @@ class GradientRecorder:
                 + [layer.bias.grad if layer.bias is not None else None for layer in self.layers]
                 + [layer.value for layer in self.layers])
 
-    def after_backward(self, loss: torch.Tensor | None = None) -> None:
-        """Read the gradients (call after ``backward``, before clipping and the optimizer step);
-        ``loss``: the batch loss, if known."""
+    def end_passes(self, loss: torch.Tensor | None = None) -> None:
+        """The step's backward passes are over: read what is not read yet and keep the step's
+        statistics (``after_backward`` without the update's part)."""
         # (no torch.no_grad(): these tensors are gradients and detached weights)
         if self._state == IDLE:
             return
+        if self.by_pass:
+            self._passes.end()
         n, row = len(self.layers), self._buffers.host[0][self._row]
         if self._state == READ:  # the norms are in already
             if loss is not None:
@@ -178,13 +213,28 @@ class GradientRecorder:
             norms_into(row, self._norm_inputs(), (self._buffers.nan if loss is None else loss,))
         self._state = IDLE  # no forward hooks until the next recorded step
         self._numel.append(self._stats.end_step(self._row))
-        self._grad_out[:] = [[] for _ in self.layers]  # read: let autograd reuse their memory
-        self._updates.begin()
+        if self._scaler is not None:
+            scale = getattr(self._scaler, "_scale", None)  # (a device tensor: no sync)
+            self._scales.append(scale.detach().clone() if isinstance(scale, torch.Tensor)
+                                else float(self._scaler.get_scale()))
+        self._forget()
 
-    def after_update(self) -> None:
+    def after_backward(self, loss: torch.Tensor | None = None) -> None:
+        """Read the gradients (call after ``backward``, before clipping and the optimizer step);
+        ``loss``: the batch loss, if known."""
+        if self._state != IDLE:
+            self.end_passes(loss)
+            self._updates.begin()
+
+    def begin_update(self, optimizer) -> None:
+        """Before ``optimizer``'s step in a recorded step: plan (and snapshot for) the update
+        of the layers it steps (``watch``, one call per optimizer)."""
+        self._updates.begin(optimizer)
+
+    def after_update(self, optimizer=None) -> None:
         """Measure the update the optimizer just made (call right after ``optimizer.step()``)."""
         _, update, applied = self._buffers.host
-        self._updates.measure(update[self._row], applied[self._row])
+        self._updates.measure(update[self._row], applied[self._row], optimizer)
 
     # -- output --------------------------------------------------------------------------------
     def layer_order(self) -> list[int]:
@@ -207,6 +257,10 @@ class GradientRecorder:
         norms, update, applied, act, counts = self._buffers.take(rows, self._row == 0)
         numel = np.array(self._numel, dtype=np.float64).reshape(rows, n)
         self._numel = []
+        if self._scaler is not None:  # the gradient of the real loss, not of the scaled one
+            scales = np.array([float(s) for s in self._scales[:rows]], dtype=np.float64)
+            self._scales = self._scales[rows:]
+            norms[:, :3 * n] /= scales[:, None]
         self._stats.finish(act, counts, numel)
         update = self._updates.take(update, norms[:, n:2 * n])
         order = self.layer_order()

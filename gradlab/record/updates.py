@@ -14,6 +14,8 @@ step; the shortcut costs nothing. AMD EPYC, 1 thread.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -57,99 +59,140 @@ def sgd_direction(weight: torch.nn.Parameter, before: torch.Tensor | None, group
     return direction
 
 
-class UpdateMeter:
-    """Measures each recorded step's update of the layers' weights (see the module docstring).
+NOT_STEPPED = -1  # no optimizer stepped the layer at this step: its update_ratio is empty
 
-    Per step: ``note`` the gradients as they are read, ``begin`` before ``optimizer.step()``
-    and ``measure`` after it; ``take`` at a flush."""
+
+@dataclass
+class Plans:
+    """How one optimizer's layers are measured, and what the plans were made for."""
+
+    made_for: list
+    layers: list[int]  # indices of the layers it steps
+    plans: list[tuple[int, float]]
+    groups: dict[int, dict]  # id(param) -> its group
+    snapshot: bool  # whether measuring needs the weights before the step
+
+
+class UpdateMeter:
+    """Measures each recorded step's update of the layers' weights (see the module docstring),
+    each layer by the optimizer that steps it.
+
+    Per step: ``open_row``; ``note`` the gradients as they are read; for each optimizer that
+    steps, ``begin`` before its step and ``measure`` after it; ``take`` at a flush."""
 
     def __init__(self, layers: list[Layer], optimizer, applied: bool):
         self.layers = layers
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # the default: the explicit protocol's
         self.applied = applied  # also the update as stored (a snapshot every recorded step)
-        self._made_for: object = None  # what the plans below were made for
-        self._groups: dict[int, dict] = {}  # id(param) -> its group
-        self.plans: list[tuple[int, float]] = []
-        self._snapshot_needed = False
-        self._before: list[torch.Tensor] | None = None  # the weights before the step
-        self._snapshot = False  # this step's weights were snapshotted
+        self._plans: dict[int, Plans] = {}  # per optimizer (by id)
+        self._before: list[torch.Tensor | None] = [None] * len(layers)  # weights before a step
+        self._pending: dict[int, tuple[Plans, bool]] = {}  # begun: (plans, snapshot taken)
         self._read: list[tuple] = []  # (.grad, its version) of each weight, as read
         self.modes: list[list[int]] = []  # per recorded row
         self.scales: list[list[float]] = []
-        self.pending = False  # begun, not yet measured
+
+    def open_row(self) -> None:
+        """A new recorded row: no layer stepped yet."""
+        self.modes.append([NOT_STEPPED] * len(self.layers))
+        self.scales.append([1.0] * len(self.layers))
+
+    def drop_row(self) -> None:
+        """Forget the last row (a step begun and never read)."""
+        self.modes.pop()
+        self.scales.pop()
 
     def note(self, grads: list[torch.Tensor | None]) -> None:
         """The weights' ``.grad`` as read, to see later whether clipping changed them."""
         self._read = list(zip(grads, map(compat.version, grads)))
 
-    def _replan(self) -> None:
-        groups = self.optimizer.param_groups if self.optimizer is not None else ()
-        sgd = type(self.optimizer) is torch.optim.SGD
+    def _plans_of(self, optimizer) -> Plans:
+        groups = optimizer.param_groups if optimizer is not None else ()
+        sgd = type(optimizer) is torch.optim.SGD
         # an SGD plan changes with its groups' settings (a scheduler's new lr, say)
         made_for = [len(groups)] + ([(g["lr"], g["momentum"], g["weight_decay"], g["nesterov"])
                                      for g in groups] if sgd else [])
-        if made_for == self._made_for:
-            return
-        if len(groups) != (self._made_for or [-1])[0]:  # (groups added): the map anew
-            self._groups = {id(p): g for g in groups for p in g["params"]}
-        self._made_for = made_for
-        found = [self._groups.get(id(layer.weight)) for layer in self.layers]
-        self.plans = [plan(self.optimizer, layer.weight, group)
-                      for layer, group in zip(self.layers, found, strict=True)]
-        self._snapshot_needed = self.applied or any(
-            needs_snapshot(mode, group)
-            for (mode, _), group in zip(self.plans, found, strict=True))
+        known = self._plans.get(id(optimizer))
+        if known is not None and known.made_for == made_for:
+            return known
+        by_param = (known.groups if known is not None and known.made_for[0] == len(groups)
+                    else {id(p): g for g in groups for p in g["params"]})
+        found = [by_param.get(id(layer.weight)) for layer in self.layers]
+        # without an optimizer every layer is snapshotted; with one, only those it steps
+        chosen = [i for i, group in enumerate(found) if optimizer is None or group is not None]
+        plans = [plan(optimizer, self.layers[i].weight, found[i]) for i in chosen]
+        snapshot = self.applied or any(needs_snapshot(mode, found[i])
+                                       for i, (mode, _) in zip(chosen, plans, strict=True))
+        known = self._plans[id(optimizer)] = Plans(made_for, chosen, plans, by_param, snapshot)
+        return known
 
-    def begin(self) -> None:
-        """Before the optimizer's step: make the plans, snapshot the weights where needed."""
-        self._replan()
-        self.modes.append([mode for mode, _ in self.plans])  # (measure may change a mode)
-        self.scales.append([scale for _, scale in self.plans])
-        self._snapshot = self._snapshot_needed
-        if self._snapshot:
-            values = [layer.value for layer in self.layers]
-            if self._before is None:
-                self._before = [torch.empty_like(v) for v in values]
-            compat.foreach_copy_(self._before, values)
-        self.pending = True
+    def begin(self, optimizer=None) -> None:
+        """Before ``optimizer``'s step (default: the one given): plan its layers' measurement
+        in this row, snapshot their weights where needed."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        known = self._plans_of(optimizer)
+        modes, scales = self.modes[-1], self.scales[-1]
+        for i, (mode, scale) in zip(known.layers, known.plans, strict=True):
+            modes[i], scales[i] = mode, scale
+        if known.snapshot:
+            values = [self.layers[i].value for i in known.layers]
+            before = [self._before[i] for i in known.layers]
+            if any(b is None for b in before):
+                before = [torch.empty_like(v) for v in values]
+                for i, b in zip(known.layers, before, strict=True):
+                    self._before[i] = b
+            compat.foreach_copy_(before, values)
+        self._pending[id(optimizer)] = (known, known.snapshot)
 
-    def measure(self, update_out, applied_out) -> None:
-        """After the optimizer's step: the update norms into this row's ``update_out`` (and
-        ``applied_out``), where a tensor is needed."""
-        if not self.pending:
+    def measure(self, update_out, applied_out, optimizer=None) -> None:
+        """After ``optimizer``'s step: the update norms of its layers into this row's
+        ``update_out`` (and ``applied_out``), where a tensor is needed."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        pending = self._pending.pop(id(optimizer), None)
+        if pending is None:
             return
-        self.pending = False
+        known, snapshot = pending
         modes = self.modes[-1]
-        values = [layer.value for layer in self.layers]
-        deltas = (compat.foreach_sub(values, self._before) if self._snapshot
-                  else [None] * len(values))
-        state = self.optimizer.state if self.optimizer is not None else {}
+        values = [self.layers[i].value for i in known.layers]
+        deltas = (compat.foreach_sub(values, [self._before[i] for i in known.layers])
+                  if snapshot else [None] * len(values))
+        state = optimizer.state if optimizer is not None else {}
         tensors: list[torch.Tensor | None] = []
-        for i, (layer, (mode, _)) in enumerate(zip(self.layers, self.plans, strict=True)):
-            grad, version = self._read[i]
-            weight = layer.weight
+        for k, (i, (mode, _)) in enumerate(zip(known.layers, known.plans, strict=True)):
+            grad, version = self._read[i] if self._read else (None, None)
+            weight = self.layers[i].weight
             if mode == SNAPSHOT:
-                tensors.append(deltas[i])
-            elif mode == FROM_GRAD_NORM and weight.grad is grad and (
+                tensors.append(deltas[k])
+            elif mode == FROM_GRAD_NORM and self._read and weight.grad is grad and (
                     grad is None or compat.version(grad) == version):
                 tensors.append(None)  # the recorded gradient norm is the update's
             else:
                 modes[i] = FROM_TENSORS  # e.g. clipped: measure what was applied
-                group = self._groups[id(weight)]
-                before = self._before[i] if self._snapshot else None
-                tensors.append(None if weight.grad is None
-                               else sgd_direction(weight, before, group, state))
+                before = self._before[i] if snapshot else None
+                tensors.append(None if weight.grad is None else
+                               sgd_direction(weight, before, known.groups[id(weight)], state))
         if any(t is not None for t in tensors):
-            norms_into(update_out, tensors)
+            _norms_at(update_out, known.layers, tensors, len(self.layers))
         if self.applied:
-            norms_into(applied_out, deltas)
-        self._read = []
+            _norms_at(applied_out, known.layers, deltas, len(self.layers))
 
     def take(self, update: np.ndarray, grad_weight: np.ndarray) -> np.ndarray:
         """‖ΔW‖ per flushed row and layer, from the measured ``update`` and the recorded
-        ‖∂L/∂W‖ (rows, n); forgets the rows (and an update begun and not measured)."""
+        ‖∂L/∂W‖ (rows, n); forgets those rows (a row begun and not yet flushed stays)."""
         rows, n = update.shape
-        modes = np.array(self.modes, dtype=np.int64).reshape(rows, n)
-        scales = np.array(self.scales, dtype=np.float64).reshape(rows, n)
-        self.modes, self.scales, self.pending = [], [], False
-        return np.where(modes == FROM_GRAD_NORM, grad_weight, update) * scales
+        modes = np.array(self.modes[:rows], dtype=np.int64).reshape(rows, n)
+        scales = np.array(self.scales[:rows], dtype=np.float64).reshape(rows, n)
+        self.modes, self.scales = self.modes[rows:], self.scales[rows:]
+        self._pending = {}  # (an update begun and not yet measured stays empty)
+        measured = np.where(modes == FROM_GRAD_NORM, grad_weight, update) * scales
+        return np.where(modes == NOT_STEPPED, np.nan, measured)
+
+
+def _norms_at(out, layers: list[int], tensors: list, n: int) -> None:
+    """``norms_into`` for some of a row's layers: the whole row where they are all."""
+    if len(layers) == n:
+        norms_into(out, tensors)
+        return
+    part = (np.empty(len(layers)) if isinstance(out, np.ndarray)
+            else out.new_empty(len(layers)))
+    norms_into(part, tensors)
+    out[layers] = part if isinstance(out, np.ndarray) else part.to(out.dtype)

@@ -31,6 +31,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance
 from .frames import empty_frame
@@ -40,7 +42,7 @@ from .recorder import GradientRecorder
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer, log_every: int = 10, *,
+def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
           activations=None, modules=None, applied_updates: bool = False) -> Watch:
     """Record ``model``'s per-layer gradient statistics every ``log_every`` optimizer steps
     while the ``with`` block runs; no per-step calls (see the module docstring)::
@@ -52,38 +54,55 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, log_every: int = 1
 
     Args:
         model: any ``nn.Module``.
-        optimizer: the ``torch.optim`` optimizer that updates it.
+        optimizer: the ``torch.optim`` optimizer that updates it, or a list of them; None
+            (default): every optimizer that steps the model's parameters, found as they step
+            (one created later, or by a trainer, too).
         log_every: record steps 0, N, 2N, … (0: none).
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: the records are then
+            those of the real loss, not the scaled one.
         activations: the activation after each layer (see ``GradientRecorder``): found from the
             model by default; a mapping from layer names to activation names adds to it.
         modules: which modules to record: every ``nn.Linear`` by default; types (e.g.
             ``(nn.Linear, nn.Conv2d)``) or a predicate on qualified names.
         applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"optimizer={type(optimizer).__name__} is not a torch.optim "
-                         f"optimizer: use gradlab.GradientRecorder's per-step calls instead")
+    optimizers = [] if optimizer is None else (
+        list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer])
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(f"optimizer={type(opt).__name__} is not a torch.optim "
+                             f"optimizer: use gradlab.GradientRecorder's per-step calls instead")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"log_every={log_every!r} is invalid: a whole number >= 0")
-    recorder = GradientRecorder(model, activations, log_every, optimizer=optimizer,
-                                modules=modules, applied_updates=applied_updates,
-                                read_at_backward_end=True)
-    return Watch(model, optimizer, recorder)
+    recorder = GradientRecorder(model, activations, log_every, modules=modules,
+                                applied_updates=applied_updates, read_at_backward_end=True,
+                                scaler=scaler)
+    return Watch(model, optimizers, recorder)
 
 
 class Watch:
     """What ``watch`` returns: a context manager holding the hooks; ``flush`` and ``save``."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                  recorder: GradientRecorder):
-        self.model, self.optimizer, self.recorder = model, optimizer, recorder
-        self.step = 0  # optimizer steps made inside the block
+        self.model, self.optimizers, self.recorder = model, optimizers, recorder
+        self.step = 0  # steps of the lead optimizer made inside the block
         self._open = False  # a step has begun (a forward ran) and not yet ended
-        self._recording = False
-        self._counter = Hooks([lambda: optimizer.register_step_post_hook(self._after_step)])
+        self._recording = False  # ...and it is recorded
+        self._row_open = False  # the last recorded step still takes optimizers' updates
+        self._lead = optimizers[0] if optimizers else None  # whose steps count
+        self.seen: list[torch.optim.Optimizer] = list(optimizers)  # that stepped the model
+        self._params = {id(p) for p in model.parameters()}
+        self._ours_for: dict[int, tuple[int, bool]] = {}  # id(opt) -> (its groups, ours)
+        if optimizers:
+            post = [lambda o=o: o.register_step_post_hook(self._after_step) for o in optimizers]
+            pre = [lambda o=o: o.register_step_pre_hook(self._before_step) for o in optimizers]
+        else:  # every optimizer's steps, those of the model's parameters taken
+            post = [lambda: register_optimizer_step_post_hook(self._after_step)]
+            pre = [lambda: register_optimizer_step_pre_hook(self._before_step)]
+        self._counter = Hooks(post)
         self._armed = Hooks([  # the hooks of a recorded step (with the layers')
-            lambda: model.register_forward_pre_hook(self._on_forward),
-            lambda: optimizer.register_step_pre_hook(self._before_step)])
+            lambda: model.register_forward_pre_hook(self._on_forward), *pre])
         self._frames: list[pd.DataFrame] = []
         self._started = now()
 
@@ -100,27 +119,64 @@ class Watch:
 
     def _arm(self, on: bool) -> None:
         """Register (or remove) the hooks that record a step: the model's forward pre-hook,
-        the optimizer's step pre-hook and the recorded layers' hooks."""
+        the optimizers' step pre-hooks and the recorded layers' hooks."""
         self._armed.set(on)
         self.recorder.hooks(on)
 
+    def _ours(self, optimizer) -> bool:
+        """Whether ``optimizer`` steps the model's parameters (always, for those given)."""
+        if self.optimizers:
+            return True
+        groups = len(optimizer.param_groups)
+        known = self._ours_for.get(id(optimizer))
+        if known is None or known[0] != groups:
+            ours = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
+            known = self._ours_for[id(optimizer)] = (groups, ours)
+            if ours and optimizer not in self.seen:
+                self.seen.append(optimizer)
+        return known[1]
+
     # -- hooks ---------------------------------------------------------------------------------
-    def _on_forward(self, module, args) -> None:
-        if self._open or not torch.is_grad_enabled():
-            return
-        self._open = True
+    def _open_step(self, closure: bool = False) -> None:
+        self._open, self._row_open = True, False
         self._recording = self.recorder.begin_step(self.step)
+        if not self._recording:  # (left registered by the last recorded step)
+            self._arm(False)
+        elif closure:  # optimizer.step(closure) evaluates it again at trial weights
+            self.recorder.first_pass_only()
+        self._row_open = self._recording
+
+    def _on_forward(self, module, args) -> None:
+        if not self._open and torch.is_grad_enabled():
+            self._open_step()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        if self._recording:
-            self.recorder.after_backward()
+        if not self._ours(optimizer):
+            return
+        # (torch passes the step's own arguments, the optimizer first)
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is not None:  # the forward and backward passes run inside the step
+            if not self._open:
+                self._open_step(closure=True)
+        elif self._recording:
+            self.recorder.end_passes()
+        if self._row_open:
+            self.recorder.begin_update(optimizer)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if self._recording:
-            self.recorder.after_update()
+        if not self._ours(optimizer):
+            return
+        if self._row_open:
+            self.recorder.end_passes()  # (a closure's step; done already otherwise)
+            self.recorder.after_update(optimizer)
+        if self._lead is None:
+            self._lead = optimizer
+        if optimizer is not self._lead:  # a further optimizer of the same step
+            return
         self._recording = self._open = False
         self.step += 1
-        self._arm(self.recorder.is_recorded(self.step))
+        if self.recorder.is_recorded(self.step):
+            self._arm(True)  # (else removed as the next step opens)
 
     # -- output --------------------------------------------------------------------------------
     def flush(self) -> pd.DataFrame:
@@ -153,7 +209,9 @@ class Watch:
             config: your own settings, a dict of JSON scalars (str, int, float, bool, None).
         """
         settings = check_config(config or {})
-        settings.update(model=self.layers(), optimizer=describe_optimizer(self.optimizer))
+        described = [describe_optimizer(o) for o in self.seen]
+        settings.update(model=self.layers(),
+                        optimizer=described[0] if len(described) == 1 else described)
         if name is None:
             payload = json.dumps(settings, sort_keys=True, default=str)
             name = hashlib.sha256(payload.encode()).hexdigest()[:12]
