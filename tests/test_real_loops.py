@@ -2,6 +2,7 @@
 loop), each against an independent autograd reference on a copy of the model: a GAN with both
 models watched, a gradient penalty, a validation forward with grad enabled, GradScaler with a
 skipped step, LBFGS's closure, an optimizer made inside the block, two optimizers."""
+# ruff: noqa: B023 (each reference's lambda is called at once, in its own loop iteration)
 
 import copy
 import warnings

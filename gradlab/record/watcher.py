@@ -31,8 +31,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                   register_optimizer_step_pre_hook)
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance
 from .frames import empty_frame
