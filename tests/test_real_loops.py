@@ -270,3 +270,14 @@ def test_gradients_set_by_hand_leave_the_pass_columns_empty_with_one_warning():
     assert frame["grad_output_norm"].isna().all() and frame["act_grad_mean"].isna().all()
     assert frame["grad_weight_norm"].notna().all()
     assert len([w for w in caught if "not made by a backward pass" in str(w.message)]) == 1
+
+
+def test_fsdp_is_refused_in_one_line():
+    class FullyShardedDataParallel(nn.Module):  # (FSDP itself needs a process group)
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+    with pytest.raises(ValueError, match="FSDP is not supported") as info:
+        gradlab.watch(FullyShardedDataParallel())
+    assert "\n" not in str(info.value)

@@ -11,7 +11,8 @@ gradient.
 How: on a recorded step each recorded weight carries two hooks: a tensor hook, which runs
 before autograd adds a pass's gradient into ``.grad`` and notes what ``.grad`` was then, and a
 post-accumulate hook, which says the pass did accumulate. A pass's dL/dz wait in a list until
-the pass ends (autograd's final callback): then they are taken (``GradientRecorder.take``) or
+the pass ends (autograd's final callback, after DistributedDataParallel's, so that ``.grad`` is the
+synchronised gradient on every rank): then they are taken (``GradientRecorder.take``) or
 dropped, and where ``.grad`` was not what the last taken pass left (zeroed, or set anew), the
 step begins again from this pass.
 """
@@ -76,8 +77,14 @@ class Passes:
 
     def _await_end(self) -> bool:
         if not self.queued:
-            self.queued = compat.at_backward_end(self._ended)
+            self.queued = compat.at_backward_end(self._last)
         return self.queued
+
+    def _last(self) -> None:
+        # queued again, to run after every callback queued in this pass: DistributedDataParallel
+        # writes the synchronised gradient into .grad in one, and that is the gradient to read
+        if not compat.at_backward_end(self._ended):
+            self._ended()
 
     def _ended(self) -> None:
         items, self.items = self.items, []

@@ -36,7 +36,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance
+from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance, run_dir
 from .frames import empty_frame
 from .hooks import Hooks
 from .recorder import GradientRecorder
@@ -76,10 +76,19 @@ def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
                              f"optimizer: use gradlab.GradientRecorder's per-step calls instead")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"log_every={log_every!r} is invalid: a whole number >= 0")
+    if any(is_sharded(m) for m in model.modules()):
+        raise ValueError("FSDP is not supported by gradlab.watch (its parameters are shards): "
+                         "watch the model unwrapped, or under DistributedDataParallel")
     recorder = GradientRecorder(model, activations, log_every, modules=modules,
                                 applied_updates=applied_updates, read_at_backward_end=True,
                                 scaler=scaler)
     return Watch(model, optimizers, recorder)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is wrapped by FSDP (either version), by its class names."""
+    return any(kind.__name__ in ("FullyShardedDataParallel", "FSDPModule")
+               for kind in type(module).__mro__)
 
 
 class Watch:
@@ -202,7 +211,8 @@ class Watch:
         """Write everything recorded (flushing what is pending) as a run of the results layout:
         ``<out>/runs/<name>/`` with config.json (``"source": "watch"``; the config is yours plus
         ``model``, the recorded layers, and ``optimizer``), grads.parquet, an epochs.parquet
-        without rows, and status.json last. Returns the run folder.
+        without rows, and status.json last. Returns the run folder. Under torch.distributed
+        (DDP) rank 0 writes the run, with ``world_size`` in its config; other ranks write nothing.
 
         Args:
             out: the results folder.
@@ -211,6 +221,11 @@ class Watch:
             config: your own settings, a dict of JSON scalars (str, int, float, bool, None).
         """
         settings = check_config(config or {})
+        world = (torch.distributed.get_world_size()
+                 if torch.distributed.is_available() and torch.distributed.is_initialized()
+                 else 1)
+        if world > 1:  # one run, written by rank 0 (every rank's .grad is the same)
+            settings["world_size"] = world
         described = [describe_optimizer(o) for o in self.seen]
         settings.update(model=self.layers(),
                         optimizer=described[0] if len(described) == 1 else described)
@@ -225,6 +240,9 @@ class Watch:
         frames = [f for f in self._frames if len(f)]
         grads = pd.concat(frames, ignore_index=True) if frames else empty_frame()
         device = str(self.recorder.linears[0].weight.device)
+        path = run_dir(out, name)
+        if world > 1 and torch.distributed.get_rank() != 0:
+            return path  # (rank 0 writes it)
         path = open_run(ensure_out(out), name, {
             "source": "watch", "config": settings,
             "provenance": {**provenance(device), "started": self._started}})
