@@ -55,7 +55,7 @@ def test_every_rank_records_the_synchronised_gradient(tmp_path):
     net = model()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     expected = []
-    for step, pairs in enumerate(zip(*(batches(r) for r in range(WORLD)))):
+    for pairs in zip(*(batches(r) for r in range(WORLD))):
         opt.zero_grad()
         loss = sum(F.cross_entropy(net(x), y) for x, y in pairs) / WORLD
         loss.backward()
