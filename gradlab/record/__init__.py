@@ -10,6 +10,7 @@ Its parts, one idea a module:
 ``norms``          exact 2-norms of many tensors into a row buffer
 ``fprime``         f' statistics: sum of f', saturated and dead units
 ``layer_stats``    how they are collected per step (a plain MLP's chunks, or each call)
+``passes``         which backward passes make a step's gradient (``watch``)
 ``updates``        ``update_ratio``'s numerator: a weight snapshot, or SGD's own direction
 ``buffers``        the device row buffers, taken to the host at a flush
 ``frames``         the tidy grads frame and its columns (what the engines import)
@@ -65,9 +66,9 @@ float32 one is too small (or not finite) to be trusted - reading a CPU tensor is
 synchronisation; on other devices every norm accumulates in float64 (MPS, without float64:
 scaled by the largest entry first, as LAPACK's nrm2 does). The buffers hold float64.
 
-Under ``torch.amp.GradScaler`` the gradients that are recorded are those of the *scaled* loss
-(dL/dz and ``.grad`` times ``scaler.get_scale()``; ``update_ratio`` is unaffected for the
-snapshot optimizers); a step the scaler skips is not an optimizer step.
+Under ``torch.amp.GradScaler`` the recorder given the scaler (``scaler=``) divides dL/dz and the
+gradients by its scale, so the records are those of the real loss; without it they are those of
+the *scaled* loss. A step the scaler skips is not an optimizer step.
 
 Cost. Per recorded step the device work is one fused norm over dL/dz, the gradients and the
 weights (taken as the backward pass ends, or in ``after_backward``) written into the row

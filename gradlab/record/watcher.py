@@ -6,19 +6,22 @@ Step boundaries come from PyTorch's own hooks, so the loop needs no calls:
 * the model's forward pre-hook opens a step (the first forward with grad enabled after an
   optimizer step; a forward under ``torch.no_grad()`` - an evaluation - opens none, and further
   forwards before the step, e.g. gradient accumulation, add to the same step);
-* the hook that catches a recorded layer's dL/dz queues a callback that autograd runs as the
-  backward pass ends: the norms of dL/dz, of each ``.grad`` and of the weights are taken there,
-  before any clipping (where no recorded layer's output takes part in the backward pass, or
-  torch has no such queue, they are taken at the optimizer step instead: after clipping);
-* the optimizer's step pre-hook stores the f' statistics and snapshots weights where needed;
-  its step post-hook measures the update and closes the step.
+* during the step, each backward pass's dL/dz wait until the pass ends, and are kept only
+  where it made the recorded ``.grad`` (``passes.py``); the norms of dL/dz, of each ``.grad`` and
+  of the weights are taken then, before any clipping (where torch has no final callbacks, at
+  the optimizer step instead: after clipping);
+* the optimizers' step pre-hooks close the step's passes and snapshot weights where needed;
+  their step post-hooks measure the update, and the lead optimizer's (the first given, or the
+  first to step) closes the step. ``optimizer.step(closure)`` opens the step itself.
 
 Only the step post-hook, which counts steps, stays registered through the block: the others,
-and the layers' hooks, are registered when the next step is one to record and removed after
-it, so an unrecorded step costs one Python call.
+and the layers' hooks, are registered when the next step is one to record and removed as the
+next unrecorded step opens, so an unrecorded step costs one Python call. Without an optimizer
+given, these are torch's global optimizer hooks, and an optimizer counts where it steps one of
+the model's parameters.
 
-Step ``s`` is the number of optimizer steps made since ``watch`` was entered. The loss is not
-visible to hooks: the ``loss`` column is empty in these records.
+Step ``s`` is the number of lead-optimizer steps made since ``watch`` was entered. The loss is
+not visible to hooks: the ``loss`` column is empty in these records.
 """
 
 from __future__ import annotations
