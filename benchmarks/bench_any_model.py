@@ -87,6 +87,7 @@ class Subject:
     batches: list
     options: dict
     about: str
+    fprime: bool = True  # whether some layer's activation is known (its f' columns filled)
 
     def fresh(self):
         model = self.make()
@@ -108,7 +109,8 @@ def with_gradlab(subject: Subject, log_every: int) -> common.Timing:
         return rec.flush()
 
     timing, frame = common.timed(run)
-    assert frame["grad_weight_norm"].notna().all() and frame["act_grad_mean"].notna().any()
+    assert frame["grad_weight_norm"].notna().all()
+    assert frame["act_grad_mean"].notna().any() or not subject.fprime
     return timing
 
 
@@ -178,8 +180,17 @@ def mnist_batches(data_dir: str, steps: int, batch: int) -> list[tuple[torch.Ten
     return [(x[i], data.train.y[i]) for i in order.split(batch)][:steps]
 
 
+def lstm_modules() -> tuple:
+    """The LSTM and the decoder where gradlab records recurrent layers; else the decoder."""
+    from gradlab.record.layers import UNIT_AXIS
+
+    return (nn.LSTM, nn.Linear) if nn.LSTM in UNIT_AXIS else (nn.Linear,)
+
+
 def subjects(args) -> list[Subject]:
-    return [
+    from real_models import GPT, LSTMLanguageModel, gpt_activations, lm_batches
+
+    chosen = [
         Subject("cnn", make_cnn, mnist_batches(args.data_dir, args.steps, 64),
                 {"modules": (nn.Conv2d, nn.Linear)},
                 "A small CNN (Conv2d 1→8, 3×3, ReLU, max-pool; Conv2d 8→16, 3×3, ReLU, "
@@ -193,7 +204,17 @@ def subjects(args) -> list[Subject]:
                 "tokens (batches of 32 sequences of 32); `gradlab.watch` records linear1, "
                 "linear2, the head and `out_proj` (whose hooks never fire: its dL/dz and f′ "
                 "stay empty), f′ of linear1 given as relu"),
+        Subject("gpt", GPT, lm_batches(args.steps), {"activations": gpt_activations()},
+                "A GPT in nanoGPT's shape (4 blocks, d_model 128, 4 heads, 512-token "
+                "vocabulary, context 64, batches of 16; `benchmarks/real_models.py`); "
+                "`gradlab.watch` records its 17 Linear layers, f′ of each `c_fc` given as gelu"),
+        Subject("lstm lm", LSTMLanguageModel, lm_batches(args.steps),
+                {"modules": lstm_modules()},
+                "An LSTM language model (embedding 128, LSTM 256, decoder to a 512-token "
+                "vocabulary, sequences of 64, batches of 16); `gradlab.watch` records the LSTM "
+                "(where recurrent layers are recordable) and the decoder", fprime=False),
     ]
+    return [s for s in chosen if not args.models or s.name in args.models]
 
 
 def measure(subject: Subject, args) -> tuple[str, list[str]]:
@@ -271,6 +292,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=100, help="rounds of (B)")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="which models (default: all): cnn, 'transformer block', gpt, "
+                             "'lstm lm'")
     parser.add_argument("--write", action="store_true", help="write the section to RESULTS.md")
     args = parser.parse_args()
     text = run(args)
