@@ -4,6 +4,8 @@
     <out>/runs/<run_id>/grads.parquet   one row per (step, layer)
     <out>/runs/<run_id>/epochs.parquet  one row per (epoch, split)
     <out>/runs/<run_id>/dists.parquet   optional
+    <out>/runs/<run_id>/time.parquet    optional: recurrent layers' gradient through time
+    <out>/runs/<run_id>/metrics.parquet optional: the user's logged metrics (``rec.log``)
     <out>/runs/<run_id>/status.json     written last: complete | diverged | failed
 
 Every file read back goes through ``gradlab.validate``: a damaged one is named, never a traceback.
@@ -36,7 +38,7 @@ from .validate import read_status as read_valid_status
 RUNS = "runs"
 FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
 # What a new run clears from its folder besides FILES: left by an earlier try of the same run.
-STALE = ("dists.parquet", "error.txt")
+STALE = ("dists.parquet", "time.parquet", "metrics.parquet", "error.txt")
 
 
 class StoreError(GradlabError, RuntimeError):
@@ -184,6 +186,17 @@ def ensure_out(out: str | os.PathLike) -> Path:
 
 
 EPOCH_COLUMNS = ("epoch", "split", "step", "loss", "accuracy", "seconds")  # epochs.parquet
+# time.parquet: per (step, layer, time step t) of a recurrent layer, ‖∂L/∂x_t‖ and ‖∂L/∂y_t‖
+TIME_COLUMNS = ("run_id", "step", "epoch", "layer", "layer_name", "t", "grad_input_norm",
+                "grad_output_norm")
+
+
+def empty_time() -> pd.DataFrame:
+    """A time frame (``TIME_COLUMNS``) without rows, with the columns' dtypes."""
+    text = ("run_id", "layer_name")
+    return pd.DataFrame({c: pd.Series(dtype=object if c in text else
+                                      "float64" if c.endswith("norm") else "int64")
+                         for c in TIME_COLUMNS})
 
 
 def open_run(out: Path, run_id: str, meta: dict) -> Path:
@@ -248,14 +261,17 @@ def finish_run(path: Path, result) -> dict:
 @dataclass
 class Results:
     """Tidy frames of a results folder: ``grads``, ``epochs``, ``dists`` (empty when no run has
-    dists.parquet) and ``runs`` (one row per run), each with the config columns joined in;
-    ``problems`` names what could not be read."""
+    dists.parquet), ``time`` (recurrent layers' gradient through time: ``TIME_COLUMNS``, no rows
+    when no run has time.parquet) and ``runs`` (one row per run), each with the config columns
+    joined in; ``problems`` names what could not be read."""
 
     grads: pd.DataFrame
     epochs: pd.DataFrame
     runs: pd.DataFrame
     problems: list[str] = field(default_factory=list)
     dists: pd.DataFrame = field(default_factory=pd.DataFrame)
+    time: pd.DataFrame = field(default_factory=empty_time)
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # rec.log's rows
 
     def __repr__(self) -> str:
         """One line: runs by status and the rows of each frame (not the frames themselves)."""
@@ -274,7 +290,7 @@ class Results:
             return frame[frame["run_id"].isin(keep)] if "run_id" in frame else frame
 
         return Results(cut(self.grads), cut(self.epochs), cut(self.runs), self.problems,
-                       cut(self.dists))
+                       cut(self.dists), cut(self.time), cut(self.metrics))
 
 
 def config_columns(config: dict) -> dict[str, Any]:
@@ -339,7 +355,7 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False,
         raise StoreError(f"cannot read {shorten(path)}: {e.strerror or type(e).__name__}") from None
     if not there:
         raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
-    metas, grads, epochs, dists, problems = [], [], [], [], []
+    metas, grads, epochs, dists, times, metrics, problems = [], [], [], [], [], [], []
     for rd in run_dirs(path):
         try:
             meta = read_run_meta(rd)
@@ -352,8 +368,9 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False,
         if meta["status"] == "unfinished" and not include_unfinished:
             continue
         for name, sink in (("grads.parquet", grads), ("epochs.parquet", epochs),
-                           ("dists.parquet", dists)):
-            if name == "dists.parquet" and not (rd / name).exists():
+                           ("dists.parquet", dists), ("time.parquet", times),
+                           ("metrics.parquet", metrics)):
+            if name not in ("grads.parquet", "epochs.parquet") and not (rd / name).exists():
                 continue  # optional
             try:
                 sink.append(read_records(rd, name))
@@ -372,5 +389,6 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False,
         return frame.merge(runs[config_cols], on="run_id", how="left")
 
     results = Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
-                      dists=join(dists))
+                      dists=join(dists), time=join(times) if times else empty_time(),
+                      metrics=join(metrics))
     return results if run_ids is None else results.only(run_ids)

@@ -24,7 +24,7 @@ from .config import ConfigError, make_config
 
 STATUSES = ("complete", "diverged", "failed")
 RECORDS = ("grads.parquet", "epochs.parquet")
-OPTIONAL_RECORDS = ("dists.parquet",)
+OPTIONAL_RECORDS = ("dists.parquet", "time.parquet", "metrics.parquet")
 # The files whose digests status.json holds (those there when the run finished).
 DIGESTED = ("config.json", *RECORDS, *OPTIONAL_RECORDS)
 
@@ -35,12 +35,14 @@ REQUIRED = {
     "grads.parquet": ("run_id", "step", "layer", "grad_weight_norm"),
     "epochs.parquet": ("run_id", "epoch", "split", "loss", "accuracy"),
     "dists.parquet": ("run_id", "step", "layer", "quantity", "stat", "value"),
+    "time.parquet": ("run_id", "step", "layer", "t", "grad_input_norm", "grad_output_norm"),
+    "metrics.parquet": ("run_id", "step", "split", "metric", "value"),
 }
-TEXT_COLUMNS = ("run_id", "split", "layer_name", "quantity", "stat")
+TEXT_COLUMNS = ("run_id", "split", "layer_name", "quantity", "stat", "metric")
 NUMERIC_COLUMNS = ("step", "epoch", "layer", "grad_output_norm", "grad_weight_norm",
                    "grad_bias_norm", "weight_norm", "update_ratio", "applied_update_ratio",
                    "act_grad_mean", "saturated_frac", "dead_frac", "loss", "accuracy", "seconds",
-                   "q", "bin_lo", "bin_hi", "value")
+                   "q", "bin_lo", "bin_hi", "value", "t", "grad_input_norm")
 
 # status.json fields besides ``status``: (kinds allowed, description for the error)
 NUMBER, INTEGER, TEXT = "a number", "an integer", "a string"
@@ -223,7 +225,7 @@ def check_run(run: Path) -> tuple[dict | None, list[str]]:
     Returns (status, problems): status is None for an unfinished run (no status.json);
     problems is one line per damaged file, empty when every file the status promises reads
     back whole (config.json; grads and epochs of a complete or diverged run, with rows where a
-    complete run must have them; dists.parquet if there).
+    complete run must have them; dists.parquet, time.parquet and metrics.parquet if there).
     """
     problems = []
     try:

@@ -281,3 +281,49 @@ def test_fsdp_is_refused_in_one_line():
     with pytest.raises(ValueError, match="FSDP is not supported") as info:
         gradlab.watch(FullyShardedDataParallel())
     assert "\n" not in str(info.value)
+
+
+def test_a_watched_lstm_saves_its_gradient_through_time(tmp_path):
+    """``watch`` records an LSTM as one layer (its weight: every matrix) and its gradient
+    through time, saved as time.parquet and read back by ``gradlab.load``."""
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1])
+
+    torch.manual_seed(0)
+    model = Classifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(B, 5, 4), torch.randint(0, 3, (B,))
+    twin = copy.deepcopy(model)
+    (out,), calls = calls_of(twin, ["rnn"], lambda: (twin(x),))
+    loss = F.cross_entropy(out, y)
+    y_seq = calls["rnn"][0][0]
+    grads = torch.autograd.grad(loss, [y_seq, *twin.rnn.parameters()])
+    weights = [g for (n, _), g in zip(twin.rnn.named_parameters(), grads[1:]) if "weight" in n]
+    with gradlab.watch(model, opt, log_every=1, modules=(nn.LSTM, nn.Linear)) as rec:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    path = rec.save(tmp_path, name="lstm")
+    row = pq_frame(path)
+    lstm = row[row["layer_name"] == "rnn"].iloc[0]
+    assert lstm["grad_weight_norm"] == pytest.approx(
+        np.sqrt(sum(g.double().norm().item() ** 2 for g in weights)), rel=1e-5)
+    assert lstm["grad_output_norm"] == pytest.approx(grads[0].double().norm().item(), rel=1e-5)
+    time = gradlab.load(tmp_path).time
+    assert time["t"].tolist() == list(range(5))
+    per_t = grads[0].double().norm(dim=(0, 2))
+    assert time["grad_output_norm"].tolist() == pytest.approx(per_t.tolist(), rel=1e-5)
+
+
+def pq_frame(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path / "grads.parquet").to_pandas()

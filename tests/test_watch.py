@@ -416,23 +416,28 @@ def test_without_autograd_s_final_callbacks_gradients_are_read_at_the_step(monke
 
 
 def test_the_backward_pass_reads_each_gradient_once(monkeypatch):
-    """One read per backward pass, queued by the first dL/dz hook (not one per layer)."""
+    """One read per backward pass, queued by the first hook (not one per layer): a callback
+    queued once, which queues the read once more to run after DistributedDataParallel's."""
     from gradlab import compat
+    from gradlab.record.recorder import GradientRecorder
 
     torch.manual_seed(0)
     model = build_mlp((IN, 8, 8, OUT), "relu")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(BATCH, IN), torch.randint(0, OUT, (BATCH,))
-    queued = []
+    queued, reads = [], []
     real = compat.at_backward_end
     monkeypatch.setattr(compat, "at_backward_end",
                         lambda callback: queued.append(callback) or real(callback))
+    read = GradientRecorder.read_gradients
+    monkeypatch.setattr(GradientRecorder, "read_gradients",
+                        lambda self: reads.append(1) or read(self))
     with gradlab.watch(model, opt, log_every=1) as rec:
         for _ in range(3):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-    assert len(queued) == 3
+    assert len(queued) == 2 * 3 and len(reads) == 3
     assert rec.flush()[list(COLUMNS[:4])].notna().all().all()
 
 

@@ -118,12 +118,13 @@ def test_recorder_exported_and_watch_saves_a_run(tmp_path):
 
     meta = strict((path / "config.json").read_text())
     assert meta["source"] == "watch" and meta["run_id"] == "run-a"
-    assert meta["config"]["lr"] == 0.1 and meta["config"]["optimizer"]["type"] == "SGD"
-    assert meta["config"]["model"] == [
+    assert meta["config"] == {"lr": 0.1, "note": None}  # the user's, whole
+    assert meta["watched"]["optimizers"][0]["type"] == "SGD"
+    assert meta["watched"]["layers"] == [
         {"layer": 0, "layer_name": "fc0", "type": "Linear", "shape": [8, 12]},
         {"layer": 1, "layer_name": "fc1", "type": "Linear", "shape": [OUT, 8]}]
     assert strict((path / "status.json").read_text())["status"] == "complete"
-    for bad in ({"lr": [1]}, {"model": 1}):
+    for bad in ({"lr": [1]}, {1: 2}):
         with pytest.raises(ValueError, match="invalid"):
             rec.save(tmp_path / "mine", name="run-b", config=bad)
     with pytest.raises(ValueError, match="name='../x' is invalid"):

@@ -15,6 +15,7 @@ Its parts, one idea a module:
 ``buffers``        the device row buffers, taken to the host at a flush
 ``frames``         the tidy grads frame and its columns (what the engines import)
 ``dists``          ``DistributionRecorder``: quantiles and histograms, on the same hooks
+``through_time``   ``TimeRecorder``: recurrent layers' ‖∂L/∂x_t‖, ‖∂L/∂y_t‖ per time step
 ``watcher``        ``gradlab.watch``: this recorder driven by PyTorch's own hooks
 =================  ===========================================================================
 
@@ -95,13 +96,14 @@ from .layers import select
 from .norms import exact_norms, norms_into
 from .recorder import GradientRecorder
 from .schedule import recorded_steps
+from .through_time import TimeRecorder
 from .watcher import Watch, watch
 
 USE_KERNELS = True  # False: PyTorch ops only, never the optional numba kernels (tests compare)
 
 __all__ = [
     "CHUNK_BYTES", "COLUMNS", "SATURATION", "USE_KERNELS", "DistributionRecorder",
-    "GradientRecorder", "Hooks",
+    "GradientRecorder", "Hooks", "TimeRecorder",
     "Watch", "activation_stats", "derivative_into", "empty_dists", "empty_frame", "exact_norms",
     "grads_frame", "hidden_segments", "norms_into", "optional_kernel", "per_unit_sum",
     "recorded_steps", "relu_family_stats", "select", "watch",

@@ -1,9 +1,18 @@
 """Which modules of a model a recorder watches, their names, and the activation after each.
 
-A recorded layer is a module with a weight whose output has a unit axis: ``nn.Linear`` (units =
-output features, the last axis; every leading axis counts as examples) and ``nn.Conv1d`` /
-``nn.Conv2d`` (units = output channels, the axis before the positions; the batch, if any, and
-the positions count as examples).
+A recorded layer is a module with weights whose output has a unit axis: ``nn.Linear`` (units =
+output features, the last axis; every leading axis counts as examples), ``nn.Conv1d`` /
+``nn.Conv2d`` and ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d`` (units = output channels, the
+axis before the positions; the batch, if any, and the positions count as examples), and the
+recurrent ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (units = hidden size × directions, or the
+projection size where set: the features of the output sequence, whose every time step and
+example counts as an example).
+
+A recurrent module is one layer with several weight matrices (every ``weight_*`` of every
+direction and stack level) and several biases: its weight and bias norms are taken over all of
+them together (``joint``). Its output is a tuple ``(output, h)`` or ``(output, (h, c))``;
+``output_tensor`` gives the tensor whose gradient is its dL/dz, the output sequence (a
+``PackedSequence``'s ``data``).
 """
 
 from __future__ import annotations
@@ -13,13 +22,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..activations import ACTIVATIONS, Activation, get
+from .norms import scaled_norm
 
 # the unit axis of each recordable type's output, counted from the end (so that it holds for
 # a convolution's unbatched input too)
-UNIT_AXIS: dict[type, int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3}
+UNIT_AXIS: dict[type, int] = {nn.Linear: -1, nn.Conv1d: -2, nn.Conv2d: -3,
+                              nn.ConvTranspose1d: -2, nn.ConvTranspose2d: -3,
+                              nn.RNN: -1, nn.LSTM: -1, nn.GRU: -1}
 TYPE_NAMES = ", ".join(f"nn.{t.__name__}" for t in UNIT_AXIS)
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
 
 def unit_axis(module: nn.Module) -> int:
@@ -28,7 +42,38 @@ def unit_axis(module: nn.Module) -> int:
 
 def units(module: nn.Module) -> int:
     """The number of units (output features or channels) of a recorded module."""
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, RECURRENT):
+        directions = 2 if module.bidirectional else 1
+        return (getattr(module, "proj_size", 0) or module.hidden_size) * directions
+    return module.out_channels
+
+
+def output_tensor(output) -> torch.Tensor:
+    """The tensor of a recorded module's output whose gradient is its dL/dz: the output itself,
+    or a recurrent module's output sequence (``(output, h)``; a ``PackedSequence``: its data)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    sequence = output[0]
+    return sequence.data if isinstance(sequence, PackedSequence) else sequence
+
+
+@torch.no_grad()  # (gradients of backward(create_graph=True) require grad)
+def joint(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """What one norm of a layer's tensors is taken of: its one tensor, or for several (a
+    recurrent layer's matrices; None: left out) their joint 2-norm, the square root of the sum
+    of their squared norms, as a 0-d tensor (its own norm, its absolute value, is that norm).
+    Each norm accumulates in float64 (MPS, without float64: scaled), so nothing underflows."""
+    if len(tensors) == 1:
+        return tensors[0]
+    real = [t for t in tensors if t is not None]
+    if not real:
+        return None
+    if real[0].device.type == "mps":
+        return scaled_norm(torch.stack([scaled_norm(t) for t in real]))
+    return torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(t, dtype=torch.float64) for t in real]))
 
 
 def select(model: nn.Module, modules=None) -> list[tuple[str, nn.Module]]:
@@ -120,19 +165,38 @@ def layer_activations(model: nn.Module, names: list[str],
 
 
 
+def parameters_of(module: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """A recorded module's weights and biases: a recurrent module's every ``weight_*`` and
+    ``bias_*`` (in its own order), else its ``weight`` and its ``bias`` (where it has one)."""
+    if isinstance(module, RECURRENT):
+        named = list(module.named_parameters(recurse=False))
+        return ([p for n, p in named if n.startswith("weight")],
+                [p for n, p in named if n.startswith("bias")])
+    bias = getattr(module, "bias", None)
+    return [module.weight], [bias] if isinstance(bias, torch.Tensor) else []
+
+
 @dataclass(eq=False)
 class Layer:
-    """One recorded module: its name, its parameters and the activation after it."""
+    """One recorded module: its name, its parameters and the activation after it.
+
+    ``weights`` / ``biases``: every weight matrix and bias (several for a recurrent module, whose
+    norms are taken over all of them: ``joint``); ``values``: the weights without autograd
+    (aliases). ``weight``, ``bias`` and ``value``: the first of each (None: no bias) - the only
+    one but for a recurrent module, where each stands for all of them only in what they share
+    (device, dtype, when their gradients are made), never in a norm.
+    """
 
     name: str
     module: nn.Module
     activation: Activation | None
 
     def __post_init__(self):
-        self.weight: nn.Parameter = self.module.weight
-        bias = getattr(self.module, "bias", None)
-        self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
-        self.value = self.weight.detach()  # the weights, without autograd (an alias)
+        self.weights, self.biases = parameters_of(self.module)
+        self.weight: nn.Parameter = self.weights[0]
+        self.bias: torch.Tensor | None = self.biases[0] if self.biases else None
+        self.values = [w.detach() for w in self.weights]
+        self.value = self.values[0]
         self.axis = unit_axis(self.module)
         self.units = units(self.module)
 

@@ -15,7 +15,7 @@ from .buffers import RowBuffers
 from .frames import grads_frame
 from .hooks import Hooks
 from .layer_stats import CallStats, ChunkedStats
-from .layers import Spec, is_plain_mlp, recorded_layers
+from .layers import Spec, is_plain_mlp, joint, output_tensor, recorded_layers
 from .norms import norms_into
 from .passes import Passes
 from .schedule import Schedule
@@ -117,6 +117,8 @@ class GradientRecorder:
         def hook(module, inputs, z: torch.Tensor) -> None:
             if self._state == IDLE or not torch.is_grad_enabled():
                 return
+            if not isinstance(z, torch.Tensor):  # a recurrent module's (output, h)
+                z = output_tensor(z)
             if index not in called:
                 called.add(index)
                 order.append(index)
@@ -187,15 +189,16 @@ class GradientRecorder:
 
     def _norm_inputs(self) -> list[torch.Tensor | None]:
         """What a row's norms are taken of: each layer's dL/dz (several calls: taken together;
-        never called: None), the layers' ``.grad`` (weights, then biases) and their weights."""
-        grads = [layer.weight.grad for layer in self.layers]
+        never called: None), the layers' ``.grad`` (weights, then biases) and their weights;
+        a layer of several matrices (recurrent) by their joint norm (``layers.joint``)."""
+        grads = [w.grad for layer in self.layers for w in layer.weights]
         self._updates.note(grads)
         return ([calls[0] if len(calls) == 1 else
                  torch.cat([g.reshape(-1) for g in calls]) if calls else None
                  for calls in self._grad_out]
-                + grads
-                + [layer.bias.grad if layer.bias is not None else None for layer in self.layers]
-                + [layer.value for layer in self.layers])
+                + [joint([w.grad for w in layer.weights]) for layer in self.layers]
+                + [joint([b.grad for b in layer.biases]) for layer in self.layers]
+                + [joint(layer.values) for layer in self.layers])
 
     def end_passes(self, loss: torch.Tensor | None = None) -> None:
         """The step's backward passes are over: read what is not read yet and keep the step's

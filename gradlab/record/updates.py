@@ -10,6 +10,10 @@ neither momentum nor weight decay no tensor is needed at all: ‖ΔW‖ = lr · 
 ‖∂L/∂W‖, unless the gradient was changed (clipped) after it was read. (Measured to matter: on
 the tutorial net a snapshot and its difference cost 0.94 ms a recorded step, a third of the
 step; the shortcut costs nothing. AMD EPYC, 1 thread.)
+
+A layer of several weight matrices (a recurrent module) is measured over all of them: ‖ΔW‖ is
+their joint norm (``layers.joint``), by SGD's shortcut where all are in one parameter group,
+else by a snapshot.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import compat
-from .layers import Layer
+from .layers import Layer, joint
 from .norms import norms_into
 
 SNAPSHOT, FROM_GRAD_NORM, FROM_TENSORS = 0, 1, 2  # how a layer's update is measured
@@ -59,6 +63,14 @@ def sgd_direction(weight: torch.nn.Parameter, before: torch.Tensor | None, group
     return direction
 
 
+def layer_group(layer: Layer, by_param: dict[int, dict]) -> tuple[dict | None, bool]:
+    """The parameter group of a layer's weights (None: no group holds them), and whether it
+    holds all of them (a recurrent layer's matrices could be split between groups)."""
+    groups = [by_param.get(id(w)) for w in layer.weights]
+    first = next((g for g in groups if g is not None), None)
+    return first, all(g is first for g in groups)
+
+
 NOT_STEPPED = -1  # no optimizer stepped the layer at this step: its update_ratio is empty
 
 
@@ -85,9 +97,10 @@ class UpdateMeter:
         self.optimizer = optimizer  # the default: the explicit protocol's
         self.applied = applied  # also the update as stored (a snapshot every recorded step)
         self._plans: dict[int, Plans] = {}  # per optimizer (by id)
-        self._before: list[torch.Tensor | None] = [None] * len(layers)  # weights before a step
+        # per layer: its weights before a step
+        self._before: list[list[torch.Tensor] | None] = [None] * len(layers)
         self._pending: dict[int, tuple[Plans, bool]] = {}  # begun: (plans, snapshot taken)
-        self._read: list[tuple] = []  # (.grad, its version) of each weight, as read
+        self._read: list[list[tuple]] = []  # per layer: (.grad, its version) of each weight
         self.modes: list[list[int]] = []  # per recorded row
         self.scales: list[list[float]] = []
 
@@ -102,8 +115,16 @@ class UpdateMeter:
         self.scales.pop()
 
     def note(self, grads: list[torch.Tensor | None]) -> None:
-        """The weights' ``.grad`` as read, to see later whether clipping changed them."""
-        self._read = list(zip(grads, map(compat.version, grads)))
+        """The weights' ``.grad`` as read (every layer's ``weights`` in turn), to see later
+        whether clipping changed them."""
+        read = iter(zip(grads, map(compat.version, grads)))
+        self._read = [[next(read) for _ in layer.weights] for layer in self.layers]
+
+    def _unchanged(self, i: int) -> bool:
+        """Whether layer ``i``'s ``.grad`` are those read, unchanged (not clipped, not set)."""
+        return bool(self._read) and all(
+            w.grad is grad and (grad is None or compat.version(grad) == version)
+            for w, (grad, version) in zip(self.layers[i].weights, self._read[i], strict=True))
 
     def _plans_of(self, optimizer) -> Plans:
         groups = optimizer.param_groups if optimizer is not None else ()
@@ -116,10 +137,12 @@ class UpdateMeter:
             return known
         by_param = (known.groups if known is not None and known.made_for[0] == len(groups)
                     else {id(p): g for g in groups for p in g["params"]})
-        found = [by_param.get(id(layer.weight)) for layer in self.layers]
+        found, whole = zip(*(layer_group(layer, by_param) for layer in self.layers))
         # without an optimizer every layer is snapshotted; with one, only those it steps
         chosen = [i for i, group in enumerate(found) if optimizer is None or group is not None]
-        plans = [plan(optimizer, self.layers[i].weight, found[i]) for i in chosen]
+        # (a layer whose matrices are in several groups: snapshotted)
+        plans = [plan(optimizer if whole[i] else None, self.layers[i].weight, found[i])
+                 for i in chosen]
         snapshot = self.applied or any(needs_snapshot(mode, found[i])
                                        for i, (mode, _) in zip(chosen, plans, strict=True))
         known = self._plans[id(optimizer)] = Plans(made_for, chosen, plans, by_param, snapshot)
@@ -134,13 +157,11 @@ class UpdateMeter:
         for i, (mode, scale) in zip(known.layers, known.plans, strict=True):
             modes[i], scales[i] = mode, scale
         if known.snapshot:
-            values = [self.layers[i].value for i in known.layers]
-            before = [self._before[i] for i in known.layers]
-            if any(b is None for b in before):
-                before = [torch.empty_like(v) for v in values]
-                for i, b in zip(known.layers, before, strict=True):
-                    self._before[i] = b
-            compat.foreach_copy_(before, values)
+            if any(self._before[i] is None for i in known.layers):
+                for i in known.layers:
+                    self._before[i] = [torch.empty_like(v) for v in self.layers[i].values]
+            compat.foreach_copy_(self._all(self._before, known.layers),
+                                 self._all([layer.values for layer in self.layers], known.layers))
         self._pending[id(optimizer)] = (known, known.snapshot)
 
     def measure(self, update_out, applied_out, optimizer=None) -> None:
@@ -152,28 +173,36 @@ class UpdateMeter:
             return
         known, snapshot = pending
         modes = self.modes[-1]
-        values = [self.layers[i].value for i in known.layers]
-        deltas = (compat.foreach_sub(values, [self._before[i] for i in known.layers])
-                  if snapshot else [None] * len(values))
+        deltas = [[None] * len(self.layers[i].weights) for i in known.layers]
+        if snapshot:
+            found = iter(compat.foreach_sub(
+                self._all([layer.values for layer in self.layers], known.layers),
+                self._all(self._before, known.layers)))
+            deltas = [[next(found) for _ in layer] for layer in deltas]
         state = optimizer.state if optimizer is not None else {}
         tensors: list[torch.Tensor | None] = []
         for k, (i, (mode, _)) in enumerate(zip(known.layers, known.plans, strict=True)):
-            grad, version = self._read[i] if self._read else (None, None)
-            weight = self.layers[i].weight
+            layer = self.layers[i]
             if mode == SNAPSHOT:
-                tensors.append(deltas[k])
-            elif mode == FROM_GRAD_NORM and self._read and weight.grad is grad and (
-                    grad is None or compat.version(grad) == version):
+                tensors.append(joint(deltas[k]))
+            elif mode == FROM_GRAD_NORM and self._unchanged(i):
                 tensors.append(None)  # the recorded gradient norm is the update's
             else:
                 modes[i] = FROM_TENSORS  # e.g. clipped: measure what was applied
-                before = self._before[i] if snapshot else None
-                tensors.append(None if weight.grad is None else
-                               sgd_direction(weight, before, known.groups[id(weight)], state))
+                before = self._before[i] if snapshot else [None] * len(layer.weights)
+                tensors.append(joint([
+                    None if w.grad is None else
+                    sgd_direction(w, b, known.groups[id(w)], state)
+                    for w, b in zip(layer.weights, before, strict=True)]))
         if any(t is not None for t in tensors):
             _norms_at(update_out, known.layers, tensors, len(self.layers))
         if self.applied:
-            _norms_at(applied_out, known.layers, deltas, len(self.layers))
+            _norms_at(applied_out, known.layers, [joint(d) for d in deltas], len(self.layers))
+
+    @staticmethod
+    def _all(per_layer: list[list[torch.Tensor]], layers: list[int]) -> list[torch.Tensor]:
+        """The tensors of ``layers``, one list (for the fused foreach operations)."""
+        return [t for i in layers for t in per_layer[i]]
 
     def take(self, update: np.ndarray, grad_weight: np.ndarray) -> np.ndarray:
         """‖ΔW‖ per flushed row and layer, from the measured ``update`` and the recorded

@@ -26,9 +26,6 @@ not visible to hooks: the ``loss`` column is empty in these records.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -39,12 +36,13 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ..store import EPOCH_COLUMNS, close_run, ensure_out, now, open_run, provenance, run_dir
+from ..store import empty_time, now
 from .frames import empty_frame
 from .hooks import Hooks
+from .metrics import Metrics
 from .recorder import GradientRecorder
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+from .saving import save_run
+from .through_time import TimeRecorder
 
 
 def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
@@ -85,7 +83,8 @@ def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
     recorder = GradientRecorder(model, activations, log_every, modules=modules,
                                 applied_updates=applied_updates, read_at_backward_end=True,
                                 scaler=scaler)
-    return Watch(model, optimizers, recorder)
+    times = TimeRecorder(model, log_every, modules=modules)
+    return Watch(model, optimizers, recorder, times if times else None)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -98,8 +97,10 @@ class Watch:
     """What ``watch`` returns: a context manager holding the hooks; ``flush`` and ``save``."""
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                 recorder: GradientRecorder):
+                 recorder: GradientRecorder, times: TimeRecorder | None = None):
         self.model, self.optimizers, self.recorder = model, optimizers, recorder
+        self.times = times  # recurrent layers' gradient through time, where there are any
+        self._time_frames: list[pd.DataFrame] = []
         self.step = 0  # steps of the lead optimizer made inside the block
         self._open = False  # a step has begun (a forward ran) and not yet ended
         self._recording = False  # ...and it is recorded
@@ -115,26 +116,34 @@ class Watch:
             post = [lambda: register_optimizer_step_post_hook(self._after_step)]
             pre = [lambda: register_optimizer_step_pre_hook(self._before_step)]
         self._counter = Hooks(post)
-        self._armed = Hooks([  # the hooks of a recorded step (with the layers')
-            lambda: model.register_forward_pre_hook(self._on_forward), *pre])
+        self._armed = Hooks(pre)  # the hooks of a recorded step (with the layers', and:)
+        self._opener = Hooks([lambda: model.register_forward_pre_hook(self._on_forward)])
+        self._logging = False  # log was called: the opener stays, to date what is logged
         self._frames: list[pd.DataFrame] = []
+        self._metrics = Metrics()
         self._started = now()
 
     def __enter__(self) -> Watch:
         self.recorder.__enter__()
+        if self.times is not None:
+            self.times.__enter__()
         self._counter.on()
         self._arm(self.recorder.is_recorded(self.step))
         return self
 
     def __exit__(self, *exc) -> None:
+        self._logging = False
         self._arm(False)
         self._counter.off()
         self.recorder.__exit__(*exc)
+        if self.times is not None:
+            self.times.__exit__(*exc)
 
     def _arm(self, on: bool) -> None:
         """Register (or remove) the hooks that record a step: the model's forward pre-hook,
         the optimizers' step pre-hooks and the recorded layers' hooks."""
         self._armed.set(on)
+        self._opener.set(on or self._logging)
         self.recorder.hooks(on)
 
     def _ours(self, optimizer) -> bool:
@@ -154,6 +163,8 @@ class Watch:
     def _open_step(self, closure: bool = False) -> None:
         self._open, self._row_open = True, False
         self._recording = self.recorder.begin_step(self.step)
+        if self.times is not None:
+            self.times.begin_step(self.step)
         if not self._recording:  # (left registered by the last recorded step)
             self._arm(False)
         elif closure:  # optimizer.step(closure) evaluates it again at trial weights
@@ -173,15 +184,20 @@ class Watch:
             if not self._open:
                 self._open_step(closure=True)
         elif self._recording:
-            self.recorder.end_passes()
+            self._end_passes()
         if self._row_open:
             self.recorder.begin_update(optimizer)
+
+    def _end_passes(self) -> None:
+        self.recorder.end_passes()
+        if self.times is not None:
+            self.times.after_backward()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._ours(optimizer):
             return
         if self._row_open:
-            self.recorder.end_passes()  # (a closure's step; done already otherwise)
+            self._end_passes()  # (a closure's step; done already otherwise)
             self.recorder.after_update(optimizer)
         if self._lead is None:
             self._lead = optimizer
@@ -199,82 +215,70 @@ class Watch:
         ``epoch`` is 1 + the number of earlier flushes (flush at each epoch end to number them).
         The frame has no ``run_id`` column (``save`` names the run); ``gradlab.plots`` draws it.
         """
-        frame = self.recorder.flush(epoch=len(self._frames) + 1)
+        epoch = len(self._frames) + 1
+        frame = self.recorder.flush(epoch=epoch)
         self._frames.append(frame)
+        if self.times is not None:
+            names = [self.recorder.names[i] for i in self.recorder.layer_order()]
+            self._time_frames.append(self.times.flush(epoch, layer_names=names))
         return frame
+
+    def time(self) -> pd.DataFrame:
+        """The recurrent layers' gradient through time flushed so far (``time.parquet``'s
+        rows, without ``run_id``): one row per (step, layer, t)."""
+        frames = [f for f in self._time_frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else empty_time().drop(
+            columns="run_id")
 
     def layers(self) -> list[dict]:
         """The recorded layers in ``layer`` order: layer, layer_name, type and weight shape."""
         rec = self.recorder
         return [{"layer": layer, "layer_name": rec.names[i], "type": type(rec.linears[i]).__name__,
-                 "shape": list(rec.linears[i].weight.shape)}
+                 "shape": [list(w.shape) for w in rec.layers[i].weights]
+                 if len(rec.layers[i].weights) > 1 else list(rec.layers[i].weight.shape)}
                 for layer, i in enumerate(rec.layer_order())]
 
-    def save(self, out, name: str | None = None, config: dict | None = None) -> Path:
+    def log(self, split: str = "train", **values) -> None:
+        """Record your metrics at this step, e.g. ``rec.log(loss=loss.item())`` in the loop or
+        ``rec.log(split="test", accuracy=acc)`` after an evaluation: tidy rows (step, split,
+        metric, value), saved as the run's ``metrics.parquet``; a training ``loss`` also fills
+        the step's ``loss`` column. A value logged after the forward pass of step s, before or
+        after ``optimizer.step()``, belongs to step s; one logged after the last step (an
+        evaluation) to that step. A 0-d tensor is fine: it is read at ``save``."""
+        self._metrics.log(self._metric_step(), split, values)
+
+    def _metric_step(self) -> int:
+        """The step a value logged now belongs to: the open step (its forward pass has run),
+        else the step just made. (The model's forward pre-hook, which says so, stays
+        registered from the first ``log`` on; before it, an unrecorded step counts as made.)"""
+        if not self._logging:
+            self._logging = True
+            self._opener.on()
+        return self.step if self._open else max(self.step - 1, 0)
+
+    def metrics(self) -> pd.DataFrame:
+        """The metrics logged so far: one row per (step, split, metric)."""
+        return self._metrics.frame()
+
+    def save(self, out, name: str | None = None, config: dict | None = None, *,
+             overwrite: bool = False) -> Path:
         """Write everything recorded (flushing what is pending) as a run of the results layout:
-        ``<out>/runs/<name>/`` with config.json (``"source": "watch"``; the config is yours plus
-        ``model``, the recorded layers, and ``optimizer``), grads.parquet, an epochs.parquet
-        without rows, and status.json last. Returns the run folder. Under torch.distributed
-        (DDP) rank 0 writes the run, with ``world_size`` in its config; other ranks write nothing.
+        ``<out>/runs/<name>/`` with config.json (``"source": "watch"``; ``config``: yours, whole;
+        ``watched``: the recorded layers, the optimizers, and under DDP the world size),
+        grads.parquet, metrics.parquet (what ``log`` recorded), an epochs.parquet without rows,
+        and status.json last. Returns the run folder. Under DistributedDataParallel rank 0
+        writes the run; other ranks write nothing.
 
         Args:
             out: the results folder.
             name: the run's id (letters, digits, ``.``, ``_``, ``-``); default: a hash of the
-                config, model and optimizer.
+                config and what was watched.
             config: your own settings, a dict of JSON scalars (str, int, float, bool, None).
+            overwrite: replace a run of that name (else saving under it is refused).
         """
-        settings = check_config(config or {})
-        world = (torch.distributed.get_world_size()
-                 if torch.distributed.is_available() and torch.distributed.is_initialized()
-                 else 1)
-        if world > 1:  # one run, written by rank 0 (every rank's .grad is the same)
-            settings["world_size"] = world
-        described = [describe_optimizer(o) for o in self.seen]
-        settings.update(model=self.layers(),
-                        optimizer=described[0] if len(described) == 1 else described)
-        if name is None:
-            payload = json.dumps(settings, sort_keys=True, default=str)
-            name = hashlib.sha256(payload.encode()).hexdigest()[:12]
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise ValueError(f"name={name!r} is invalid: 1-100 letters, digits, '.', '_' or '-', "
-                             f"starting with a letter or digit")
         if self.recorder.pending():
             self.flush()
         frames = [f for f in self._frames if len(f)]
         grads = pd.concat(frames, ignore_index=True) if frames else empty_frame()
-        device = str(self.recorder.linears[0].weight.device)
-        path = run_dir(out, name)
-        if world > 1 and torch.distributed.get_rank() != 0:
-            return path  # (rank 0 writes it)
-        path = open_run(ensure_out(out), name, {
-            "source": "watch", "config": settings,
-            "provenance": {**provenance(device), "started": self._started}})
-        close_run(path, name, {
-            "grads": grads.drop(columns="run_id", errors="ignore"),
-            "epochs": pd.DataFrame(columns=list(EPOCH_COLUMNS))},
-            {"steps": self.step, "seconds": None, "final_test_accuracy": None,
-             "diverged_step": None, "error": None})
-        return path
-
-
-def check_config(config: dict) -> dict:
-    """A copy of the user's config, checked: string keys (not ``model`` or ``optimizer``, which
-    ``save`` fills in) and JSON scalar values."""
-    if not isinstance(config, dict):
-        raise ValueError(f"config={config!r} is invalid: give a dict of JSON scalars")
-    for key, value in config.items():
-        if not isinstance(key, str) or key in ("model", "optimizer"):
-            raise ValueError(f"config key {key!r} is invalid: a string other than 'model' and "
-                             f"'optimizer' (save fills those in)")
-        if value is not None and not isinstance(value, (str, int, float, bool)):
-            raise ValueError(f"config[{key!r}]={value!r} is invalid: a str, int, float, bool "
-                             f"or None")
-    return dict(config)
-
-
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's type and each parameter group's scalar settings."""
-    groups = [{k: v for k, v in group.items()
-               if k != "params" and (v is None or isinstance(v, (str, int, float, bool)))}
-              for group in optimizer.param_groups]
-    return {"type": type(optimizer).__name__, "param_groups": groups}
+        return save_run(self, out, name, config, overwrite, grads, self._metrics.frame(),
+                        self.time())
