@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .hooks import Hooks
-from .layers import select
+from .layers import RECURRENT, select
 
 QUANTILES = (0.0, 0.01, 0.02, 0.16, 0.5, 0.84, 0.98, 0.99, 1.0)
 BINS = 50
@@ -104,6 +104,10 @@ class DistributionRecorder:
 
     def __init__(self, model: nn.Module, steps, *, bins: int = BINS, modules=None):
         named = select(model, modules)
+        recurrent = [n for n, m in named if isinstance(m, RECURRENT)]
+        if recurrent:
+            raise ValueError(f"distributions of recurrent layers ({recurrent[0]}) are not "
+                             f"recorded: choose other modules")
         self.names = [name for name, _ in named]
         self.linears = [m for _, m in named]
         self.steps = {int(s) for s in steps}

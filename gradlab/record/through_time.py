@@ -14,7 +14,8 @@ The time axis is the module's: axis 1 of a ``batch_first`` batch, else axis 0 (a
 sequence too); a ``PackedSequence`` is unpacked (its padding adds nothing). ∂L/∂x is x's whole
 gradient, as autograd accumulates it (through every use of x, not only this module's). A module
 called several times in a step is one layer, as in the grads frame: its calls are taken
-together as one larger batch, aligned at t = 0.
+together as one larger batch, aligned at t = 0. Every backward pass of a recorded step counts
+here (unlike the grads frame's dL/dz, which ``passes`` keeps to the passes that make ``.grad``).
 """
 
 from __future__ import annotations
