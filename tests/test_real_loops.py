@@ -374,3 +374,25 @@ def test_loops_that_were_right_stay_right(case):
     assert sorted(frame["step"].unique()) == [0, 1, 2]
     for step in range(3):
         check(frame, step, expected[step])
+
+
+def test_bad_models_and_a_second_enter_are_one_line_errors():
+    with pytest.raises(ValueError, match="not a torch.nn.Module"):
+        gradlab.watch(object())
+    with torch.device("meta"):
+        meta = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="meta device"):
+        gradlab.watch(meta)
+    model = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = gradlab.watch(model, opt, log_every=1)
+    with rec:
+        with pytest.raises(RuntimeError, match="already entered") as info:
+            with rec:
+                pass
+        assert "\n" not in str(info.value)
+        opt.zero_grad()
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+    assert not opt._optimizer_step_post_hooks and not opt._optimizer_step_pre_hooks
+    assert rec.flush()["step"].tolist() == [0]

@@ -69,6 +69,12 @@ def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
             ``(nn.Linear, nn.Conv2d)``) or a predicate on qualified names.
         applied_updates: also record ``applied_update_ratio`` (a weight copy per recorded step).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} is not a torch.nn.Module: give the model "
+                         f"whose layers to record")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's parameters are on the meta device (not materialised): "
+                         "move it to a real device (e.g. model.to_empty(device='cpu')) first")
     optimizers = [] if optimizer is None else (
         list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer])
     for opt in optimizers:
@@ -124,6 +130,9 @@ class Watch:
         self._started = now()
 
     def __enter__(self) -> Watch:
+        if self._counter.registered:
+            raise RuntimeError("this gradlab.watch is already entered: enter it once (or call "
+                               "gradlab.watch again for a second recorder)")
         self.recorder.__enter__()
         if self.times is not None:
             self.times.__enter__()
