@@ -21,7 +21,7 @@ given, these are torch's global optimizer hooks, and an optimizer counts where i
 the model's parameters.
 
 Step ``s`` is the number of lead-optimizer steps made since ``watch`` was entered. The loss is
-not visible to hooks: the ``loss`` column is empty in these records.
+not visible to hooks: the ``loss`` column is empty unless ``rec.log(loss=...)`` gives it.
 """
 
 from __future__ import annotations
