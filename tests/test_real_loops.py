@@ -396,3 +396,58 @@ def test_bad_models_and_a_second_enter_are_one_line_errors():
         opt.step()
     assert not opt._optimizer_step_post_hooks and not opt._optimizer_step_pre_hooks
     assert rec.flush()["step"].tolist() == [0]
+
+
+def test_fp16_autocast_with_a_grad_scaler_against_autograd():
+    """fp16 autocast on the CPU and GradScaler (given to watch): the records are those of the
+    real loss, computed in the same precision by the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
+
+    def loss_of(net):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.cross_entropy(net(x).float(), y)
+
+    expected = []
+    with gradlab.watch(model, opt, log_every=1, scaler=scaler) as rec:
+        for _ in range(2):
+            twin = copy.deepcopy(model)
+            expected.append(reference(twin, lambda: loss_of(twin)))
+            opt.zero_grad()
+            scaler.scale(loss_of(model)).backward()
+            scaler.step(opt)
+            scaler.update()
+    frame = rec.flush()
+    for step in range(2):
+        check(frame, step, expected[step], rel=2e-3)
+
+
+def test_dropout_adadelta_and_a_group_added_later_stay_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
+    opt = torch.optim.Adadelta(model[0].parameters(), lr=1.0)
+    x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
+    expected, ratios = [], []
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        for step in range(3):
+            if step == 1:
+                opt.add_param_group({"params": model[3].parameters()})
+            twin = copy.deepcopy(model)
+            torch.manual_seed(10 + step)  # the same dropout mask in both
+            expected.append(reference(twin, lambda: F.cross_entropy(twin(x), y), {"0": "tanh"}))
+            before = model[3].weight.detach().clone()
+            torch.manual_seed(10 + step)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            ratio = ((model[3].weight.detach() - before).norm() / before.norm()).item()
+            ratios.append(ratio)
+    frame = rec.flush()
+    for step in range(3):
+        check(frame, step, expected[step])
+    head = frame[frame["layer_name"] == "3"].sort_values("step")["update_ratio"]
+    assert np.isnan(head.iloc[0])  # not stepped by the optimizer at step 0: empty, not 0
+    assert head.iloc[1:].tolist() == pytest.approx(ratios[1:], rel=1e-4)
