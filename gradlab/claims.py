@@ -231,12 +231,14 @@ def claims_markdown(table: pd.DataFrame) -> str:
 
 
 def claims_section(results_dir: Path) -> str:
-    """The report's claims section: ``claims.csv`` written by ``gradlab figures`` (empty if
-    the folder has none)."""
+    """The report's claims section: ``claims.csv`` written by ``gradlab figures`` ("" if the
+    folder has none, or none with a claim)."""
     path = Path(results_dir) / "claims.csv"
     if not path.exists():
         return ""
     table = pd.read_csv(path, keep_default_na=False)
+    if table.empty:  # a spec without claims: no section, rather than an empty table
+        return ""
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in ("claim", "source", "published",
                                                    "gradlab (mean ± sd over seeds)", "verdict"))

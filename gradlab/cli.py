@@ -123,7 +123,7 @@ def cli():
     \b
     Typical use:
       gradlab train --depth 3 --widths 128,256 --activation relu --epochs 1
-      gradlab sweep --depths 3,5,10 --activations sigmoid,relu --seeds 0,1,2
+      gradlab sweep --depths 3,5,10                  (sigmoid vs ReLU, see --preset)
       gradlab report results/sweep
 
     Data: --data-dir, else $GRADLAB_DATA, else ./data (torchvision's layout, <root>/MNIST/raw/).
@@ -204,19 +204,26 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
 def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, ensemble,
-          make_report, **options):
+          make_report, preset, **options):
     """Train every combination of the comma-list options into OUT/runs/<run_id>/.
+
+    With no option it trains the comparison gradlab is about (--preset story): sigmoid, ReLU
+    with PyTorch's default init and ReLU with Kaiming init at depth 3, 5 and 10, about a minute
+    on 2 cores; each option given replaces the preset's values for that option.
 
     Runs already complete (or diverged) are skipped, unfinished and failed ones are trained
     (again), so the same command resumes an interrupted sweep; a run that another gradlab
     process is training is skipped as "running elsewhere". Ends with final test accuracy and
     vanishing ratio (median over steps of |grad W| of layer 0 / last layer) per configuration,
-    mean ± sd over seeds. Exit status 0 when every run is complete, else 1.
+    mean ± sd over seeds, the same in plain words, the figures of the vanishing ratio and the
+    accuracy (OUT/figures/) and the command for the report. Exit status 0 when every run is
+    complete, else 1.
 
     \b
-    Example: gradlab sweep --depths 3,5,10 --activations sigmoid,relu --seeds 0,1,2 -j 2
+    Example: gradlab sweep --depths 3,5,10 --seeds 0,1,2 -j 2
     """
-    from .config import expand_grid
+    from .config import expand_grids
+    from .presets import sweep_grids, widths_note
     from .progress import SweepProgress, progress_callbacks
     from .sweep import format_summary, run_sweep, sweep_summary
 
@@ -224,7 +231,11 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
         raise click.UsageError("--ensemble trains with the fused engine: drop --engine "
                                f"{engine}, or --ensemble")
     engine = "fused" if ensemble else engine
-    configs = expand_grid({**grid_from_options(options), "engine": engine or "autograd"})
+    given = grid_from_options(options)
+    configs = expand_grids([{**grid, "engine": engine or "autograd"}
+                            for grid in sweep_grids(given, preset)])
+    if widths_note(given):
+        click.echo(widths_note(given), err=True)
     run_ids = [c.run_id() for c in configs]
     if executor == "local" or ray_address is None:  # a Ray cluster may have devices that
         check_device(device)                          # this machine lacks
@@ -237,13 +248,36 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
         click.echo(line)
     echo_verdict(out, run_ids)
     echo_problems(result, out)
+    echo_figures(out, run_ids)
     if make_report:
         try:
             from .report import write_report
         except ImportError as e:
             raise click.ClickException(f"--report is not available: {e}") from None
         click.echo(f"report: {write_report(out)}")
+    else:
+        import shlex
+
+        click.echo(f"next: gradlab report {shlex.quote(str(out))}   (every figure, the tables "
+                   f"and each run in one HTML page)")
     return 0 if result.ok else 1
+
+
+def echo_figures(out, run_ids) -> None:
+    """Draw the headline figures of the given runs into OUT/figures/ and list them."""
+    from .plots import write_figures
+    from .report import HEADLINE
+    from .store import StoreError
+
+    try:
+        paths = echo_warnings(lambda: write_figures(out, only=HEADLINE, run_ids=run_ids))
+    except StoreError as e:  # e.g. no run finished
+        click.echo(f"figures: none drawn ({e})")
+        return
+    if paths:
+        click.echo("figures:")
+    for path in paths:
+        click.echo(f"  {path}")
 
 
 def echo_verdict(out, run_ids) -> None:
@@ -387,3 +421,32 @@ def figures(spec, out, jobs, threads, data_dir, device, make_report):
         click.echo(f"  {run_id}: {status}")
     # a diverged run is a result (exploding.toml shows them); a failed one is an error
     return 1 if "failed" in bad.values() else 0
+
+
+# -- export (issue 26) -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("results", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["tensorboard"]), required=True,
+              help="the format to write")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="the folder to write: one subfolder per run")
+@click.option("--overwrite", is_flag=True,
+              help="replace the event files of runs that OUT already holds")
+def export(results, to, out, overwrite):
+    """Write the finished runs of RESULTS for another tool, and list the folders written.
+
+    --to tensorboard: OUT/<run_id>/ event files (needs gradlab[tensorboard]) with scalars per
+    recorded column and layer (grad_weight_norm/fc0), histograms of dists.parquet
+    (grad_weight/fc0) and the metrics (train/loss, test/accuracy), at each run's optimizer
+    step. View them with:
+
+    \b
+      tensorboard --logdir OUT
+    """
+    from .export import to_tensorboard
+
+    for folder in echo_warnings(lambda: to_tensorboard(results, out, overwrite=overwrite)):
+        click.echo(str(folder))
+    return 0

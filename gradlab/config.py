@@ -158,7 +158,8 @@ class RunConfig:
         if len(widths) != self.depth - 1:
             _fail("widths", ",".join(map(str, widths)),
                   f"depth {self.depth} needs {self.depth - 1} hidden widths "
-                  f"(depth counts Linear layers)")
+                  f"(depth counts Linear layers; one width for every hidden layer is "
+                  f"width, --width on the command line)")
         for w in widths:
             _check_int("width", w, 1, MAX_WIDTH)
         object.__setattr__(self, "widths", widths)
@@ -224,7 +225,8 @@ GRID_KEYS = CONFIG_FIELDS + ("width",)
 
 
 def make_config(**values: Any) -> RunConfig:
-    """Build a RunConfig from user-facing keys (``width`` or ``widths``), raising ConfigError."""
+    """Build a RunConfig from user-facing keys (``width`` or ``widths``), raising ConfigError.
+    ``widths`` are one net's hidden widths, input side first; without ``depth`` they give it."""
     unknown = sorted(set(values) - set(GRID_KEYS))
     if unknown:
         _fail(unknown[0], values[unknown[0]], "unknown key; allowed: " + ", ".join(GRID_KEYS))
@@ -242,6 +244,8 @@ def make_config(**values: Any) -> RunConfig:
         depth = values.get("depth", RunConfig.depth)
         _check_int("depth", depth, 1, MAX_DEPTH)
         values["widths"] = (128,) * (depth - 1)
+    elif "depth" not in values and isinstance(values["widths"], (list, tuple)):
+        values["depth"] = len(values["widths"]) + 1  # one net's hidden widths give its depth
     try:
         return RunConfig(**values)
     except TypeError as e:  # e.g. an unhashable value where a scalar belongs
@@ -269,6 +273,15 @@ def expand_grid(grid: dict[str, Any]) -> list[RunConfig]:
     for combo in itertools.product(*axes.values()):
         config = make_config(**dict(zip(axes, combo, strict=False)))
         configs.setdefault(config.run_id(), config)
+    return list(configs.values())
+
+
+def expand_grids(grids: list[dict[str, Any]]) -> list[RunConfig]:
+    """The runs of several grids (``expand_grid`` each), in order, without duplicates."""
+    configs: dict[str, RunConfig] = {}
+    for grid in grids:
+        for config in expand_grid(grid):
+            configs.setdefault(config.run_id(), config)
     return list(configs.values())
 
 

@@ -7,3 +7,8 @@ class GradlabError(Exception):
     Each subclass keeps a built-in base as well (``ValueError``, ``RuntimeError``), so that code
     catching those goes on working; the command line catches this class alone.
     """
+
+
+class MissingExtra(GradlabError, ImportError):
+    """An optional dependency is not installed: the message names it and the ``pip install
+    'gradlab[EXTRA]'`` that brings it."""

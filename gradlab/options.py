@@ -110,7 +110,7 @@ RUN_OPTIONS: tuple[Opt, ...] = (
 )
 # --help sections, in the order a user sets things; options not named here are the last one.
 SECTIONS = {
-    "Model": ("depth", "width", "widths", "activation", "init", "bias_init"),
+    "Model": ("preset", "depth", "width", "widths", "activation", "init", "bias_init"),
     "Training": ("dataset", "train_size", "standardize", "optimizer", "lr", "momentum",
                  "weight_decay", "batch_size", "epochs", "seed", "clip_grad_norm", "criterion"),
     "Recording": ("log_every", "log_spaced", "applied_updates", "dist_every",
@@ -140,7 +140,19 @@ def section_of(name: str) -> str:
     return next((title for title, names in SECTIONS.items() if name in names), LAST_SECTION)
 
 
-class Aliased(click.Option):
+class Option(click.Option):
+    """An option whose default in words (``show_default="3,5,10"``) reads as such in --help,
+    not in click's parentheses."""
+
+    def get_help_record(self, ctx):
+        record = super().get_help_record(ctx)
+        if record is None or not isinstance(self.show_default, str):
+            return record
+        words = self.show_default
+        return record[0], record[1].replace(f"default: ({words})", f"default: {words}")
+
+
+class Aliased(Option):
     """An option whose further spellings (a singular, a renamed flag) work but are not shown
     in --help."""
 
@@ -157,11 +169,36 @@ def _flag(name: str) -> str:
 
 
 def _default(opt: Opt) -> Any:
-    return None if opt.field == "width" else getattr(_DEFAULTS, opt.field, None)
+    # width and depth: None, so that --widths alone gives a net's widths and depth
+    return None if opt.field in ("width", "depth") else getattr(_DEFAULTS, opt.field, None)
 
 
 def _show_default(opt: Opt) -> bool | str:
+    if opt.field == "depth":
+        return f"{_DEFAULTS.depth}, or one more than --widths' values"
     return opt.shown or _default(opt) is not None
+
+
+def _sweep_default(opt: Opt) -> bool | str:
+    """What --help shows as a sweep option's default: the story preset's value, else
+    gradlab train's."""
+    from .presets import story_default
+
+    story = story_default(opt.field)
+    if story is not None:
+        return f"{story}"
+    value = _default(opt)
+    return opt.shown or (False if value is None else str(value))
+
+
+def _renamed(new: str, meaning: str):
+    """A click callback for a flag that is spelled differently now: one line naming the new
+    spelling (the value is never read the old way)."""
+    def fail(ctx, param, value):
+        if value is not None:
+            raise click.UsageError(f"{param.opts[0]} is now {new}: {meaning}")
+        return value
+    return fail
 
 
 def _add(command, opts: list[tuple[str, ...]], kwargs: list[dict]):
@@ -196,39 +233,53 @@ def _flags(sweep: bool) -> dict[str, tuple]:
 def train_options(command):
     """Decorate ``gradlab train`` with one option per RunConfig field, model first."""
     specs = {opt.field: ((_flag(opt.flag or opt.field), opt.field),
-                         dict(type=opt.type, default=_default(opt),
+                         dict(cls=Option, type=opt.type, default=_default(opt),
                               show_default=_show_default(opt), help=opt.help))
              for opt in RUN_OPTIONS}
     specs["widths"] = (("--widths", "widths"), dict(
         type=CommaList(click.IntRange(1, MAX_WIDTH)), default=None,
-        help="hidden widths per layer, input side first (depth-1 values), e.g. 128,256 for "
-             "the tutorial's net"))
+        help=WIDTHS_HELP + ", e.g. 128,256 for the tutorial's net"))
     specs.update(_flags(sweep=False))
-    order = [name for names in SECTIONS.values() for name in names]
+    return _add_in_sections(command, specs)
+
+
+WIDTHS_HELP = "one net's hidden widths, input side first (depth-1 values; they give the depth)"
+
+
+def _add_in_sections(command, specs: dict[str, tuple]):
+    order = [name for names in SECTIONS.values() for name in names if name in specs]
     return _add(command, [specs[n][0] for n in order], [specs[n][1] for n in order])
 
 
 def sweep_options(command):
-    """Decorate ``gradlab sweep`` with a comma-list option per RunConfig field, model first;
-    each also takes its singular spelling (``--depth 10``)."""
-    specs = {}
+    """Decorate ``gradlab sweep`` with ``--preset`` and a comma-list option per RunConfig
+    field, model first; each also takes its singular spelling (``--depth 10``). An option not
+    given is None here: ``gradlab.presets.sweep_grids`` fills in the preset's values.
+
+    ``--widths`` means what it means to ``gradlab train``: one net's hidden widths (several
+    nets separated by ';'); a list of widths, each for every hidden layer, is ``--width``."""
+    from .presets import PRESET_HELP, PRESETS
+
+    specs = {"preset": (("--preset", "preset"), dict(
+        type=click.Choice(PRESETS), default=PRESETS[0], show_default=True, help=PRESET_HELP))}
     for opt in RUN_OPTIONS:
-        plural = opt.plural or opt.field + "s"
+        plural = "width" if opt.field == "width" else opt.plural or opt.field + "s"
         names = [_flag(plural), *OLD_SPELLINGS.get(plural, ())]
-        if opt.field != plural and opt.field != "width":  # --width: the train flag's meaning
+        if opt.field != plural:
             names.append(_flag(opt.field))
-        default = _default(opt)
         specs[opt.field] = ((*names, opt.field), dict(
-            cls=Aliased, type=CommaList(opt.type),
-            default=None if default is None else str(default),
-            show_default=_show_default(opt), help=f"comma list: {opt.help}"))
-    specs["widths"] = (("--layer-widths", "widths"), dict(
+            cls=Aliased, type=CommaList(opt.type), default=None,
+            show_default=_sweep_default(opt), help=f"comma list: {opt.help}"))
+    specs["widths"] = (("--widths", "widths"), dict(
         type=CommaList(CommaList(click.IntRange(1, MAX_WIDTH)), sep=";"), default=None,
-        help="per-layer hidden widths to sweep, lists separated by ';', e.g. '128,256;64,64' "
-             "(instead of --widths)"))
+        help=WIDTHS_HELP + ", as in gradlab train; several nets separated by ';', e.g. "
+             "'128,256;64,64'"))
     specs.update(_flags(sweep=True))
-    order = [name for names in SECTIONS.values() for name in names]
-    return _add(command, [specs[n][0] for n in order], [specs[n][1] for n in order])
+    command = click.option(
+        "--layer-widths", hidden=True, expose_value=False, default=None,
+        callback=_renamed("--widths", "one net's hidden widths, as in gradlab train "
+                          "(several nets separated by ';')"))(command)
+    return _add_in_sections(command, specs)
 
 
 def grid_from_options(values: dict[str, Any]) -> dict[str, Any]:

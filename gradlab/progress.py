@@ -8,8 +8,16 @@ line's ``--help`` stays instant.
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 
 import click
+
+# The ETA is the steps left at the step rate measured since the first steps were reported, once
+# that is this many seconds old; before (process start-up, data loading, a first slow batch
+# would make it wild: 46:00 for a 51 s job) it says "estimating".
+WARM_SECONDS = 5.0
+ESTIMATING = "estimating time left"
 
 
 def planned_steps(config) -> int:
@@ -27,11 +35,14 @@ class SweepProgress:
 
     Its methods are ``run_sweep``'s callbacks: ``on_start``, ``on_run`` and ``on_progress``
     (``fn(run_id, steps_done, steps_total)``). Without ``on_progress`` a run's steps count
-    when it finishes.
+    when it finishes. ``clock`` (seconds, monotonic) is for tests.
     """
 
-    def __init__(self, configs, out, *, stream=None, every: float = 10.0):
+    def __init__(self, configs, out, *, stream=None, every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.configs, self.out = configs, out
+        self.clock = clock
+        self.flow: tuple[float, int] | None = None  # (time, steps) when steps were first seen
         self.stream = stream or sys.stderr
         self.every = every
         self.totals = {c.run_id(): planned_steps(c) for c in configs}
@@ -48,19 +59,20 @@ class SweepProgress:
                 sum(self.totals[r] for r in self.todo))
 
     def on_start(self, todo: int, skipped: int) -> None:
-        import time
-
         from .sweep import plan
 
         click.echo(f"{len(self.configs)} runs into {self.out}: {skipped} already finished, "
                    f"{todo} to train", file=self.stream)
         self.todo = {c.run_id() for c in plan(self.configs, self.out)[0]} if todo else set()
-        self.started = self.shown = time.monotonic()
+        self.started = self.shown = self.clock()
         if todo and self.stream.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.steps[1], unit="step", unit_scale=True,
-                            file=self.stream, dynamic_ncols=True, postfix=self.runs_text())
+                            file=self.stream, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps "
+                                       "[{elapsed}{postfix}]",
+                            postfix=f"{self.runs_text()}, {ESTIMATING}")
 
     def on_progress(self, run_id: str, steps_done: int, steps_total: int) -> None:
         self.totals[run_id] = steps_total  # the run's own count is the truth
@@ -85,28 +97,42 @@ class SweepProgress:
     def runs_text(self) -> str:
         return f"{self.runs_done}/{len(self.todo)} runs"
 
-    def show(self, force: bool = False) -> None:
-        import time
+    def time_left(self, done: int, total: int, now: float) -> str:
+        """The time left at the step rate since the first steps were seen, or "estimating"
+        until that rate is ``WARM_SECONDS`` old."""
+        from tqdm import tqdm
 
+        if done >= total:
+            return "done"
+        if self.flow is None or now - self.flow[0] < WARM_SECONDS or done <= self.flow[1]:
+            return ESTIMATING
+        rate = (done - self.flow[1]) / (now - self.flow[0])
+        return f"{tqdm.format_interval((total - done) / rate)} left"
+
+    def show(self, force: bool = False) -> None:
         done, total = self.steps
+        now = self.clock()
+        if self.flow is None and done > 0:
+            self.flow = (now, done)
         if self.bar is not None:
             self.bar.total = total
-            self.bar.set_postfix_str(self.runs_text(), refresh=False)
+            self.bar.set_postfix_str(f"{self.runs_text()}, {self.time_left(done, total, now)}",
+                                     refresh=False)
             self.bar.update(done - self.bar.n)
             return
-        now = time.monotonic()
         if force or now - self.shown >= self.every:
             self.shown = now
-            click.echo(self.line(done, total, now - self.started), file=self.stream)
+            click.echo(self.line(done, total, now), file=self.stream)
 
-    def line(self, done: int, total: int, elapsed: float) -> str:
-        """A plain progress line: steps, runs, elapsed time and the time left at this rate."""
+    def line(self, done: int, total: int, now: float) -> str:
+        """A plain progress line: steps, runs, elapsed time and the time left at the step
+        rate (``time_left``)."""
         from tqdm import tqdm
 
         return "progress: " + tqdm.format_meter(
-            done, total, elapsed, unit="step", postfix=self.runs_text(),
+            done, total, now - self.started, unit="step", postfix=self.runs_text(),
             bar_format="{percentage:3.0f}% {n_fmt}/{total_fmt} steps{postfix}, "
-                       "{elapsed} elapsed, {remaining} left")
+                       "{elapsed} elapsed, " + self.time_left(done, total, now))
 
     def __enter__(self):
         return self

@@ -19,7 +19,7 @@ from .claims import claims_section
 from .config import CONFIG_FIELDS
 from .plots import CAPTIONS, Prepared, figures, prepare, render
 from .store import RUNS, atomic_write, load
-from .tables import SIGMOID_BOUND, table_keys, vanishing_table, verdict
+from .tables import SIGMOID_MAX_SLOPE, table_keys, vanishing_table, verdict
 
 PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
                    "platform", "device", "threads", "argv")
@@ -134,8 +134,8 @@ def story_section(data: Prepared) -> str:
     return ("<h2>In plain words</h2><p class='note'>Per setup, from the stored records: the "
             "first layer's gradient norm over the last layer's (‖g<sub>first</sub>‖ / "
             "‖g<sub>last</sub>‖; 1 means the input layer gets as much gradient as the output "
-            "layer; sigmoid's worst case is 0.25<sup>depth−1</sup>), and the final test "
-            f"accuracy, depth by depth.</p><ul class='story'>{items}</ul>")
+            "layer), and the final test accuracy, depth by depth.</p>"
+            f"<ul class='story'>{items}</ul>")
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def accuracy_cell(row) -> str:
 
 def accuracy_section(data: Prepared) -> str:
     table = data.accuracy
-    if table.empty:
-        return "<h2>Final test accuracy</h2><p class='note'>No epoch records.</p>"
+    if table.empty:  # no section without a table (the runs' statuses say why)
+        return ""
     cells = pd.Series([accuracy_cell(r) for r in table.itertuples()])
     return ("<h2>Final test accuracy</h2>"
             "<p class='note'>Test accuracy after the last epoch: mean ± sd over the seeds of "
@@ -218,17 +218,20 @@ def vanishing_section(data: Prepared) -> str:
                 "steps.</p>" + html_table(per_run))
     table = vanishing_table(data.ratios)
     cells = pd.Series([ratio_cell(r) for r in table.itertuples()])
-    wide = by_depth(table, cells).astype(object)  # the bound row below has no setup values
-    bound = {f"depth {d}": ratio_text(SIGMOID_BOUND ** (d - 1)) for d in table["depth"]}
+    wide = by_depth(table, cells).astype(object)  # the row below has no setup values
+    product = {f"depth {d}": ratio_text(SIGMOID_MAX_SLOPE ** (d - 1)) for d in table["depth"]}
     first = wide.columns[0]
-    wide = pd.concat([wide, pd.DataFrame([{first: "0.25^(depth−1) bound", **bound}])],
+    wide = pd.concat([wide, pd.DataFrame([{first: "0.25^(depth−1): max σ′ multiplied over "
+                                                  "the layers", **product}])],
                      ignore_index=True)
     return (VANISHING_TITLE
             + "<p class='note'>Per run: ‖∂L/∂W‖ of layer 0 over that of layer depth−1 at each "
             "recorded step, then the median over steps. Shown: the geometric mean over seeds "
-            "[min, max] (n runs; for one run, its ratio), and the tutorial's bound "
-            "0.25<sup>depth−1</sup> (σ′ ≤ 0.25 per sigmoid layer). Far below 1: the input "
-            "layers barely learn.</p>"
+            "[min, max] (n runs; for one run, its ratio), and the tutorial's number "
+            "0.25<sup>depth−1</sup>: the product of σ′'s largest value, 0.25, over the depth−1 "
+            "sigmoid layers, the most that σ′ alone lets through. It is no limit on the "
+            "ratio, which also carries the weights' norms and each layer's inputs and can lie "
+            "above it. Far below 1: the input layers barely learn.</p>"
             + html_table(wide))
 
 

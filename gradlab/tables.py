@@ -15,7 +15,11 @@ import pandas as pd
 
 from .config import CONFIG_FIELDS
 
-SIGMOID_BOUND = 0.25  # max σ′: the tutorial's per-layer attenuation bound
+# σ′'s largest value (at z = 0). SIGMOID_MAX_SLOPE ** (depth − 1), the product of it over a net's
+# sigmoid layers, is the most that σ′ alone lets through from the last layer to the first; the
+# measured ratio of weight-gradient norms also carries the weights and each layer's inputs, and
+# can lie above it (the quickstart's depth-3 sigmoid net does).
+SIGMOID_MAX_SLOPE = 0.25
 ONE_RUN = "run"  # the run_id given to a frame without one
 NAMED_DEFAULTS = ("init", "bias_init")  # "default" is named in labels: PyTorch's own init
 RUN_COLUMNS = ("run_id", *CONFIG_FIELDS, "width", "status", "diverged_step", "setup")
@@ -117,7 +121,7 @@ def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.
     out = run_info(grads).merge(per.reset_index(), on="run_id", how="left")
     out["steps"] = out["steps"].fillna(0).astype(int)
     out["dropped"] = out["dropped"].fillna(0).astype(int)
-    out["bound"] = SIGMOID_BOUND ** (out["depth"] - 1)
+    out["max_slope_product"] = SIGMOID_MAX_SLOPE ** (out["depth"] - 1)
     order = [c for c in (*table_keys(out), "seed", "run_id") if c in out.columns]
     return out.sort_values(order).reset_index(drop=True)
 
@@ -129,14 +133,16 @@ def geometric_mean(values: pd.Series) -> float:
 
 def vanishing_table(ratios: pd.DataFrame, *, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Vanishing ratios per setup (default: activation × depth): the geometric mean over seeds
-    (what ``vanishing_ratio_plot`` draws), min and max, the 0.25^(depth−1) bound, and how many
-    runs there are and how many diverged."""
+    (what ``vanishing_ratio_plot`` draws), min and max, ``max_slope_product`` (0.25^(depth−1),
+    the product of σ′'s largest value over the layers), and how many runs there are and how
+    many diverged."""
     by = list(by or table_keys(ratios))
     grouped = ratios.groupby(by, sort=True, dropna=False)
     table = grouped.agg(runs=("run_id", "count"), min=("vanishing_ratio", "min"),
                         max=("vanishing_ratio", "max"))
     table.insert(1, "geo_mean", grouped["vanishing_ratio"].apply(geometric_mean))
-    table["bound"] = SIGMOID_BOUND ** (table.index.get_level_values("depth") - 1)
+    depths = table.index.get_level_values("depth")
+    table["max_slope_product"] = SIGMOID_MAX_SLOPE ** (depths - 1)
     if "status" in ratios.columns:
         table["diverged"] = grouped["status"].apply(lambda s: int((s == "diverged").sum()))
     return table.reset_index()
@@ -241,4 +247,25 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
         if setup in diverged.index:
             text += f"; every run diverged at depth {', '.join(map(str, diverged[setup]))}"
         lines.append(text + ".")
-    return lines
+    sigmoid = sorted(set(ratios.loc[ratios["activation"] == "sigmoid", hue])) \
+        if "activation" in ratios else []
+    return lines + ([slope_product_line(ratio, sigmoid)] if sigmoid else [])
+
+
+def slope_product_line(ratio: pd.Series, sigmoid: list) -> str:
+    """The line that says what 0.25^(depth−1) is, beside the ratios of the sigmoid setups
+    (``ratio``: geometric mean per setup and depth), and where they lie above it."""
+    depths = sorted({d for setup in sigmoid for d in ratio[setup].index})
+    products = " → ".join(f"{SIGMOID_MAX_SLOPE ** (d - 1):.2g}" for d in depths)
+    above = []
+    for setup in sigmoid:
+        over = [d for d, r in ratio[setup].items() if r > SIGMOID_MAX_SLOPE ** (d - 1)]
+        if over:
+            above.append(f"{setup_name(str(setup))} at depth {', '.join(map(str, over))}")
+    text = (f"0.25^(depth−1) ({products} at depth {', '.join(map(str, depths))}) is the "
+            f"product of σ′'s largest value, 0.25, over the depth−1 sigmoid layers: the most "
+            f"that σ′ alone lets through, not a limit on ‖g_first‖/‖g_last‖, which also "
+            f"carries the weights' norms and each layer's inputs")
+    if above:
+        text += f"; the measured ratio is above it for {'; '.join(above)}"
+    return text + "."

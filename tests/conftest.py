@@ -1,5 +1,10 @@
-"""Shared fixtures: tiny synthetic data made once from a seeded generator, and a fake MNIST
-folder in torchvision's layout for CLI tests that must not need the real files."""
+"""Shared fixtures: tiny synthetic data made once from a seeded generator, a fake MNIST folder
+in torchvision's layout for CLI tests that must not need the real files, and results folders
+trained on it once a session for the tests that only read results (ls, plot, report, load).
+
+``python3 -m pytest -q`` runs the fast tier; the tests marked ``slow`` (real MNIST, real
+processes and signals, fault injection, experiment builds, sweeps that train for many seconds)
+run with ``python3 -m pytest -q -m slow``."""
 
 from __future__ import annotations
 
@@ -11,7 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from gradlab.config import make_config
 from gradlab.data import Data, Split
+from gradlab.runner import execute
+
+from .helpers import sweep
 
 REAL_DATA = os.environ.get("GRADLAB_DATA", "data")
 
@@ -59,3 +68,40 @@ def write_fake_mnist(root: Path, n_train: int = 512, n_test: int = 128, seed: in
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory) -> Path:
     return write_fake_mnist(tmp_path_factory.mktemp("fake_data"))
+
+
+def make_results(out: Path, data_dir: Path) -> Path:
+    """Tiny real runs on fake MNIST: 2 depths × 2 activations × 2 seeds, and one that
+    diverges (a huge learning rate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    try:
+        for depth in (2, 3):
+            for activation in ("sigmoid", "relu"):
+                for seed in (0, 1):
+                    execute(make_config(depth=depth, width=8, activation=activation, seed=seed,
+                                        epochs=2), out, data_dir=str(data_dir), device="cpu")
+        status = execute(make_config(depth=3, width=8, activation="relu", lr=1e30, epochs=2),
+                         out, data_dir=str(data_dir), device="cpu")
+        assert status["status"] == "diverged"
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(fake_mnist, tmp_path_factory) -> Path:
+    """``make_results``'s folder, trained once a session. Its runs are never changed: ``plot``
+    and ``report`` write their outputs beside them; a test that damages a run copies it first."""
+    return make_results(tmp_path_factory.mktemp("trained") / "res", fake_mnist)
+
+
+@pytest.fixture(scope="session")
+def one_run(fake_mnist, tmp_path_factory) -> Path:
+    """A results folder with one complete run (depth 2, width 8, 1 epoch of 64 examples);
+    tests copy it before writing into it."""
+    out = tmp_path_factory.mktemp("one_run") / "res"
+    r = sweep(fake_mnist, out, "--preset", "train", "--depths", "2", "--width", "8",
+              "--epochs", "1", "--train-sizes", "64")
+    assert r.exit_code == 0, r.output
+    return out

@@ -60,8 +60,12 @@ def story_frames():
 
 
 def test_verdict_says_what_the_records_show():
-    relu, sigmoid = gradlab.tables.verdict(*story_frames())
+    relu, sigmoid, product = gradlab.tables.verdict(*story_frames())
     assert relu.startswith("relu: the first layer's gradient is kept at every depth")
     assert "2 → 2 at depth 3, 10" in relu and "90% → 90%" in relu
     assert sigmoid.startswith("sigmoid: the first layer's gradient vanishes at depth 10")
     assert "2 → 1e-06" in sigmoid and "90% → 10% (chance)" in sigmoid
+    # where sigmoid is trained, a last line says what 0.25^(depth−1) is, and where sigmoid's
+    # ratio lies above it (2 at depth 3 > 0.0625)
+    assert product.startswith("0.25^(depth−1) (0.062 → 3.8e-06 at depth 3, 10) is the product")
+    assert product.endswith("above it for sigmoid at depth 3.")

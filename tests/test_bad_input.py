@@ -33,7 +33,8 @@ class Case(NamedTuple):
 
 
 TRAIN = ("train", "--epochs", "1", "--data-dir", "{data}", "--out", "{out}")
-SWEEP = ("sweep", "--epochs", "1", "--jobs", "1", "--data-dir", "{data}", "--out", "{out}")
+SWEEP = ("sweep", "--preset", "train", "--epochs", "1", "--jobs", "1", "--data-dir", "{data}",
+         "--out", "{out}")
 FIG = ("figures", "{spec}", "--data-dir", "{data}", "--out", "{out}")
 RUN_KEYS = "allowed: dataset, depth, widths"
 
@@ -93,8 +94,8 @@ CASES = [
     Case("sweep-seed-not-an-integer", (*SWEEP, "--seeds", "0,a"), ("'--seeds'", "integer")),
     Case("sweep-zero-jobs", (*SWEEP, "--jobs", "0"), ("'--jobs'", "x>=1")),
     Case("sweep-unknown-executor", (*SWEEP, "--executor", "dask"), ("'dask'", "local", "ray")),
-    Case("sweep-layer-widths-not-matching-depth",
-         (*SWEEP, "--depths", "2", "--layer-widths", "8;8,8"),
+    Case("sweep-widths-not-matching-depth",
+         (*SWEEP, "--depths", "2", "--widths", "8;8,8"),
          ("widths='8,8'", "depth 2 needs 1 hidden widths")),
     Case("sweep-train-size-above-the-data", (*SWEEP, "--train-sizes", "64,100000"),
          ("train_size=100000", "give at most 512")),
@@ -189,21 +190,10 @@ def bad_data(tmp_path_factory) -> dict[str, Path]:
     return make_bad_data(tmp_path_factory.mktemp("bad_data"))
 
 
-@pytest.fixture(scope="module")
-def one_run(fake_mnist, tmp_path_factory) -> Path:
-    """A results folder with one complete run."""
-    out = tmp_path_factory.mktemp("one_run") / "res"
-    r = CliRunner().invoke(cli, ["sweep", "--depths", "2", "--widths", "8", "--epochs", "1",
-                                 "--train-sizes", "64", "--jobs", "1", "--data-dir",
-                                 str(fake_mnist), "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
 @pytest.fixture
 def places(tmp_path, fake_mnist, bad_data, one_run, request) -> dict[str, str]:
-    """The folders a case may name, made in ``tmp_path`` (the results copies only when the
-    case uses them)."""
+    """The folders a case may name, made in ``tmp_path`` (the copies of conftest's ``one_run``
+    only when the case uses them)."""
     (tmp_path / "afile").write_text("not a folder\n")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("hi\n")
@@ -220,6 +210,7 @@ def places(tmp_path, fake_mnist, bad_data, one_run, request) -> dict[str, str]:
             copy = tmp_path / name
             shutil.copytree(one_run, copy)
             if blocker == "figures":
+                shutil.rmtree(copy / "figures", ignore_errors=True)  # the sweep's figures
                 (copy / "figures").write_text("in the way\n")
             elif blocker == "report.html":
                 (copy / "report.html").mkdir()
@@ -264,11 +255,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, places, tmp_path):
     assert snapshot(tmp_path) == before  # nothing created, changed or left behind
 
 
-# A few again in a real process: stderr holds the one line and nothing else, stdout nothing.
+# A few again in a real process (the slow tier): stderr holds the one line and nothing else,
+# stdout nothing.
 SUBPROCESS = ["toml-not-utf8", "sweep-truncated-idx", "report-page-path-is-a-folder",
               "train-out-under-proc", "train-absent-device"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS],
                          ids=lambda c: c.id)
 def test_bad_input_in_a_real_process(case, places, tmp_path):

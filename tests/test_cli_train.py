@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -10,11 +11,10 @@ from click.testing import CliRunner
 from gradlab.cli import cli
 from gradlab.record import COLUMNS
 
+from . import helpers
 from .conftest import REAL_DATA, has_real_mnist
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+invoke = partial(helpers.invoke, catch_exceptions=False)
 
 
 def test_train_writes_the_layout(fake_mnist, tmp_path):
@@ -78,6 +78,7 @@ def test_missing_data_names_folder_and_files(tmp_path):
     assert not (tmp_path / "o" / "runs").exists() or not any((tmp_path / "o" / "runs").iterdir())
 
 
+@pytest.mark.slow  # a real process
 def test_python_dash_m_and_help_are_fast():
     r = subprocess.run([sys.executable, "-m", "gradlab", "train", "--help"], capture_output=True,
                        text=True, timeout=60)
@@ -98,8 +99,8 @@ def test_real_mnist_relu_one_epoch_above_90(tmp_path):
 def test_train_and_sweep_store_the_same_records_for_one_config(fake_mnist, tmp_path):
     args = ["--depth", 3, "--widths", "16,8", "--epochs", 1, "--data-dir", fake_mnist]
     assert invoke("train", *args, "--out", tmp_path / "t", "--quiet").exit_code == 0
-    r = invoke("sweep", "--depths", 3, "--layer-widths", "16,8", "--epochs", 1, "--data-dir",
-               fake_mnist, "--out", tmp_path / "s", "--jobs", 1)
+    r = invoke("sweep", "--preset", "train", "--depths", 3, "--widths", "16,8", "--epochs", 1,
+               "--data-dir", fake_mnist, "--out", tmp_path / "s", "--jobs", 1)
     assert r.exit_code == 0, r.output
     (a,) = (p for p in (tmp_path / "t" / "runs").iterdir() if p.is_dir())
     (b,) = (p for p in (tmp_path / "s" / "runs").iterdir() if p.is_dir())

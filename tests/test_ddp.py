@@ -67,5 +67,5 @@ def test_every_rank_records_the_synchronised_gradient(tmp_path):
             got = frame[frame["step"] == step].sort_values("layer")["grad_weight_norm"]
             assert got.tolist() == pytest.approx(expected[step], rel=1e-5), (rank, step)
     config = json.loads((tmp_path / "runs" / "ddp" / "config.json").read_text())
-    assert config["config"]["world_size"] == WORLD
+    assert config["watched"]["world_size"] == WORLD
     assert (tmp_path / "runs" / "ddp" / "status.json").exists()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,13 @@ from gradlab.config import ConfigError, make_config
 from gradlab.experiment import load_spec
 from gradlab.train import train
 
+from . import helpers
+
 ROOT = Path(__file__).resolve().parent.parent
 NORMS = ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
          "update_ratio", "act_grad_mean", "loss")
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+invoke = partial(helpers.invoke, catch_exceptions=False)
 
 
 @pytest.mark.parametrize("options", [
@@ -69,8 +70,8 @@ def test_cli_engine_option_trains_and_records_provenance(fake_mnist, tmp_path):
     (run,) = (p for p in (tmp_path / "a" / "runs").iterdir() if p.is_dir())
     meta = json.loads((run / "config.json").read_text())
     assert meta["config"]["engine"] == "fused" and meta["provenance"]["threads"] == 1
-    r = invoke("sweep", "--depths", "2,3", "--widths", 8, "--epochs", 1, "--data-dir",
-               fake_mnist, "--out", tmp_path / "b", "--engine", "fused", "--jobs", 1)
+    r = invoke("sweep", "--depths", "2,3", "--preset", "train", "--width", 8, "--epochs", 1,
+               "--data-dir", fake_mnist, "--out", tmp_path / "b", "--engine", "fused", "--jobs", 1)
     assert r.exit_code == 0, r.output
     results = gradlab.load(tmp_path / "b")
     assert len(results.runs) == 2 and (results.runs["status"] == "complete").all()

@@ -41,6 +41,7 @@ def outputs(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in files}
 
 
+@pytest.mark.slow  # an experiment built twice
 def test_rebuild_after_delete_gives_identical_bytes(tmp_path, fake_mnist):
     spec = write(tmp_path, TINY)
     out = tmp_path / "results" / "tiny"

@@ -113,6 +113,7 @@ differs = "one epoch of fake data"
 """
 
 
+@pytest.mark.slow  # an experiment build
 def test_build_writes_claims_first_and_report_shows_them(tmp_path, fake_mnist):
     spec = tmp_path / "tiny.toml"
     spec.write_text(SPEC)

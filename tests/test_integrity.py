@@ -8,41 +8,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from gradlab import store
-from gradlab.cli import cli
 from gradlab.listing import list_runs
 from gradlab.summary import sweep_summary
 
+from . import helpers
+from .helpers import invoke, run_dirs
+
 # three tiny runs: the fault-injection test damages one and reruns the sweep many times
-GRID = ["--depths", "2,3", "--activations", "sigmoid", "--widths", "8", "--seeds", "0",
-        "--epochs", "2", "--train-sizes", "128"]
-THIRD = ["--depths", "2", "--activations", "relu", "--widths", "8", "--epochs", "2",
-         "--train-sizes", "128"]
+GRID = ["--depths", "2,3", "--activations", "sigmoid", "--preset", "train", "--width", "8",
+        "--seeds", "0", "--epochs", "2", "--train-sizes", "128"]
+THIRD = ["--depths", "2", "--activations", "relu", "--preset", "train", "--width", "8",
+         "--epochs", "2", "--train-sizes", "128"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def sweep(data: Path, out: Path, grid=GRID):
-    return invoke("sweep", *grid, "-j", "1", "--data-dir", data, "--out", out)
-
-
-def run_folders(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "runs").iterdir() if p.is_dir())
+sweep = partial(helpers.sweep, grid=GRID)
 
 
 def in_grid(out: Path) -> list[Path]:
     """The runs of GRID (sigmoid), not THIRD's."""
-    return [run for run in run_folders(out)
+    return [run for run in run_dirs(out)
             if json.loads((run / "config.json").read_text())["config"]["activation"] ==
             "sigmoid"]
 
@@ -55,8 +48,8 @@ def file_bytes(run: Path) -> dict[str, bytes]:
 def finished(fake_mnist, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("integrity") / "res"
     assert sweep(fake_mnist, out).exit_code == 0
-    assert sweep(fake_mnist, out, THIRD).exit_code == 0
-    assert len(run_folders(out)) == 3
+    assert sweep(fake_mnist, out, grid=THIRD).exit_code == 0
+    assert len(run_dirs(out)) == 3
     return out
 
 
@@ -106,6 +99,7 @@ DAMAGES = {"truncate": truncate, "garbage": garbage, "wrong type": wrong_type,
 FILES = ("config.json", "grads.parquet", "epochs.parquet", "status.json")
 
 
+@pytest.mark.slow  # 16 sweeps again; test_a_damaged_dists_file_... is the fast tier's case
 @pytest.mark.parametrize("damage", DAMAGES)
 @pytest.mark.parametrize("file", FILES)
 def test_a_damaged_file_is_named_set_aside_and_its_run_alone_trained_again(
@@ -113,7 +107,7 @@ def test_a_damaged_file_is_named_set_aside_and_its_run_alone_trained_again(
     out = tmp_path / "res"
     shutil.copytree(finished, out)
     victim = in_grid(out)[0]
-    others = [run for run in run_folders(out) if run != victim]
+    others = [run for run in run_dirs(out) if run != victim]
     before = {run.name: file_bytes(run) for run in others}
     original = file_bytes(victim)
     DAMAGES[damage](victim / file)
@@ -169,7 +163,7 @@ def test_a_damaged_dists_file_is_named_and_its_run_trained_again(finished, fake_
 def test_ls_names_a_damaged_run_and_lists_the_others(finished, tmp_path):
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    victim = run_folders(out)[1]
+    victim = run_dirs(out)[1]
     truncate(victim / "grads.parquet")
     r = invoke("ls", out)
     assert r.exit_code == 0
@@ -198,12 +192,14 @@ BAD_JSON = {
 }
 
 
-@pytest.mark.parametrize("case", BAD_JSON)
+# every case runs ls, plot and report: one in the fast tier, the others in the slow tier
+@pytest.mark.parametrize("case", [case if case == "status-unknown" else
+                                  pytest.param(case, marks=pytest.mark.slow) for case in BAD_JSON])
 def test_wrong_json_types_are_named_by_every_reader(finished, tmp_path, case):
     file, change, needle = BAD_JSON[case]
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    victim = run_folders(out)[0]
+    victim = run_dirs(out)[0]
     path = victim / file
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
     for command in (["ls"], ["plot", "--only", "accuracy_by_epoch"], ["report"]):
@@ -215,15 +211,15 @@ def test_wrong_json_types_are_named_by_every_reader(finished, tmp_path, case):
     with pytest.warns(UserWarning, match=needle):
         results = store.load(out)
     assert victim.name not in set(results.runs["run_id"])
-    assert set(results.grads["run_id"]) == {p.name for p in run_folders(out)} - {victim.name}
-    table = sweep_summary(out, [p.name for p in run_folders(out)])
+    assert set(results.grads["run_id"]) == {p.name for p in run_dirs(out)} - {victim.name}
+    table = sweep_summary(out, [p.name for p in run_dirs(out)])
     assert table["seeds"].sum() == 2
 
 
 def test_a_copied_run_folder_is_a_named_skip_never_counted_twice(finished, tmp_path):
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    source = run_folders(out)[0]
+    source = run_dirs(out)[0]
     shutil.copytree(source, out / "runs" / "zzcopy")
     with pytest.warns(UserWarning, match="zzcopy"):
         results = store.load(out)
@@ -241,7 +237,7 @@ def test_a_record_file_with_another_runs_rows_is_named(finished, tmp_path):
     """The run_id inside each Parquet file must be its folder's name."""
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    a, b, _ = run_folders(out)
+    a, b, _ = run_dirs(out)
     shutil.copy(a / "epochs.parquet", b / "epochs.parquet")
     table, problems = list_runs(out)
     assert b.name not in set(table["run_id"])
@@ -252,7 +248,7 @@ def test_a_parquet_file_of_an_unrelated_schema_is_named_and_plot_draws_the_rest(
                                                                                tmp_path):
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    victim = run_folders(out)[0]
+    victim = run_dirs(out)[0]
     pq.write_table(pa.table({"x": [1, 2], "run_id": [victim.name] * 2}),
                    victim / "grads.parquet")
     r = invoke("plot", out, "--only", "vanishing_ratio")
@@ -263,7 +259,7 @@ def test_a_parquet_file_of_an_unrelated_schema_is_named_and_plot_draws_the_rest(
 # -- strict JSON -------------------------------------------------------------------------------
 
 DIVERGING = ["--depths", "5", "--activations", "elu", "--inits", "normal:1", "--lrs", "10",
-             "--widths", "16", "--epochs", "1", "--train-sizes", "256"]
+             "--preset", "train", "--width", "16", "--epochs", "1", "--train-sizes", "256"]
 SPEC = """
 description = "tiny"
 
@@ -284,7 +280,7 @@ def test_every_json_file_gradlab_writes_is_strict_json(fake_mnist, tmp_path):
     r = invoke("train", "--depth", "2", "--width", "8", "--epochs", "1", "--train-size", "128",
                "--data-dir", fake_mnist, "--out", tmp_path / "train", "-q")
     assert r.exit_code == 0, r.output
-    r = sweep(fake_mnist, tmp_path / "sweep", DIVERGING)
+    r = sweep(fake_mnist, tmp_path / "sweep", grid=DIVERGING)
     assert r.exit_code == 1, r.output  # the run diverged
     spec = tmp_path / "tiny.toml"
     spec.write_text(SPEC)
@@ -302,7 +298,7 @@ def test_every_json_file_gradlab_writes_is_strict_json(fake_mnist, tmp_path):
 def test_a_status_json_with_nan_from_an_older_version_still_reads(finished, tmp_path):
     out = tmp_path / "res"
     shutil.copytree(finished, out)
-    victim = run_folders(out)[0]
+    victim = run_dirs(out)[0]
     path = victim / "status.json"
     path.write_text(path.read_text().replace('"final_test_accuracy": ',
                                              '"final_test_accuracy": NaN, "x": '))

@@ -3,30 +3,29 @@ gives no traceback, an unreachable Ray cluster is one line in bounded time, ``gr
 takes the run lock a sweep takes, and a path name too long is one line.
 
 Signals go to real processes, started with SIGINT and SIGTERM at their defaults (a test runner
-started in the background inherits SIGINT ignored). The moments come from a seeded RNG.
+started in the background inherits SIGINT ignored). The moments come from a seeded RNG. Real
+processes, worker pools and Ray are the slow tier; the run lock and long path names are fast.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from gradlab.cli import cli
 from gradlab.config import expand_grid
 from gradlab.locks import run_lock
 from gradlab.sweep import run_sweep
 
-GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "32", "--epochs", "60",
-        "--train-sizes", "512"]
+from .helpers import gradlab_process, invoke, lines, statuses, sweep, wait_for_file
+
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--preset", "train", "--width", "32",
+        "--epochs", "60", "--train-sizes", "512"]
 INTERRUPTED = "Interrupted: finished runs are kept; run the same command again to resume."
 
 
@@ -35,36 +34,23 @@ def default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def gradlab(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gradlab", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_signals, **kwargs)
+def gradlab(*args) -> subprocess.Popen:
+    return gradlab_process(*args, preexec_fn=default_signals)
 
 
-def lines(text: str) -> list[str]:
-    return [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+def wait_for(proc: subprocess.Popen, out, what: str) -> None:
+    """Wait until a run of ``out`` has begun (``config.json``) or finished (``status.json``)."""
+    wait_for_file(proc, out, f"runs/*/{what}", timeout=240, poll=0.05)
 
 
-def statuses(out: Path) -> dict[str, str]:
-    return {p.parent.name: json.loads(p.read_text())["status"]
-            for p in (out / "runs").glob("*/status.json")}
-
-
-def wait_for_a_finished_run(proc: subprocess.Popen, out: Path) -> None:
-    deadline = time.monotonic() + 240
-    while not ((out / "runs").is_dir() and statuses(out)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no run finished in time"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigterm_stops_a_sweep_as_ctrl_c_does(fake_mnist, tmp_path, jobs):
     """SIGTERM to the sweep alone (as ``timeout`` or a scheduler sends it): the Interrupted
     line, exit 143, the finished runs kept, no leaked semaphores, no process left."""
     out = tmp_path / "sweep"
     proc = gradlab("sweep", *GRID, "-j", jobs, "--data-dir", fake_mnist, "--out", out)
-    wait_for_a_finished_run(proc, out)
+    wait_for(proc, out, "status.json")
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
@@ -74,19 +60,16 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does(fake_mnist, tmp_path, jobs):
     assert stdout == ""
     kept = statuses(out)
     assert 1 <= len(kept) < 4 and set(kept.values()) == {"complete"}
-    again = CliRunner().invoke(cli, ["sweep", *GRID, "-j", "1", "--data-dir", str(fake_mnist),
-                                     "--out", str(out)])
+    again = sweep(fake_mnist, out, grid=GRID)
     assert again.exit_code == 0 and f"{len(kept)} already finished" in again.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_stops_train_as_ctrl_c_does(fake_mnist, tmp_path):
     out = tmp_path / "train"
     proc = gradlab("train", "--depth", 3, "--width", 64, "--epochs", 200, "--train-size", 512,
                    "--data-dir", fake_mnist, "--out", out)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("runs/*/config.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_for(proc, out, "config.json")
     time.sleep(1.0)  # inside training
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -114,8 +97,9 @@ def before_gradlab(returncode: int, stderr: str, signum: int) -> bool:
             line for line in stderr.splitlines() if line.lstrip().startswith("File ")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_start_up_is_one_line(finished_folder, signum):
+def test_a_signal_during_start_up_is_one_line(one_run, signum):
     """Ctrl-C or SIGTERM while the command is still importing: no traceback, one line. A
     signal that a slow machine delivers before gradlab's first line ran is not counted (and
     another moment is tried); at least four signals must land in gradlab's start-up."""
@@ -123,7 +107,7 @@ def test_a_signal_during_start_up_is_one_line(finished_folder, signum):
     rng = random.Random(17 + signum)
     landed = 0
     for _ in range(20):
-        proc = gradlab("ls", finished_folder)
+        proc = gradlab("ls", one_run)
         time.sleep(start + rng.uniform(0.0, 0.3))
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
@@ -139,22 +123,13 @@ def test_a_signal_during_start_up_is_one_line(finished_folder, signum):
     assert landed >= 4
 
 
-@pytest.fixture(scope="module")
-def finished_folder(fake_mnist, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("done") / "res"
-    r = CliRunner().invoke(cli, ["sweep", "--depths", "2", "--widths", "8", "--epochs", "1",
-                                 "--train-sizes", "64", "--data-dir", str(fake_mnist), "--out",
-                                 str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
+@pytest.mark.slow
 def test_an_unreachable_ray_cluster_is_one_line_in_bounded_time(fake_mnist, tmp_path):
     pytest.importorskip("ray")
     t0 = time.monotonic()
-    proc = gradlab("sweep", "--depths", "2", "--widths", "8", "--epochs", "1", "--train-sizes",
-                   "64", "--executor", "ray", "--ray-address", "127.0.0.1:1", "--data-dir",
-                   fake_mnist, "--out", tmp_path / "o")
+    proc = gradlab("sweep", "--depths", "2", "--preset", "train", "--width", "8", "--epochs", "1",
+                   "--train-sizes", "64", "--executor", "ray", "--ray-address", "127.0.0.1:1",
+                   "--data-dir", fake_mnist, "--out", tmp_path / "o")
     stdout, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 30
     assert proc.returncode != 0 and stdout == ""
@@ -171,14 +146,12 @@ def test_train_takes_the_run_lock(fake_mnist, tmp_path):
     (out / "runs").mkdir(parents=True)
     with run_lock(out, config.run_id()) as locked:
         assert locked
-        r = CliRunner().invoke(cli, ["train", *args, "--data-dir", str(fake_mnist), "--out",
-                                     str(out)])
+        r = invoke("train", *args, "--data-dir", fake_mnist, "--out", out)
     assert r.exit_code == 1
     (line,) = lines(r.output)
     assert config.run_id() in line and "running elsewhere" in line and "nothing trained" in line
     assert not (out / "runs" / config.run_id()).exists()
-    r = CliRunner().invoke(cli, ["train", *args, "--data-dir", str(fake_mnist), "--out",
-                                 str(out), "-q"])
+    r = invoke("train", *args, "--data-dir", fake_mnist, "--out", out, "-q")
     assert r.exit_code == 0 and statuses(out) == {config.run_id(): "complete"}
 
 
@@ -186,8 +159,8 @@ LONG = "x" * 300  # over the 255 bytes a path component may have
 
 
 @pytest.mark.parametrize("args", [
-    ["sweep", "--depths", "2", "--widths", "8", "--epochs", "1", "--train-sizes", "64",
-     "--out", "{tmp}/" + LONG],
+    ["sweep", "--depths", "2", "--preset", "train", "--width", "8", "--epochs", "1",
+     "--train-sizes", "64", "--out", "{tmp}/" + LONG],
     ["train", "--depth", "2", "--width", "8", "--epochs", "1", "--train-size", "64",
      "--out", "{tmp}/" + LONG + "/o"],
     ["train", "--depth", "2", "--width", "8", "--epochs", "1", "--data-dir", "{tmp}/" + LONG],
@@ -200,13 +173,14 @@ def test_a_path_name_too_long_is_one_line(fake_mnist, tmp_path, args):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--data-dir" not in args:
         args += ["--data-dir", str(fake_mnist)] if args[0] in ("train", "sweep") else []
-    r = CliRunner().invoke(cli, args)
+    r = invoke(*args)
     assert r.exit_code == 2, r.output
     (line,) = lines(r.output)
     assert line.startswith("Error:") and "Traceback" not in r.output
     assert r.exception is None or isinstance(r.exception, SystemExit)
 
 
+@pytest.mark.slow  # worker processes
 def test_on_progress_reports_every_run_inline_and_from_pool_workers(fake_mnist, tmp_path):
     """run_sweep's on_progress is called in this process for runs trained here and in worker
     processes, ending at (steps, steps) for each run."""
@@ -231,6 +205,7 @@ def ray_processes() -> set[int]:
     return {int(pid) for pid in found}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["starting ray", "first run trained", "after a finished run"])
 def test_ctrl_c_stops_a_ray_sweep_at_every_stage(fake_mnist, tmp_path, stage):
     """Ctrl-C while the local Ray cluster starts, while its first run trains, and after a run
@@ -247,13 +222,10 @@ def test_ctrl_c_stops_a_ray_sweep_at_every_stage(fake_mnist, tmp_path, stage):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
     elif stage == "first run trained":
-        deadline = time.monotonic() + 240
-        while not list(out.glob("runs/*/config.json")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        wait_for(proc, out, "config.json")
         time.sleep(1.0)
     else:
-        wait_for_a_finished_run(proc, out)
+        wait_for(proc, out, "status.json")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, stderr

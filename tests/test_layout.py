@@ -37,6 +37,7 @@ def test_core_modules_do_not_import_the_engines_at_module_level(name):
     assert not [n for n in names if "engines" in n or "numba" in n], names
 
 
+@pytest.mark.slow  # a real process
 def test_importing_the_core_and_the_figures_imports_no_numba():
     code = ("import sys, gradlab.train, gradlab.record, gradlab.plots, gradlab.store, "
             "gradlab.sweep, gradlab.report, gradlab.cli; "
@@ -47,6 +48,7 @@ def test_importing_the_core_and_the_figures_imports_no_numba():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a real process
 def test_config_and_the_activation_names_import_without_torch():
     """``gradlab --help`` reads them: it must not pay for importing torch."""
     code = ("import sys, gradlab.config, gradlab.activations, gradlab.options; "

@@ -7,27 +7,24 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from gradlab.cli import cli
+from .helpers import invoke, sweep
 
 
 def ls(path):
-    return CliRunner().invoke(cli, ["ls", str(path)], catch_exceptions=False)
+    return invoke("ls", path, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def results(fake_mnist, tmp_path_factory) -> Path:
     """Three runs: two complete and one diverged."""
     out = tmp_path_factory.mktemp("ls") / "res"
-    r = CliRunner().invoke(cli, [
-        "sweep", "--depths", "3,5", "--activations", "elu", "--inits", "normal:1", "--lrs",
-        "10", "--widths", "16", "--epochs", "1", "--train-sizes", "256", "--data-dir",
-        str(fake_mnist), "--out", str(out)], catch_exceptions=False)
+    r = sweep(fake_mnist, out, "--depths", "3,5", "--activations", "elu", "--inits", "normal:1",
+              "--lrs", "10", "--preset", "train", "--width", "16", "--epochs", "1",
+              "--train-sizes", "256", catch_exceptions=False)
     assert r.exit_code == 1, r.output  # depth 5 diverges
-    r = CliRunner().invoke(cli, [
-        "sweep", "--depths", "2", "--widths", "8", "--epochs", "1", "--train-sizes", "64",
-        "--data-dir", str(fake_mnist), "--out", str(out)], catch_exceptions=False)
+    r = sweep(fake_mnist, out, "--depths", "2", "--preset", "train", "--width", "8",
+              "--epochs", "1", "--train-sizes", "64", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
 

@@ -5,6 +5,7 @@ data cannot give (a CI of one seed), nothing left undrawn."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -20,6 +21,7 @@ from .plot_cases import CASES, case, watch_frame
 from .text_boxes import overlaps
 
 
+@functools.cache  # drawn once a session: the tests only read the figures
 def draw_all(name: str) -> dict[str, Figure]:
     """Every figure of a case, as ``gradlab plot`` draws them; any warning fails the test."""
     with warnings.catch_warnings():
@@ -28,7 +30,9 @@ def draw_all(name: str) -> dict[str, Figure]:
         return dict(plots.figures(data))
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# "mixed" (18 runs at three depths) takes the time of the other cases together: the slow tier
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow)
+                                        if name == "mixed" else name for name in CASES])
 def drawn(request) -> tuple[str, dict[str, Figure]]:
     return request.param, draw_all(request.param)
 

@@ -11,14 +11,12 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from click.testing import CliRunner
 from matplotlib.collections import PathCollection
 
 from gradlab import plots
-from gradlab.cli import cli
-from gradlab.config import ConfigError, make_config
-from gradlab.runner import execute
+from gradlab.config import ConfigError
+
+from .helpers import invoke
 
 ACTIVATIONS, DEPTHS, SEEDS, STEPS = ("relu", "sigmoid"), (2, 3), (0, 1, 2), 6
 
@@ -149,7 +147,7 @@ def test_vanishing_ratios_match_a_groupby(frames):
     got = ratios.set_index("run_id")["vanishing_ratio"]
     np.testing.assert_allclose(got.loc[expected.index], expected)
     assert (ratios["steps"] == STEPS).all() and (ratios["dropped"] == 0).all()
-    np.testing.assert_allclose(ratios["bound"], 0.25 ** (ratios["depth"] - 1))
+    np.testing.assert_allclose(ratios["max_slope_product"], 0.25 ** (ratios["depth"] - 1))
 
 
 def test_vanishing_ratio_plot_draws_geometric_mean_and_bound(frames):
@@ -263,35 +261,7 @@ def test_missing_column_is_a_clear_error(frames):
         plots.grad_norm_by_layer(frames[0], y="nope")
 
 
-# -- end to end: a tiny results folder -------------------------------------------------------
-
-
-def make_results(out: Path, data_dir: Path) -> Path:
-    """Tiny real runs on fake MNIST: 2 depths × 2 activations × 2 seeds, and one that
-    diverges (a huge learning rate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    try:
-        for depth in (2, 3):
-            for activation in ("sigmoid", "relu"):
-                for seed in (0, 1):
-                    execute(make_config(depth=depth, width=8, activation=activation, seed=seed,
-                                        epochs=2), out, data_dir=str(data_dir), device="cpu")
-        status = execute(make_config(depth=3, width=8, activation="relu", lr=1e30, epochs=2),
-                         out, data_dir=str(data_dir), device="cpu")
-        assert status["status"] == "diverged"
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-@pytest.fixture(scope="module")
-def results(fake_mnist, tmp_path_factory) -> Path:
-    return make_results(tmp_path_factory.mktemp("plots") / "res", fake_mnist)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+# -- end to end: the session's tiny results folder (conftest's ``trained``) -----------------
 
 
 # One figure of each way of drawing (layer_figure and steps_figure share their layout code with
@@ -299,11 +269,12 @@ def invoke(*args):
 TWICE = ("grad_norm_over_steps", "vanishing_ratio", "accuracy_by_epoch")
 
 
-def test_plot_twice_gives_identical_bytes(results, tmp_path):
+@pytest.mark.slow  # 18 files drawn
+def test_plot_twice_gives_identical_bytes(trained, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(results, copy)
+    shutil.copytree(trained, copy)
     outputs = []
-    for folder in (results, copy):
+    for folder in (trained, copy):
         r = invoke("plot", folder, "--format", "png,pdf,svg", "--only", ",".join(TWICE))
         assert r.exit_code == 0, r.output
         outputs.append({Path(p).name: Path(p).read_bytes() for p in r.stdout.split()})
@@ -315,24 +286,25 @@ def test_plot_twice_gives_identical_bytes(results, tmp_path):
     assert first["vanishing_ratio.png"].startswith(b"\x89PNG")
     assert b"CreationDate" not in first["vanishing_ratio.pdf"]
     assert b"<dc:date>" not in first["vanishing_ratio.svg"]
-    assert not list((results / "figures").glob(".*"))  # no temporary files left
+    assert not list((trained / "figures").glob(".*"))  # no temporary files left
 
 
-def test_plot_writes_every_figure(results):
-    r = invoke("plot", results)
+@pytest.mark.slow  # every figure drawn; --only draws two fast
+def test_plot_writes_every_figure(trained):
+    r = invoke("plot", trained)
     assert r.exit_code == 0, r.output
     assert [Path(p).name for p in r.stdout.split()] == [f"{n}.png" for n in plots.FIGURES]
     assert all(Path(p).stat().st_size > 10_000 for p in r.stdout.split())
 
 
-def test_plot_only_and_bad_input(results):
-    r = invoke("plot", results, "--only", "vanishing_ratio,accuracy_by_epoch")
+def test_plot_only_and_bad_input(trained):
+    r = invoke("plot", trained, "--only", "vanishing_ratio,accuracy_by_epoch")
     assert r.exit_code == 0, r.output
     assert [Path(p).name for p in r.stdout.split()] == ["vanishing_ratio.png",
                                                         "accuracy_by_epoch.png"]
     for args, needle in ((["--only", "nope"], "figure 'nope' is unknown"),
                          (["--format", "gif"], "format 'gif' is invalid")):
-        r = invoke("plot", results, *args)
+        r = invoke("plot", trained, *args)
         assert r.exit_code == 2 and r.output.strip().startswith("Error:") and needle in r.output
         assert len(r.output.strip().splitlines()) == 1
 
@@ -350,13 +322,13 @@ def test_plot_bad_path_is_one_line(make, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("Error:") and str(path) in lines[0], r.output
 
 
-def test_plot_warns_about_damaged_runs_and_goes_on(results, tmp_path):
+def test_plot_warns_about_damaged_runs_and_goes_on(trained, tmp_path):
     copy = tmp_path / "damaged"
-    shutil.copytree(results, copy)
+    shutil.copytree(trained, copy)
     runs = sorted((copy / "runs").iterdir())
     (runs[0] / "grads.parquet").write_bytes(b"not parquet")
     (runs[1] / "status.json").unlink()
-    r = CliRunner().invoke(cli, ["plot", str(copy), "--only", "vanishing_ratio"])
+    r = invoke("plot", copy, "--only", "vanishing_ratio")
     assert r.exit_code == 0, r.output
     warnings = [line for line in r.stderr.splitlines() if line.startswith("Warning:")]
     assert any("grads.parquet" in w and "unreadable" in w for w in warnings), r.stderr

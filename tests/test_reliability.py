@@ -2,7 +2,10 @@
 folder never train a run twice, diverged runs are kept and shown as such, and damaged results are
 named while the rest is still listed and drawn.
 
-The moments of the signals come from a seeded RNG, so a failure can be replayed.
+The moments of the signals come from a seeded RNG, so a failure can be replayed. Interruptions,
+two sweeps at once, damaged results (which start from the interruptions' reference sweep) and
+the figures and page of diverged runs are the slow tier; the diverged runs' records and ls are
+fast.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,47 +26,27 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from gradlab import plots, store
-from gradlab.cli import cli
+
+from .helpers import (
+    assert_same_records,
+    gradlab_process,
+    invoke,
+    lines,
+    run_dirs,
+    statuses,
+    wait_for_file,
+)
 
 # 6 runs of a few hundred steps each: long enough that a signal lands inside a run or a write
-GRID = ["--depths", "2,3", "--activations", "sigmoid,relu,tanh", "--widths", "64",
-        "--epochs", "40", "--train-sizes", "512"]
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu,tanh", "--preset", "train",
+        "--width", "64", "--epochs", "40", "--train-sizes", "512"]
 N_RUNS = 6
 
 
 def sweep_args(data: Path, out: Path, jobs: int, grid=GRID) -> list[str]:
     return ["sweep", *grid, "--jobs", str(jobs), "--data-dir", str(data), "--out", str(out)]
-
-
-def invoke(*args) -> object:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def run_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "runs").iterdir() if p.is_dir())
-
-
-def statuses(out: Path) -> dict[str, str]:
-    return {p.parent.name: json.loads(p.read_text())["status"]
-            for p in (out / "runs").glob("*/status.json")}
-
-
-def records(out: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Each run's grads and epochs (without the wall-clock ``seconds``), by run_id."""
-    return {run.name: (pd.read_parquet(run / "grads.parquet"),
-                       pd.read_parquet(run / "epochs.parquet").drop(columns="seconds"))
-            for run in run_dirs(out)}
-
-
-def assert_same_records(out: Path, reference: Path) -> None:
-    mine, theirs = records(out), records(reference)
-    assert sorted(mine) == sorted(theirs)
-    for run_id, frames in mine.items():
-        for a, b in zip(frames, theirs[run_id], strict=True):
-            pd.testing.assert_frame_equal(a, b)
 
 
 def assert_every_file_whole(out: Path) -> None:
@@ -93,20 +75,14 @@ def reference(fake_mnist, tmp_path_factory) -> tuple[Path, float]:
 
 def start(data: Path, out: Path, jobs: int, grid=GRID) -> subprocess.Popen:
     """``gradlab sweep`` in its own process group (as a terminal would run it)."""
-    return subprocess.Popen([sys.executable, "-m", "gradlab", *sweep_args(data, out, jobs, grid)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return gradlab_process(*sweep_args(data, out, jobs, grid), start_new_session=True)
 
 
 def signal_at_random_moment(proc: subprocess.Popen, out: Path, seed: int, window: float,
                             signum: int, *, group: bool) -> float:
     """Once the first run has begun, wait a seeded random part of ``window`` seconds and send
     ``signum`` (to the whole process group with ``group``, as Ctrl-C in a terminal does)."""
-    deadline = time.monotonic() + 90
-    while not list((out / "runs").glob("*/config.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no run began in time"
-        time.sleep(0.01)
+    wait_for_file(proc, out, "runs/*/config.json", timeout=90, poll=0.01)  # a run began
     delay = random.Random(seed).uniform(0.0, window)
     time.sleep(delay)
     assert proc.poll() is None, "the sweep ended before the signal: make GRID longer"
@@ -139,6 +115,7 @@ def group_alive(pgid: int) -> list[int]:
 # -- interruption --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs, seed", [(1, 11), (2, 12)])
 def test_ctrl_c_at_a_random_moment(reference, fake_mnist, tmp_path, jobs, seed):
     """Ctrl-C (SIGINT to the whole group) anywhere in a sweep: one line, exit 130, the finished
@@ -149,11 +126,11 @@ def test_ctrl_c_at_a_random_moment(reference, fake_mnist, tmp_path, jobs, seed):
     signal_at_random_moment(proc, out, seed, window(seconds, jobs), signal.SIGINT, group=True)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    lines = [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip()]
-    assert lines[-1] == ("Interrupted: finished runs are kept; run the same command again to "
-                         "resume."), stderr
+    said = lines(stderr)
+    assert said[-1] == ("Interrupted: finished runs are kept; run the same command again to "
+                        "resume."), stderr
     for word in ("Traceback", "KeyboardInterrupt", "Error", "Aborted", "Interrupted"):
-        assert sum(word in line for line in lines[:-1]) == 0, stderr
+        assert sum(word in line for line in said[:-1]) == 0, stderr
     assert stdout == ""  # no summary of a sweep that did not end
     kept = statuses(out)
     assert len(kept) < N_RUNS and set(kept.values()) <= {"complete"}
@@ -172,6 +149,7 @@ def test_ctrl_c_at_a_random_moment(reference, fake_mnist, tmp_path, jobs, seed):
 # --jobs 2 only: the whole group is killed, so workers die mid-run or mid-write as well
 # (tests/test_sweep.py kills a --jobs 1 sweep after its first run). The seed puts the moment
 # at 0.52 of the window; with seed 22 (0.96) every run had sometimes finished before it.
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs, seed", [(2, 17)])
 def test_sigkill_at_a_random_moment_then_again_gives_the_same_records(reference, fake_mnist,
                                                                     tmp_path, jobs, seed):
@@ -196,6 +174,7 @@ def test_sigkill_at_a_random_moment_then_again_gives_the_same_records(reference,
 # -- two sweeps at once ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_folder_train_each_run_once(reference, fake_mnist, tmp_path):
     ref, _ = reference
     out = tmp_path / "sweep"
@@ -218,7 +197,7 @@ def test_two_sweeps_on_one_folder_train_each_run_once(reference, fake_mnist, tmp
 # -- divergence ----------------------------------------------------------------------------
 
 DIVERGING = ["--depths", "3,5", "--activations", "elu", "--inits", "normal:1", "--lrs", "10",
-             "--widths", "16", "--epochs", "2", "--train-sizes", "256"]
+             "--preset", "train", "--width", "16", "--epochs", "2", "--train-sizes", "256"]
 STEPS_PER_EPOCH = 4  # 256 examples, batch 64
 
 
@@ -229,8 +208,9 @@ def diverged(fake_mnist, tmp_path_factory) -> tuple[Path, dict[str, int]]:
     out = tmp_path_factory.mktemp("diverged") / "res"
     r = invoke(*sweep_args(fake_mnist, out, 1, DIVERGING))
     assert r.exit_code == 1, r.output
-    r = invoke(*sweep_args(fake_mnist, out, 1, ["--depths", "2", "--widths", "16", "--epochs",
-                                                 "2", "--train-sizes", "256"]))
+    r = invoke(*sweep_args(fake_mnist, out, 1, ["--depths", "2", "--preset", "train",
+                                                 "--width", "16", "--epochs", "2",
+                                                 "--train-sizes", "256"]))
     assert r.exit_code == 0, r.output
     steps = {}
     for run in run_dirs(out):
@@ -279,6 +259,7 @@ def figure_texts(fig) -> str:
     return "\n".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
 
 
+@pytest.mark.slow  # every figure drawn; test_plots draws diverged runs fast
 def test_plot_draws_diverged_runs_and_says_so(diverged):
     out, steps = diverged
     r = invoke("plot", out)
@@ -298,6 +279,7 @@ def test_plot_draws_diverged_runs_and_says_so(diverged):
             assert "diverged run" in text, name
 
 
+@pytest.mark.slow  # a page drawn; test_report's folder has a diverged run
 def test_report_shows_diverged_runs_as_diverged(diverged):
     out, steps = diverged
     r = invoke("report", out)
@@ -347,6 +329,7 @@ def warning_lines(stderr: str, damage: dict[str, str]) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_ls_names_damaged_files_and_lists_the_rest(damaged):
     out, damage = damaged
     r = invoke("ls", out)
@@ -357,6 +340,7 @@ def test_ls_names_damaged_files_and_lists_the_rest(damaged):
     assert len(intact) == N_RUNS - 3 and all(listed[run] == "complete" for run in intact)
 
 
+@pytest.mark.slow
 def test_plot_names_damaged_files_and_draws_the_rest(damaged, tmp_path):
     out, damage = damaged
     figures = ["vanishing_ratio", "accuracy_by_epoch"]
@@ -378,6 +362,7 @@ def test_plot_names_damaged_files_and_draws_the_rest(damaged, tmp_path):
             (out / "figures" / f"{figure}.png").read_bytes(), figure
 
 
+@pytest.mark.slow
 def test_report_names_damaged_files_and_shows_the_rest(damaged):
     out, damage = damaged
     r = invoke("report", out)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,49 +19,19 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from gradlab import store
-from gradlab.cli import cli
 from gradlab.sweep import LOCKED, run_lock, run_one, summary_table
 
+from . import helpers
+from .helpers import assert_same_records, gradlab_process, invoke, statuses, wait_for_file
+
 # 2 depths x 2 activations, tiny and fast
-GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "8", "--epochs", "1",
-        "--train-sizes", "128"]
+GRID = ["--preset", "train", "--depths", "2,3", "--activations", "sigmoid,relu", "--width", "8",
+        "--epochs", "1", "--train-sizes", "128"]
 
-
-def one_job(args) -> list[str]:
-    """Run in this process (``--jobs 1``) unless the test says otherwise: monkeypatches reach it."""
-    args = [str(a) for a in args]
-    return args if "--jobs" in args else [*args, "--jobs", "1"]
-
-
-def sweep(data, out, *args, grid=GRID):
-    return CliRunner().invoke(cli, ["sweep", *grid, *one_job(args), "--data-dir", str(data),
-                                    "--out", str(out)], catch_exceptions=False)
-
-
-def records(out: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """Each run's grads and epochs (without the wall-clock ``seconds``), by run_id."""
-    found = {}
-    for run in sorted((out / "runs").iterdir()):
-        if run.is_dir():
-            epochs = pd.read_parquet(run / "epochs.parquet").drop(columns="seconds")
-            found[run.name] = (pd.read_parquet(run / "grads.parquet"), epochs)
-    return found
-
-
-def assert_same_records(a: Path, b: Path) -> None:
-    ra, rb = records(a), records(b)
-    assert sorted(ra) == sorted(rb)
-    for run_id in ra:
-        for fa, fb in zip(ra[run_id], rb[run_id]):
-            pd.testing.assert_frame_equal(fa, fb)
-
-
-def statuses(out: Path) -> dict[str, str]:
-    return {p.parent.name: json.loads(p.read_text())["status"]
-            for p in (out / "runs").glob("*/status.json")}
+# in this process (``--jobs 1``) unless the test says otherwise: monkeypatches reach it
+sweep = partial(helpers.sweep, grid=GRID, catch_exceptions=False)
 
 
 def no_temp_files(out: Path) -> bool:
@@ -94,8 +65,8 @@ def test_sweep_writes_the_cross_product(done):
     assert set(statuses(done).values()) == {"complete"}
 
 
-SEEDS_GRID = ["--depths", "2", "--activations", "sigmoid,relu", "--widths", "8", "--epochs",
-              "2", "--train-sizes", "64", "--seeds", "0,1"]
+SEEDS_GRID = ["--preset", "train", "--depths", "2", "--activations", "sigmoid,relu", "--width",
+              "8", "--epochs", "2", "--train-sizes", "64", "--seeds", "0,1"]
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +77,18 @@ def seeds_sweep(fake_mnist, tmp_path_factory):
 
 
 def test_output_has_progress_lines_and_the_summary_table(seeds_sweep):
-    r, _ = seeds_sweep
+    r, out = seeds_sweep
     assert r.exit_code == 0, r.output
     assert "4 to train" in r.stderr
     assert len([line for line in r.stderr.splitlines() if "complete " in line]) == 4
     lines = r.stdout.strip().splitlines()
-    table = lines[:lines.index("")]  # then the story in plain words, then the run count
+    table = lines[:lines.index("")]  # then the story in plain words, the run count, the figures
     assert "test accuracy" in table[0] and "vanishing ratio" in table[0]
-    assert len(table) == 3 and " ± " in table[1] and lines[-1].startswith("4 of 4 runs complete")
+    assert len(table) == 3 and " ± " in table[1] and lines[-5].startswith("4 of 4 runs complete")
     assert lines[len(table) + 1].startswith("In plain words")
+    assert lines[-4:-1] == ["figures:", *(f"  {out / 'figures' / name}.png" for name in
+                                          ("vanishing_ratio", "accuracy_by_epoch"))]
+    assert lines[-1].startswith(f"next: gradlab report {out}")
 
 
 def test_again_skips_all_without_needing_the_data(done, tmp_path):
@@ -127,6 +101,7 @@ def test_again_skips_all_without_needing_the_data(done, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/*")} == before
 
 
+@pytest.mark.slow  # every figure drawn again; the report's own tests are fast
 def test_report_option_writes_the_report(done, fake_mnist, tmp_path):
     out = copy(done, tmp_path)
     r = sweep(fake_mnist, out, "--report")
@@ -175,7 +150,7 @@ def test_a_failing_run_does_not_stop_the_others_and_is_rerun(done, fake_mnist, t
 
 def test_a_diverging_run_is_recorded_and_not_retried(fake_mnist, tmp_path):
     grid = ["--depths", "3,5", "--activations", "elu", "--inits", "normal:1", "--lrs", "10",
-            "--widths", "16", "--epochs", "1", "--train-sizes", "256"]
+            "--width", "16", "--epochs", "1", "--train-sizes", "256", "--preset", "train"]
     r = sweep(fake_mnist, tmp_path, grid=grid)
     assert r.exit_code == 1, r.output
     assert sorted(statuses(tmp_path).values()) == ["complete", "diverged"]
@@ -214,12 +189,14 @@ def test_run_one_skips_a_run_finished_by_another_process(done):
         assert run_one(meta["config"], str(done), None, "cpu", 1)["status"] == LOCKED
 
 
+@pytest.mark.slow  # worker processes
 def test_jobs_2_gives_the_same_records_as_jobs_1(done, fake_mnist, tmp_path):
     r = sweep(fake_mnist, tmp_path, "--jobs", 2)
     assert r.exit_code == 0, r.output
     assert_same_records(tmp_path, done)
 
 
+@pytest.mark.slow  # a local Ray cluster
 def test_ray_executor_gives_the_same_records(done, fake_mnist, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -247,8 +224,7 @@ def test_missing_ray_is_one_line(fake_mnist, tmp_path, monkeypatch):
     (["--executor", "dask"], "--executor"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(fake_mnist, tmp_path, args, needle):
-    r = CliRunner().invoke(cli, ["sweep", *args, "--data-dir", str(fake_mnist), "--out",
-                                 str(tmp_path / "o")])
+    r = invoke("sweep", *args, "--data-dir", fake_mnist, "--out", tmp_path / "o")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert needle in r.output and not (tmp_path / "o").exists()
 
@@ -263,24 +239,14 @@ def test_missing_data_and_bad_out_write_nothing(fake_mnist, tmp_path):
     assert r.exit_code == 2 and "is a file" in r.output.strip()
 
 
-# -- interrupted sweeps, in a real process ----------------------------------------------------
+# -- interrupted sweeps, in a real process (the slow tier) -------------------------------------
 
-SLOW_GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--widths", "16",
-             "--epochs", "2", "--train-sizes", "256"]
-
-
-def start(data: Path, out: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gradlab", "sweep", *SLOW_GRID, *one_job(args), "--data-dir",
-           str(data), "--out", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+SLOW_GRID = ["--preset", "train", "--depths", "2,3", "--activations", "sigmoid,relu", "--width",
+             "16", "--epochs", "2", "--train-sizes", "256"]
 
 
-def wait_for_first_run(proc: subprocess.Popen, out: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not list((out / "runs").glob("*/status.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no run finished in time"
-        time.sleep(0.02)
+def start(data: Path, out: Path, jobs: str = "1") -> subprocess.Popen:
+    return gradlab_process("sweep", *SLOW_GRID, "--jobs", jobs, "--data-dir", data, "--out", out)
 
 
 @pytest.fixture(scope="module")
@@ -291,10 +257,11 @@ def slow_done(fake_mnist, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_then_again_gives_the_records_of_an_uninterrupted_sweep(slow_done, fake_mnist,
                                                                          tmp_path):
     proc = start(fake_mnist, tmp_path)
-    wait_for_first_run(proc, tmp_path)
+    wait_for_file(proc, tmp_path, "runs/*/status.json", timeout=60)  # a run finished
     proc.kill()
     proc.communicate()
     assert len(statuses(tmp_path)) < 4  # killed mid-sweep
@@ -304,10 +271,11 @@ def test_sigkill_then_again_gives_the_records_of_an_uninterrupted_sweep(slow_don
     assert_same_records(tmp_path, slow_done)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_ctrl_c_exits_130_keeps_finished_runs(fake_mnist, tmp_path, jobs):
-    proc = start(fake_mnist, tmp_path, "--jobs", jobs)
-    wait_for_first_run(proc, tmp_path)
+    proc = start(fake_mnist, tmp_path, jobs)
+    wait_for_file(proc, tmp_path, "runs/*/status.json", timeout=60)  # a run finished
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -5,25 +5,21 @@ and failure handling."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from gradlab import store
-from gradlab.cli import cli
 from gradlab.config import make_config
 from gradlab.engines.ensemble import run_ensemble, seed_groups
 from gradlab.sweep import LOCKED, run_lock
 
-GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--seeds", "0,1,2", "--widths", "8",
-        "--epochs", "2", "--train-sizes", "256"]
+from . import helpers
 
-
-def sweep(data, out, *args):
-    return CliRunner().invoke(cli, ["sweep", *GRID, "--jobs", "1", *map(str, args),
-                                    "--data-dir", str(data), "--out", str(out)],
-                              catch_exceptions=False)
+GRID = ["--depths", "2,3", "--activations", "sigmoid,relu", "--seeds", "0,1,2", "--preset",
+        "train", "--width", "8", "--epochs", "2", "--train-sizes", "256"]
+sweep = partial(helpers.sweep, grid=GRID, catch_exceptions=False)  # --jobs 1 unless given
 
 
 def test_seed_groups_keep_grid_order():
@@ -34,6 +30,7 @@ def test_seed_groups_keep_grid_order():
     assert [g[0].depth for g in groups] == [2, 3]
 
 
+@pytest.mark.slow  # 24 runs; test_ensemble.py holds each member to its solo run, fast
 def test_ensemble_sweep_matches_the_runs_trained_alone(fake_mnist, tmp_path):
     r = sweep(fake_mnist, tmp_path / "ens", "--ensemble")
     assert r.exit_code == 0, r.output
@@ -87,6 +84,7 @@ def test_a_failed_ensemble_stores_each_run_as_failed(fake_mnist, tmp_path, monke
     assert sweep(fake_mnist, tmp_path, "--ensemble").exit_code == 0  # retrained
 
 
+@pytest.mark.slow  # worker processes
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_ensemble_sweep_in_worker_processes(fake_mnist, tmp_path, executor):
     if executor == "ray":

@@ -7,9 +7,10 @@ that ``gradlab plot`` writes:
     grad_norm_by_layer(grads)      ‖∂L/∂W‖ per layer, input to output, one panel per depth
     grad_norm_over_steps(grads)    ‖∂L/∂W‖ of each layer over training, activation × depth
     vanishing_ratio(grads)         ‖g_first‖/‖g_last‖ against depth, with 0.25^(depth−1)
-    act_grad_by_layer(grads)       mean f′ per hidden layer against the 0.25 bound
+    act_grad_by_layer(grads)       mean f′ per hidden layer against σ′'s largest value, 0.25
     accuracy_by_epoch(epochs)      test accuracy and loss by epoch
     saturation_over_steps(grads)   saturated or dead units per hidden layer over training
+    grad_norm_through_time(time)   a recurrent layer's ‖∂L/∂x_t‖ against t, one line per step
 
 Figure-level functions return a ``matplotlib.figure.Figure`` (made without pyplot, so nothing
 is left open); ``vanishing_ratio`` is axes-level (``ax=``) and returns the Axes. A frame that
@@ -22,12 +23,13 @@ records give the same bytes. ``prepare``, ``figures`` and ``render`` are its ste
 HTML report uses too.
 
 Modules: ``style`` (the paper style), ``frames`` (which rows and columns are drawn),
-``layout`` (facets and legends), ``by_layer``, ``over_steps``, ``vanishing``, ``accuracy``
-(the figures), ``catalog`` (the figures of a results folder by name), ``files`` (writing).
+``layout`` (facets and legends), ``by_layer``, ``over_steps``, ``vanishing``, ``accuracy``,
+``through_time`` (the figures), ``catalog`` (the figures of a results folder by name),
+``files`` (writing).
 """
 
 from ..tables import (
-    SIGMOID_BOUND,
+    SIGMOID_MAX_SLOPE,
     final_accuracy,
     final_accuracy_table,
     vanishing_ratios,
@@ -39,6 +41,7 @@ from .catalog import CAPTIONS, FIGURES, Prepared, draw, figures, prepare
 from .files import FORMATS, render, write_figures
 from .over_steps import grad_norm_over_steps, saturation_over_steps
 from .style import LAYER_LABEL, paper_style
+from .through_time import grad_norm_through_time
 from .vanishing import vanishing_figure, vanishing_ratio, vanishing_ratio_plot
 
 __all__ = [
@@ -46,7 +49,7 @@ __all__ = [
     "FIGURES",
     "FORMATS",
     "LAYER_LABEL",
-    "SIGMOID_BOUND",
+    "SIGMOID_MAX_SLOPE",
     "Prepared",
     "accuracy_by_epoch",
     "act_grad_by_layer",
@@ -56,6 +59,7 @@ __all__ = [
     "final_accuracy_table",
     "grad_norm_by_layer",
     "grad_norm_over_steps",
+    "grad_norm_through_time",
     "paper_style",
     "prepare",
     "render",

@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..tables import SIGMOID_BOUND, per_run, with_runs
+from ..tables import SIGMOID_MAX_SLOPE, per_run, with_runs
 from .frames import (
     check_columns,
     facet_column,
@@ -34,7 +34,7 @@ from .style import (
 
 
 def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, ylabel,
-                 hue_order=None, bound=None, bound_label=None) -> Figure:
+                 hue_order=None, line=None, line_label=None) -> Figure:
     """Figures 1 and 4: ``y`` per run and layer (mean over the steps of ``epoch``), then its mean
     over seeds with a bootstrap CI, per ``hue``, one panel per ``col``. ``title`` is completed
     with how the runs are averaged."""
@@ -57,12 +57,12 @@ def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, yla
                              markersize=3, markeredgewidth=0, errorbar=errorbar, seed=seed,
                              legend=False, ax=ax)
                 diverged |= mark_diverged(ax, part, x, y)
-            if bound is not None:
-                ax.axhline(bound, ls="--", lw=0.8, color="0.35", zorder=0)
+            if line is not None:
+                ax.axhline(line, ls="--", lw=0.8, color="0.35", zorder=0)
             ax.set(xlabel="", ylabel="")
             layer_axis(ax, part[x])
-        extra = [] if bound is None else [
-            Line2D([], [], ls="--", lw=0.8, color="0.35", label=bound_label)]
+        extra = [] if line is None else [
+            Line2D([], [], ls="--", lw=0.8, color="0.35", label=line_label)]
         runs = most_runs(profile, [hue, col, x])
         fig = finish(facet, f"{title}; {mean_text(log, errorbar, runs)}",
                      [*run_notes(data), *notes], xlabel=LAYER_LABEL, ylabel=ylabel,
@@ -98,14 +98,14 @@ def act_grad_by_layer(data: pd.DataFrame, *, x: str = "layer", y: str = "act_gra
                       hue: str = "activation", col: str = "depth", epoch: int | None = 1,
                       errorbar=CI, seed: int = BOOT_SEED,
                       hue_order: Sequence | None = None) -> Figure:
-    """Figure 4: the measured attenuation, mean f′(z) per hidden layer, against the sigmoid
-    bound 0.25 (dashed). Averaging as in ``grad_norm_by_layer`` (arithmetic over seeds); the
+    """Figure 4: the measured attenuation, mean f′(z) per hidden layer, against σ′'s largest
+    value 0.25 (dashed). Averaging as in ``grad_norm_by_layer`` (arithmetic over seeds); the
     output layer has no activation and is left out."""
     check_columns(data, x)
     return layer_figure(hidden_rows(with_runs(data), x), x=x, y=y, hue=hue, col=col,
                         epoch=epoch, log=False, errorbar=errorbar, seed=seed,
-                        hue_order=hue_order, bound=SIGMOID_BOUND,
-                        bound_label=f"max σ′ = {SIGMOID_BOUND}",
+                        hue_order=hue_order, line=SIGMOID_MAX_SLOPE,
+                        line_label=f"max σ′ = {SIGMOID_MAX_SLOPE}",
                         title=f"Mean f′ per hidden layer: per run the mean over "
                               f"{steps_text(data, epoch)}",
                         ylabel="mean f′(z) over units and batch")

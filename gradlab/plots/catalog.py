@@ -26,8 +26,9 @@ FIGURES = ("grad_norm_by_layer", "grad_norm_over_steps", "vanishing_ratio", "act
 CAPTIONS = {
     "grad_norm_by_layer": "Gradient norm by layer (first epoch)",
     "grad_norm_over_steps": "Gradient norm per layer over training",
-    "vanishing_ratio": "Vanishing ratio ‖g_first‖/‖g_last‖ against depth",
-    "act_grad_by_layer": "Mean f′ per layer against the 0.25 bound",
+    "vanishing_ratio": "Vanishing ratio ‖g_first‖/‖g_last‖ against depth, beside "
+                       "0.25^(depth−1), σ′'s largest value multiplied over the layers",
+    "act_grad_by_layer": "Mean f′ per layer against σ′'s largest value, 0.25",
     "accuracy_by_epoch": "Test accuracy and loss by epoch",
     "saturation_over_steps": "Saturated / dead units per layer over training",
 }

@@ -56,19 +56,21 @@ def check_formats(formats: Sequence[str]) -> list[str]:
 
 
 def write_figures(results_dir: str | os.PathLike, formats: Sequence[str] = ("png",),
-                  only: Sequence[str] | None = None) -> list[Path]:
+                  only: Sequence[str] | None = None,
+                  run_ids: Sequence[str] | None = None) -> list[Path]:
     """Draw the figures of a results folder into ``results_dir/figures/NAME.FORMAT``.
 
     Args:
         results_dir: a folder made by gradlab (``<dir>/runs/<run_id>/``) or one run folder.
         formats: any of png, pdf, svg; the same records give the same bytes.
         only: figure names (``FIGURES``) to draw; all when None.
+        run_ids: draw only these runs of the folder (e.g. a sweep's); all when None.
 
     Returns the paths written. Problems that ``gradlab.load`` reports are warnings.
     """
     formats = check_formats(formats)
     check_names(only)
-    data = prepare(load(results_dir), results_dir)
+    data = prepare(load(results_dir, run_ids=run_ids), results_dir)
     if data.grads.empty and data.epochs.empty:
         raise StoreError(f"{results_dir}: no finished run has records: nothing to draw")
     out = make_folder(Path(results_dir) / "figures")

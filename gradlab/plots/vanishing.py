@@ -1,5 +1,5 @@
-"""Figure 3: the vanishing ratio ‖g_first‖/‖g_last‖ against depth, with the tutorial's
-0.25^(depth−1) bound."""
+"""Figure 3: the vanishing ratio ‖g_first‖/‖g_last‖ against depth, beside 0.25^(depth−1), the
+product of σ′'s largest value over the sigmoid layers (the tutorial's number)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..tables import SIGMOID_BOUND, vanishing_ratios
+from ..tables import SIGMOID_MAX_SLOPE, vanishing_ratios
 from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
 from .layout import facets, fit, set_title
 from .style import BOOT_SEED, CI, DIVERGED_COLOR, hue_colors, mean_text, palette_of, paper_style
@@ -23,7 +23,9 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
                     seed: int = BOOT_SEED, hue_order: Sequence | None = None) -> Axes:
     """Figure 3: the vanishing ratio ‖g_first‖/‖g_last‖ against depth per ``hue`` (log y): the
     geometric mean over seeds with a bootstrap CI, each run as a dot (diverged runs as ×), and
-    the tutorial's 0.25^(depth−1) bound dashed.
+    0.25^(depth−1) dashed: the product of σ′'s largest value over the depth−1 sigmoid layers,
+    the most that σ′ alone passes back; the ratio also carries the weights' norms and each
+    layer's inputs, so it may lie above the line.
 
     Args:
         data: the ``grads`` frame of ``gradlab.load`` (or of ``gradlab.watch``), or
@@ -63,8 +65,8 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
                        zorder=4)
             handles.append(Line2D([], [], ls="", marker="x", color=DIVERGED_COLOR,
                                   label="diverged run"))
-        ax.plot(*bound_line(shown[x]), ls="--", lw=0.9, color="0.3", label="bound")
-        handles.append(Line2D([], [], ls="--", color="0.3", label="0.25^(depth−1)"))
+        ax.plot(*slope_product_line(shown[x]), ls="--", lw=0.9, color="0.3")
+        handles.append(Line2D([], [], ls="--", color="0.3", label=SLOPE_PRODUCT_LABEL))
         ax.legend(handles=handles, title=hue or "", frameon=False, fontsize=6.5, loc="best")
         ax.set_xticks(levels(shown, x))
         ax.set_xlabel("depth (Linear layers)")
@@ -75,14 +77,18 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
     return ax
 
 
-def bound_line(depths: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+# says what the line is: σ′'s largest value multiplied over the layers, not a limit on the ratio
+SLOPE_PRODUCT_LABEL = "0.25^(depth−1): max σ′\nmultiplied over the layers"
+
+
+def slope_product_line(depths: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """x and y of the dashed 0.25^(depth−1) line over the depths drawn: each integer depth
     between the first and the last, or a short level line across a single depth."""
     if depths.empty:
         return np.array([]), np.array([])
     lo, hi = int(depths.min()), int(depths.max())
     x = np.arange(lo, hi + 1, dtype=float) if hi > lo else np.array([lo - 0.3, lo + 0.3])
-    return x, SIGMOID_BOUND ** (np.round(x) - 1.0)
+    return x, SIGMOID_MAX_SLOPE ** (np.round(x) - 1.0)
 
 
 vanishing_ratio_plot = vanishing_ratio  # its former name, kept for existing code
