@@ -67,6 +67,7 @@ class GradientRecorder:
         self.layers = recorded_layers(model, modules, activation)
         self.names = [layer.name for layer in self.layers]
         self.linears = [layer.module for layer in self.layers]  # every recorded module
+        self._single = all(len(layer.weights) == 1 for layer in self.layers)
         self.schedule = Schedule(steps)
         self.by_pass = read_at_backward_end
         self._one_activation = isinstance(activation, str)  # the output layer's is dropped
@@ -191,14 +192,21 @@ class GradientRecorder:
         """What a row's norms are taken of: each layer's dL/dz (several calls: taken together;
         never called: None), the layers' ``.grad`` (weights, then biases) and their weights;
         a layer of several matrices (recurrent) by their joint norm (``layers.joint``)."""
-        grads = [w.grad for layer in self.layers for w in layer.weights]
-        self._updates.note(grads)
+        if self._single:  # (one matrix a layer: the common case, in its shortest form)
+            grads = [layer.weight.grad for layer in self.layers]
+            self._updates.note(grads)
+            biases = [layer.bias.grad if layer.bias is not None else None
+                      for layer in self.layers]
+            values = [layer.value for layer in self.layers]
+        else:
+            every = [w.grad for layer in self.layers for w in layer.weights]
+            self._updates.note(every)
+            grads = [joint([w.grad for w in layer.weights]) for layer in self.layers]
+            biases = [joint([b.grad for b in layer.biases]) for layer in self.layers]
+            values = [joint(layer.values) for layer in self.layers]
         return ([calls[0] if len(calls) == 1 else
                  torch.cat([g.reshape(-1) for g in calls]) if calls else None
-                 for calls in self._grad_out]
-                + [joint([w.grad for w in layer.weights]) for layer in self.layers]
-                + [joint([b.grad for b in layer.biases]) for layer in self.layers]
-                + [joint(layer.values) for layer in self.layers])
+                 for calls in self._grad_out] + grads + biases + values)
 
     def end_passes(self, loss: torch.Tensor | None = None) -> None:
         """The step's backward passes are over: read what is not read yet and keep the step's

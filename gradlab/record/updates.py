@@ -117,8 +117,9 @@ class UpdateMeter:
     def note(self, grads: list[torch.Tensor | None]) -> None:
         """The weights' ``.grad`` as read (every layer's ``weights`` in turn), to see later
         whether clipping changed them."""
-        read = iter(zip(grads, map(compat.version, grads)))
-        self._read = [[next(read) for _ in layer.weights] for layer in self.layers]
+        read = list(zip(grads, map(compat.version, grads)))
+        self._read = ([[r] for r in read] if len(read) == len(self.layers) else
+                      [[read.pop(0) for _ in layer.weights] for layer in self.layers])
 
     def _unchanged(self, i: int) -> bool:
         """Whether layer ``i``'s ``.grad`` are those read, unchanged (not clipped, not set)."""
