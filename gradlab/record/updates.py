@@ -123,9 +123,15 @@ class UpdateMeter:
 
     def _unchanged(self, i: int) -> bool:
         """Whether layer ``i``'s ``.grad`` are those read, unchanged (not clipped, not set)."""
-        return bool(self._read) and all(
-            w.grad is grad and (grad is None or compat.version(grad) == version)
-            for w, (grad, version) in zip(self.layers[i].weights, self._read[i], strict=True))
+        if not self._read:
+            return False
+        read = self._read[i]
+        if len(read) == 1:  # (the common case, without a generator: it runs per layer)
+            grad, version = read[0]
+            return self.layers[i].weight.grad is grad and (
+                grad is None or compat.version(grad) == version)
+        return all(w.grad is grad and (grad is None or compat.version(grad) == version)
+                   for w, (grad, version) in zip(self.layers[i].weights, read, strict=True))
 
     def _plans_of(self, optimizer) -> Plans:
         groups = optimizer.param_groups if optimizer is not None else ()
@@ -174,7 +180,7 @@ class UpdateMeter:
             return
         known, snapshot = pending
         modes = self.modes[-1]
-        deltas = [[None] * len(self.layers[i].weights) for i in known.layers]
+        deltas = [[None]] * len(known.layers)  # (read only where snapshot)
         if snapshot:
             found = iter(compat.foreach_sub(
                 self._all([layer.values for layer in self.layers], known.layers),
