@@ -185,7 +185,7 @@ class UpdateMeter:
             found = iter(compat.foreach_sub(
                 self._all([layer.values for layer in self.layers], known.layers),
                 self._all(self._before, known.layers)))
-            deltas = [[next(found) for _ in layer] for layer in deltas]
+            deltas = [[next(found) for _ in self.layers[i].weights] for i in known.layers]
         state = optimizer.state if optimizer is not None else {}
         tensors: list[torch.Tensor | None] = []
         for k, (i, (mode, _)) in enumerate(zip(known.layers, known.plans, strict=True)):
