@@ -135,3 +135,19 @@ class Recording:
                                       config={**scalars(config), **self.config},
                                       overwrite=self.overwrite)
         return self.path
+
+
+class Recorded:
+    """What both callbacks share: a ``Recording``, and its watch (``rec``) and run folder."""
+
+    recording: Recording
+
+    @property
+    def rec(self):
+        """The ``gradlab.watch`` of the fit now running (None outside one)."""
+        return self.recording.rec
+
+    @property
+    def path(self) -> Path | None:
+        """The run folder saved at the end of the last fit."""
+        return self.recording.path

@@ -16,11 +16,9 @@ logged both per step and per epoch, Lightning's own names for the two (``loss_st
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .common import Recording, framework, split_metric
+from .common import Recorded, Recording, framework, split_metric
 
 pl = framework(("lightning.pytorch", "pytorch_lightning"), "lightning",
                "gradlab.integrations.lightning")
@@ -28,7 +26,7 @@ pl = framework(("lightning.pytorch", "pytorch_lightning"), "lightning",
 SPLITS = ("train", "val", "valid", "validation", "test", "eval")
 
 
-class GradlabCallback(pl.Callback):
+class GradlabCallback(pl.Callback, Recorded):
     """Record ``trainer.fit`` with ``gradlab.watch`` and save it as run ``name`` of ``out``::
 
         trainer = lightning.Trainer(callbacks=[GradlabCallback("results/lit", log_every=10)])
@@ -58,14 +56,6 @@ class GradlabCallback(pl.Callback):
         self.recording = Recording(out, log_every, name, config, overwrite, modules=modules,
                                    activations=activations, applied_updates=applied_updates)
         self._seen: dict[str, object] = {}  # metric name -> the value read last
-
-    @property
-    def rec(self):
-        return self.recording.rec
-
-    @property
-    def path(self) -> Path | None:
-        return self.recording.path
 
     # -- the fit -------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -13,9 +13,7 @@ The Trainer's ``loss`` is the mean over its last ``logging_steps`` steps: with
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .common import Recording, framework
+from .common import Recorded, Recording, framework
 
 transformers = framework(("transformers",), "transformers", "gradlab.integrations.transformers")
 
@@ -26,7 +24,7 @@ ARGUMENTS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulat
              "lr_scheduler_type", "optim", "seed")
 
 
-class GradlabCallback(transformers.TrainerCallback):
+class GradlabCallback(transformers.TrainerCallback, Recorded):
     """Record ``trainer.train()`` with ``gradlab.watch`` and save it as run ``name`` of
     ``out``::
 
@@ -55,14 +53,6 @@ class GradlabCallback(transformers.TrainerCallback):
                  overwrite: bool = False):
         self.recording = Recording(out, log_every, name, config, overwrite, modules=modules,
                                    activations=activations, applied_updates=applied_updates)
-
-    @property
-    def rec(self):
-        return self.recording.rec
-
-    @property
-    def path(self) -> Path | None:
-        return self.recording.path
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.recording.begin(model)

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullFormatter
 
 from .frames import levels
-from .style import DIVERGED_COLOR, WIDTH_DOUBLE, WIDTH_SINGLE
+from .style import DIVERGED_COLOR, WIDTH_DOUBLE, WIDTH_SINGLE, paper_style
 
 LEGEND_GUESS = 0.5  # inches for the legend row until it is measured
 
@@ -220,3 +220,16 @@ def tidy_log_axes(fig: Figure) -> None:
             ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
             ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
             ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def own_panel(data: pd.DataFrame, draw) -> Axes:
+    """An axes-level figure drawn on a figure of its own: ``draw(ax)`` on one panel sized for
+    ``data``, its legend moved beside the panel; returns the Axes."""
+    with paper_style():
+        facet = facets(data, None, None, panel_height=1.9)
+        ax = draw(facet.panels[0][0])
+        legend = ax.get_legend()
+        handles, title = legend.legend_handles, legend.get_title().get_text()
+        legend.remove()
+        fit(facet, handles, title)
+    return ax

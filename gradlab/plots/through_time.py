@@ -10,7 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 
 from .frames import check_columns, facet_column, finite, levels
-from .layout import facets, fit, set_title
+from .layout import own_panel, set_title
 from .style import ONE_COLOR, palette, paper_style
 
 TIME_LABELS = {"grad_input_norm": "‖∂L/∂x_t‖", "grad_output_norm": "‖∂L/∂y_t‖"}
@@ -38,15 +38,8 @@ def grad_norm_through_time(data: pd.DataFrame, *, x: str = "t", y: str = "grad_i
         layer = first["layer_name"].iloc[0]
     rows = data[data["layer_name"] == layer] if layer is not None else data
     if ax is None:
-        with paper_style():
-            facet = facets(rows, None, None, panel_height=1.9)
-            ax = grad_norm_through_time(rows, x=x, y=y, hue=hue, layer=layer,
-                                        ax=facet.panels[0][0])
-            legend = ax.get_legend()
-            handles, title = legend.legend_handles, legend.get_title().get_text()
-            legend.remove()
-            fit(facet, handles, title)
-        return ax
+        return own_panel(rows, lambda panel: grad_norm_through_time(
+            rows, x=x, y=y, hue=hue, layer=layer, ax=panel))
     hue = facet_column(rows, hue)
     label = TIME_LABELS.get(y, y)
     with paper_style():

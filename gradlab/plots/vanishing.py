@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 
 from ..tables import SIGMOID_MAX_SLOPE, vanishing_ratios
 from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
-from .layout import facets, fit, set_title
+from .layout import own_panel, set_title
 from .style import BOOT_SEED, CI, DIVERGED_COLOR, hue_colors, mean_text, palette_of, paper_style
 
 
@@ -37,15 +37,9 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
     """
     ratios = data if y in data.columns else vanishing_ratios(data)
     if ax is None:
-        with paper_style():
-            facet = facets(ratios, None, None, panel_height=1.9)
-            ax = vanishing_ratio(ratios, x=x, y=y, hue=hue, ax=facet.panels[0][0],
-                                 errorbar=errorbar, seed=seed, hue_order=hue_order)
-            legend = ax.get_legend()
-            handles, title = legend.legend_handles, legend.get_title().get_text()
-            legend.remove()
-            fit(facet, handles, title)
-        return ax
+        return own_panel(ratios, lambda panel: vanishing_ratio(
+            ratios, x=x, y=y, hue=hue, ax=panel, errorbar=errorbar, seed=seed,
+            hue_order=hue_order))
     hue = facet_column(ratios, hue)
     check_columns(ratios, x, y)
     with paper_style():
