@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ..tables import with_runs
-from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
+from .frames import by_setup, check_columns, facet_column, finite, levels, most_runs, run_notes
 from .layout import diverged_handle, facets, finish, integer_ticks, mark_diverged
 from .style import BOOT_SEED, CI, hue_colors, mean_text, palette_of, paper_style
 
@@ -32,6 +32,7 @@ def accuracy_by_epoch(data: pd.DataFrame, *, x: str = "epoch",
     y = [y] if isinstance(y, str) else list(y)
     data = with_runs(data)
     hue, col = facet_column(data, hue), facet_column(data, col)
+    data, hue = by_setup(data, hue, col)
     check_columns(data, x, *y)
     with paper_style():
         rows = data[data["split"] == split] if "split" in data else data

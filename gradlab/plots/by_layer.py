@@ -11,6 +11,7 @@ from matplotlib.lines import Line2D
 
 from ..tables import SIGMOID_MAX_SLOPE, per_run, with_runs
 from .frames import (
+    by_setup,
     check_columns,
     facet_column,
     finite,
@@ -40,6 +41,7 @@ def layer_figure(data, *, x, y, hue, col, epoch, log, errorbar, seed, title, yla
     with how the runs are averaged."""
     data = with_runs(data)
     hue, col = facet_column(data, hue), facet_column(data, col)
+    data, hue = by_setup(data, hue, col)
     check_columns(data, x, y)
     with paper_style():
         rows, notes = finite(first_epoch(data, epoch), y, log=log)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..tables import last_layer, run_info, with_runs
+from ..tables import last_layer, run_info, table_keys, with_runs, with_setup
 
 MAX_LISTED = 4  # diverged runs named in a figure title before "+N more"
 
@@ -22,6 +22,21 @@ def facet_column(data: pd.DataFrame, column: str | None) -> str | None:
     """``column`` when ``data`` has it, else None: a facet or hue that is not there is simply
     not drawn."""
     return column if column is not None and column in data.columns else None
+
+
+def by_setup(data: pd.DataFrame, hue: str | None, *facets: str | None
+             ) -> tuple[pd.DataFrame, str | None]:
+    """``(data, hue)``, with ``hue="activation"`` replaced by a ``setup`` label per run (as
+    ``gradlab plot`` draws them: "relu, init=kaiming_normal") where runs that differ in another
+    setting (init, lr, ...) than the facets would otherwise share one line, and its band be the
+    spread between those settings drawn as if it were seed noise."""
+    if hue != "activation" or "run_id" not in data.columns or "setup" in data.columns:
+        return data, hue
+    runs = data.drop_duplicates("run_id")
+    shown = {"activation", "depth", "seed", *facets}
+    if not [c for c in table_keys(runs) if c not in shown]:
+        return data, hue
+    return with_setup(data, runs)
 
 
 def hidden_rows(data: pd.DataFrame, x: str = "layer") -> pd.DataFrame:

@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from ..tables import per_run, with_runs
 from .frames import (
     bin_steps,
+    by_setup,
     check_columns,
     facet_column,
     finite,
@@ -32,6 +33,7 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
     mean within a step bin. "{mean}" in ``title`` says so (or that there is one seed)."""
     data = with_runs(data)
     hue, row, col = (facet_column(data, c) for c in (hue, row, col))
+    data, row = by_setup(data, row, col)  # (the rows by activation: by setup where it matters)
     check_columns(data, x, y)
     with paper_style():
         rows, dropped = finite(data, y, log=log)

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..tables import SIGMOID_MAX_SLOPE, vanishing_ratios
-from .frames import check_columns, facet_column, finite, levels, most_runs, run_notes
+from .frames import by_setup, check_columns, facet_column, finite, levels, most_runs, run_notes
 from .layout import own_panel, set_title
 from .style import BOOT_SEED, CI, DIVERGED_COLOR, hue_colors, mean_text, palette_of, paper_style
 
@@ -36,6 +36,7 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
     Returns the Axes.
     """
     ratios = data if y in data.columns else vanishing_ratios(data)
+    ratios, hue = by_setup(ratios, hue)
     if ax is None:
         return own_panel(ratios, lambda panel: vanishing_ratio(
             ratios, x=x, y=y, hue=hue, ax=panel, errorbar=errorbar, seed=seed,
