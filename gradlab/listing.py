@@ -13,6 +13,9 @@ from .validate import Damaged, check_run
 
 LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
               "epochs", "final_test_accuracy", "note")
+# what read_run_meta adds to a run's own settings
+GRADLAB_KEYS = ("run_id", "source", "status", "final_test_accuracy", "diverged_step", "error",
+                "device", "git_sha", "torch", "gradlab")
 
 
 def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
@@ -57,6 +60,9 @@ def row(meta: dict) -> dict:
         note = f"diverged at step {meta['diverged_step']}"
     elif meta["status"] == "failed":
         note = str(meta.get("error") or "")
+    if meta.get("source") == "watch":  # a model of the user's own: its own settings say what it is
+        own = [f"{k}={v}" for k, v in meta.items() if k not in GRADLAB_KEYS and v is not None]
+        note = "; ".join(filter(None, ["watched: " + " ".join(own) if own else "watched", note]))
     out = {**{k: meta.get(k) for k in LS_COLUMNS}, "note": note}
     if meta["status"] != "complete":
         out["final_test_accuracy"] = None
@@ -69,4 +75,6 @@ def format_runs(table: pd.DataFrame) -> str:
     text["final_test_accuracy"] = [
         "" if v is None or v != v else f"{v:.2%}" for v in table["final_test_accuracy"]]
     text = text.rename(columns={"final_test_accuracy": "test_acc"})
-    return text.to_string(index=False)
+    empty = [c for c in text.columns if c not in ("run_id", "status", "note")
+             and text[c].isna().all()]  # (e.g. depth of a folder of watched runs only)
+    return text.drop(columns=empty).to_string(index=False)

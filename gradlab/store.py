@@ -324,8 +324,12 @@ def read_run_meta(path: Path) -> dict:
     config = meta["config"]
     columns = config_columns(config) if is_gradlab_run(meta) else {
         k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}
-    return {
+    reserved = ("run_id", "source", "status", "final_test_accuracy", "diverged_step", "error",
+                "device", "git_sha", "torch", "gradlab")
+    columns = {f"config_{k}" if k in reserved else k: v for k, v in columns.items()}
+    return {  # (a user's key named as one of gradlab's is kept as config_<key>)
         "run_id": meta["run_id"],
+        "source": meta.get("source", "gradlab"),
         **columns,
         "status": status["status"],
         "final_test_accuracy": status.get("final_test_accuracy"),

@@ -76,3 +76,22 @@ def test_bad_values_are_one_line_errors_and_a_name_is_not_overwritten(tmp_path):
         rec.save(tmp_path, name="once")
     path = rec.save(tmp_path, name="once", overwrite=True, config={"note": "again"})
     assert json.loads((path / "config.json").read_text())["config"] == {"note": "again"}
+
+
+def test_ls_shows_a_watched_run_s_own_settings_and_a_user_run_id_key_never_wins(tmp_path):
+    from click.testing import CliRunner
+
+    from gradlab.cli import cli
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()
+        opt.step()
+    rec.save(tmp_path, name="mine", config={"model": "gru", "batch": 32, "run_id": "other"})
+    out = CliRunner().invoke(cli, ["ls", str(tmp_path)]).output
+    assert "watched: batch=32 model=gru config_run_id=other" in out
+    assert "None" not in out and "depth" not in out  # no empty MLP columns
+    runs = gradlab.load(tmp_path).runs
+    assert runs["run_id"].tolist() == ["mine"] and runs["config_run_id"].tolist() == ["other"]
