@@ -14,6 +14,7 @@ import click
 
 from .errors import GradlabError
 from .options import (
+    MAX_THREADS,
     Device,
     SectionedCommand,
     check_device,
@@ -136,7 +137,7 @@ def cli():
 @data_dir_option
 @device_option
 @engine_option
-@click.option("--threads", type=click.IntRange(1), default=1,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1,
               help="torch threads, as for each run of a sweep: float32 matmuls can round "
                    "differently at other thread counts, and the same config must give the same "
                    "records whichever command trained it")

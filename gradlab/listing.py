@@ -69,9 +69,19 @@ def row(meta: dict) -> dict:
     return out
 
 
+def one_line(value, width: int = 120):
+    """A cell as one printable line: control characters escaped (a config value's terminal
+    escapes are not run), cut to ``width`` characters."""
+    if not isinstance(value, str):
+        return value
+    text = value.splitlines()[0] if value.strip() else value
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def format_runs(table: pd.DataFrame) -> str:
-    """The listing as aligned text, accuracy in percent."""
-    text = table.copy()
+    """The listing as aligned text, accuracy in percent, each cell one printable line."""
+    text = table.map(one_line)
     text["final_test_accuracy"] = [
         "" if v is None or v != v else f"{v:.2%}" for v in table["final_test_accuracy"]]
     text = text.rename(columns={"final_test_accuracy": "test_acc"})

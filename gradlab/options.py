@@ -26,6 +26,8 @@ from .config import (
     parse_init,
 )
 
+MAX_THREADS = 1024  # torch threads per run: beyond any machine's cores, a typo
+
 
 class InitSpec(click.ParamType):
     """A weight or bias init spec such as ``kaiming_normal`` or ``normal:0.5``."""
@@ -352,7 +354,7 @@ def jobs_options(f):
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    f = click.option("--threads", type=click.IntRange(1), default=1,
+    f = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1,
                      help="torch threads per run, whatever --jobs is, so that records do not "
                           "depend on how many runs train at once")(f)
     return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,

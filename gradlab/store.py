@@ -175,7 +175,9 @@ def set_aside(path: Path) -> Path:
 
 
 def ensure_out(out: str | os.PathLike) -> Path:
-    """Create ``out/runs``; a one-line StoreError if ``out`` is a file or not writable."""
+    """Create ``out/runs``; a one-line StoreError if ``out`` is empty, a file or not writable."""
+    if not str(out).strip():  # (Path("") is the current folder: never written into unasked)
+        raise StoreError("the output folder is empty (''): give a folder path")
     out = Path(out)
     make_folder(out)  # says so when out is a file
     make_folder(out / RUNS)
@@ -207,6 +209,8 @@ def open_run(out: Path, run_id: str, meta: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in FILES + STALE:
         (path / name).unlink(missing_ok=True)
+    for stale in path.glob(".*.tmp"):  # what a killed save left (atomic_write's names)
+        stale.unlink(missing_ok=True)
     write_json(path / "config.json", {"run_id": run_id, **meta})
     return path
 

@@ -95,3 +95,29 @@ def test_ls_shows_a_watched_run_s_own_settings_and_a_user_run_id_key_never_wins(
     assert "None" not in out and "depth" not in out  # no empty MLP columns
     runs = gradlab.load(tmp_path).runs
     assert runs["run_id"].tolist() == ["mine"] and runs["config_run_id"].tolist() == ["other"]
+
+
+def test_an_empty_out_a_killed_save_s_files_huge_threads_and_escapes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from gradlab.cli import cli
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()
+        opt.step()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="output folder is empty"):
+        rec.save("", name="here")
+    assert not (tmp_path / "runs").exists()
+    stale = tmp_path / "out" / "runs" / "r" / ".grads.parquet.999.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * 1000)  # what a killed save leaves
+    rec.save(tmp_path / "out", name="r", config={"note": "\x1b[31mred\x1b[0m\nsecond line"})
+    assert not stale.exists()
+    out = CliRunner().invoke(cli, ["ls", str(tmp_path / "out")]).output
+    assert "\x1b" not in out and "\\x1b[31mred" in out and "second line" not in out
+    bad = CliRunner().invoke(cli, ["sweep", "--threads", "100000", "--out", "x"])
+    assert bad.exit_code == 2 and "100000" in bad.output and "Traceback" not in bad.output
