@@ -13,9 +13,6 @@ from .validate import Damaged, check_run
 
 LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
               "epochs", "final_test_accuracy", "note")
-# what read_run_meta adds to a run's own settings
-GRADLAB_KEYS = ("run_id", "source", "status", "final_test_accuracy", "diverged_step", "error",
-                "device", "git_sha", "torch", "gradlab")
 
 
 def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
@@ -61,7 +58,7 @@ def row(meta: dict) -> dict:
     elif meta["status"] == "failed":
         note = str(meta.get("error") or "")
     if meta.get("source") == "watch":  # a model of the user's own: its own settings say what it is
-        own = [f"{k}={v}" for k, v in meta.items() if k not in GRADLAB_KEYS and v is not None]
+        own = [f"{k}={v}" for k, v in meta.items() if k not in store.RUN_KEYS and v is not None]
         note = "; ".join(filter(None, ["watched: " + " ".join(own) if own else "watched", note]))
     out = {**{k: meta.get(k) for k in LS_COLUMNS}, "note": note}
     if meta["status"] != "complete":

@@ -319,6 +319,12 @@ def run_dirs(path: Path) -> list[Path]:
     raise StoreError(f"{path} is not a gradlab results folder: expected {path / RUNS}/<run_id>/")
 
 
+# what read_run_meta adds to a run's own settings (a user's key of one of these names is kept
+# as config_<key>)
+RUN_KEYS = ("run_id", "source", "status", "final_test_accuracy", "diverged_step", "error",
+            "device", "git_sha", "torch", "gradlab")
+
+
 def read_run_meta(path: Path) -> dict:
     """One run's config and status as a flat dict; raises ``Damaged`` (one line) when its
     config.json or status.json does not read back."""
@@ -328,9 +334,7 @@ def read_run_meta(path: Path) -> dict:
     config = meta["config"]
     columns = config_columns(config) if is_gradlab_run(meta) else {
         k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}
-    reserved = ("run_id", "source", "status", "final_test_accuracy", "diverged_step", "error",
-                "device", "git_sha", "torch", "gradlab")
-    columns = {f"config_{k}" if k in reserved else k: v for k, v in columns.items()}
+    columns = {f"config_{k}" if k in RUN_KEYS else k: v for k, v in columns.items()}
     return {  # (a user's key named as one of gradlab's is kept as config_<key>)
         "run_id": meta["run_id"],
         "source": meta.get("source", "gradlab"),

@@ -31,6 +31,17 @@ def loop(rec, model, opt, steps, log_after_step):
     return losses
 
 
+def one_watched_step():
+    """A Watch that recorded one step of a Linear layer, closed."""
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradlab.watch(model, opt, log_every=1) as rec:
+        opt.zero_grad()
+        F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()
+        opt.step()
+    return rec
+
+
 @pytest.mark.parametrize("log_after_step", [True, False])
 @pytest.mark.parametrize("log_every", [1, 3])
 def test_a_logged_value_belongs_to_the_step_whose_forward_it_follows(log_after_step, log_every,
@@ -83,12 +94,7 @@ def test_ls_shows_a_watched_run_s_own_settings_and_a_user_run_id_key_never_wins(
 
     from gradlab.cli import cli
 
-    model = nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradlab.watch(model, opt, log_every=1) as rec:
-        opt.zero_grad()
-        F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()
-        opt.step()
+    rec = one_watched_step()
     rec.save(tmp_path, name="mine", config={"model": "gru", "batch": 32, "run_id": "other"})
     out = CliRunner().invoke(cli, ["ls", str(tmp_path)]).output
     assert "watched: batch=32 model=gru config_run_id=other" in out
@@ -102,12 +108,7 @@ def test_an_empty_out_a_killed_save_s_files_huge_threads_and_escapes(tmp_path, m
 
     from gradlab.cli import cli
 
-    model = nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradlab.watch(model, opt, log_every=1) as rec:
-        opt.zero_grad()
-        F.mse_loss(model(torch.randn(3, 4)), torch.zeros(3, 2)).backward()
-        opt.step()
+    rec = one_watched_step()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match="output folder is empty"):
         rec.save("", name="here")

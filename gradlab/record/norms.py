@@ -64,14 +64,12 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
         out = out.numpy()
     # (the step loop's case first: every tensor there and small enough for the fused norm, its
     # checks in C (min, sum); the general path's per-tensor Python cost 8 µs a recorded step)
-    if all(t is not None and t.numel() <= FUSED_MAX and t.dtype in FUSED_DTYPES
-           for t in tensors):
+    if all(map(_fusable, tensors)):
         values = [norm.item() for norm in compat.foreach_norm(tensors)] if tensors else []
         fused = [True] * len(values)
         trusted = not values or (TRUSTED_NORM <= min(values) and sum(values) < math.inf)
     else:
-        fused = [t is not None and t.numel() <= FUSED_MAX and t.dtype in FUSED_DTYPES
-                 for t in tensors]
+        fused = list(map(_fusable, tensors))
         found = compat.foreach_norm([t for t, f in zip(tensors, fused) if f]) if any(fused) else ()
         found = iter([norm.item() for norm in found])
         values = [next(found) if f else math.nan if t is None else chunked_norm(t)
@@ -83,6 +81,11 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
                 values[i] = _float64_norm(tensors[i]).item()
     values.extend(value.item() for value in extra)
     out[:] = values
+
+
+def _fusable(t: torch.Tensor | None) -> bool:
+    """Whether ``t``'s norm is taken by the fused float32 path (there, small, float32/64)."""
+    return t is not None and t.numel() <= FUSED_MAX and t.dtype in FUSED_DTYPES
 
 
 @torch.no_grad()

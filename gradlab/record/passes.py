@@ -54,9 +54,9 @@ class Passes:
             out.append(lambda w=weight: w.register_post_accumulate_grad_hook(self._accumulated))
         return out
 
-    def begin(self, first_only: bool = False) -> None:
+    def begin(self) -> None:
         self.items, self.before, self.accumulated = [], {}, False
-        self.first_only, self.seen = first_only, False
+        self.first_only, self.seen = False, False
 
     def _before_hook(self, weight):
         def hook(grad):  # before autograd adds this pass's gradient into weight.grad
@@ -71,9 +71,14 @@ class Passes:
         """A dL/dz hook: layer ``index``'s gradient in this pass, of forward ``call``."""
         self.items.append((index, grad, call))
         if not self._await_end():  # (no final callbacks in this torch: taken as they come)
-            self.recorder.take(self.items)
-            self.items = []
-            self.seen = True
+            self._take_as_is()
+
+    def _take_as_is(self) -> None:
+        """Take the pass's items without knowing whether it makes ``.grad`` (no final
+        callbacks in this torch)."""
+        self.recorder.take(self.items)
+        self.items = []
+        self.seen = True
 
     def _await_end(self) -> bool:
         if not self.queued:
@@ -105,9 +110,7 @@ class Passes:
     def end(self) -> None:
         """The step's passes are over (its optimizer steps)."""
         if self.items:  # a pass not yet ended (no final callbacks): taken as it is
-            self.recorder.take(self.items)
-            self.items = []
-            self.seen = True
+            self._take_as_is()
         if not self.seen and not self.warned and any(
                 layer.weight.grad is not None for layer in self.recorder.layers):
             self.warned = True  # (once per run)
