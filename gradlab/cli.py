@@ -350,14 +350,18 @@ def echo_warnings(call):
 @click.option("--format", "formats", default="png", metavar="LIST",
               help="comma-separated file formats: png, pdf, svg")
 @click.option("--only", multiple=True, metavar="NAME",
-              help="draw only this figure (repeatable, or comma-separated): grad_norm_by_layer, "
-                   "grad_norm_over_steps, vanishing_ratio, act_grad_by_layer, "
-                   "accuracy_by_epoch, saturation_over_steps")
+              help="draw only this figure (repeatable, or comma-separated). gradlab's MLPs: "
+                   "grad_norm_by_layer, grad_norm_over_steps, vanishing_ratio, "
+                   "act_grad_by_layer, accuracy_by_epoch, saturation_over_steps. Any other "
+                   "model: layer_profile, grad_norm_over_steps, update_ratio_over_steps, "
+                   "act_grad_by_layer, metrics_over_steps, grad_through_time")
 def plot(results, formats, only):
     """Draw the figures of a results folder into RESULTS/figures/NAME.FORMAT and list them.
 
-    The same records give byte-identical files. Damaged or unfinished runs are named on stderr
-    and left out.
+    A folder of gradlab's own MLPs gets figures by depth and activation; one that holds any
+    other model (gradlab.watch, a framework callback) gets figures by layer name, in forward
+    order. The same records give byte-identical files. Damaged or unfinished runs are named on
+    stderr and left out.
     """
     from .plots import write_figures
 
@@ -372,8 +376,10 @@ def plot(results, formats, only):
 @cli.command()
 @click.argument("results", type=click.Path())
 def report(results):
-    """Write RESULTS/report.html: one self-contained page with the figures, final test accuracy
-    and vanishing ratio per activation × depth, each run's status, and the provenance."""
+    """Write RESULTS/report.html: one self-contained page with the figures, each run's status
+    and the provenance. gradlab's MLPs: final test accuracy and vanishing ratio per activation
+    × depth. Any other model (gradlab.watch, a framework callback): each layer's gradient norm
+    and update ratio by name, the metrics it logged, and the user's own config."""
     from .report import write_report
 
     click.echo(str(echo_warnings(lambda: write_report(results))))

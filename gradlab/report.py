@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import os
 from collections import Counter
@@ -14,17 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
+from . import __version__, report_model
 from .claims import claims_section
 from .config import CONFIG_FIELDS
-from .plots import CAPTIONS, Prepared, figures, prepare, render
-from .store import RUNS, atomic_write, load
+from .plots import Prepared, figures, prepare, render
+from .plots.catalog import run_meta
+from .store import atomic_write, load
 from .tables import SIGMOID_MAX_SLOPE, table_keys, vanishing_table, verdict
 
 PROVENANCE_KEYS = ("gradlab", "git_sha", "torch", "numpy", "pandas", "pyarrow", "python",
                    "platform", "device", "threads", "argv")
 MAX_VALUES = 4  # distinct provenance values listed before "+N more"
 HEADLINE = ("vanishing_ratio", "accuracy_by_epoch")  # the first of these drawn leads the page
+MODEL_HEADLINE = ("layer_profile", "grad_norm_over_steps")  # ... of a report on any model
 FIGURE_DPI = 300  # crisp at the page's width on a high-density screen
 WIDE = 5.0  # inches: a figure at least this wide spans both columns of the page
 # What "what was run" says about each setting that is the same in every run.
@@ -71,19 +72,30 @@ def render_report(data: Prepared, results_dir: Path) -> str:
     """The report page of prepared results as one HTML string."""
     esc = html.escape
     drawn = dict(figures(data))
-    headline = next((name for name in HEADLINE if name in drawn), None)
+    model = data.kind == "model"  # any model but gradlab's own MLPs: layers by name
+    headline = next((name for name in (MODEL_HEADLINE if model else HEADLINE) if name in drawn),
+                    None)
+    lead = (report_model.what_was_run(data, runs_line(data.runs, results_dir)) if model
+            else what_was_run(data.runs, results_dir))
     sections = [
         f"<h1>gradlab report: {esc(results_dir.resolve().name)}</h1>",
-        f"<p class='lead'>{what_was_run(data.runs, results_dir)}</p>",
+        f"<p class='lead'>{lead}</p>",
     ]
     if data.problems:
         items = "".join(f"<li>{esc(p)}</li>" for p in data.problems)
         sections.append(f"<h2>Problems</h2><ul class='problems'>{items}</ul>")
-    sections.append(story_section(data))
+    sections.append(report_model.story_section(data) if model else story_section(data))
     if headline is not None:
-        sections.append(figure_html(headline, drawn.pop(headline), "headline"))
-    sections += [claims_section(results_dir), accuracy_section(data), vanishing_section(data),
-                 figures_section(drawn), runs_section(data), provenance_section(data, results_dir)]
+        sections.append(figure_html(headline, drawn.pop(headline), data, "headline"))
+    if model:
+        sections += [report_model.layers_section(data, html_table),
+                     figures_section(drawn, data),
+                     "<h2>Runs</h2>" + html_table(report_model.runs_table(data)),
+                     provenance_section(data, results_dir)]
+    else:
+        sections += [claims_section(results_dir), accuracy_section(data),
+                     vanishing_section(data), figures_section(drawn, data), runs_section(data),
+                     provenance_section(data, results_dir)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>gradlab report: {esc(results_dir.resolve().name)}</title>"
             f"<style>{STYLE}</style></head><body>\n"
@@ -108,9 +120,14 @@ def what_was_run(runs: pd.DataFrame, results_dir: Path) -> str:
             and runs[k].notna().all() and runs[k].astype(object).map(cell_text).nunique() == 1]
     shared = ", ".join(f"{k} {cell_text(runs[k].iloc[0])}" for k in same)
     varied = "; ".join(f"{k} {', '.join(sorted_values(runs[k]))}" for k in varying)
-    return (f"{esc(summary(runs))} in <code>{esc(str(results_dir))}</code>."
+    return (runs_line(runs, results_dir)
             + (f" Every run: {esc(shared)}." if shared else "")
             + (f" Varied: {esc(varied)}." if varied else ""))
+
+
+def runs_line(runs: pd.DataFrame, results_dir: Path) -> str:
+    """"1 run: 1 complete in <code>DIR</code>." (HTML)"""
+    return f"{html.escape(summary(runs))} in <code>{html.escape(str(results_dir))}</code>."
 
 
 def sorted_values(values: pd.Series) -> list[str]:
@@ -235,20 +252,21 @@ def vanishing_section(data: Prepared) -> str:
             + html_table(wide))
 
 
-def figure_html(name: str, fig, kind: str = "") -> str:
+def figure_html(name: str, fig, data: Prepared, kind: str = "") -> str:
     png = base64.b64encode(render(fig, "png", dpi=FIGURE_DPI)).decode("ascii")
-    caption = html.escape(CAPTIONS.get(name, name))
+    caption = html.escape(data.caption(name))
     kind = kind or ("wide" if fig.get_figwidth() >= WIDE else "")
     return (f"<figure id='{name}' class='{kind}'><img alt='{caption}' "
             f"src='data:image/png;base64,{png}'>"
             f"<figcaption>{caption} (<code>{name}</code>)</figcaption></figure>")
 
 
-def figures_section(drawn: dict) -> str:
+def figures_section(drawn: dict, data: Prepared) -> str:
     if not drawn:
         return ""
     return ("<h2>More figures</h2><div class='figures'>"
-            + "\n".join(figure_html(name, fig) for name, fig in drawn.items()) + "</div>")
+            + "\n".join(figure_html(name, fig, data) for name, fig in drawn.items())
+            + "</div>")
 
 
 def runs_section(data: Prepared) -> str:
@@ -276,7 +294,7 @@ def provenance_section(data: Prepared, results_dir: Path) -> str:
     values: dict[str, Counter] = {k: Counter() for k in PROVENANCE_KEYS}
     times: list[str] = []
     for run_id in data.runs["run_id"]:
-        meta = read_config(results_dir, run_id)
+        meta = data.metas.get(run_id) or run_meta(results_dir, run_id)
         prov = meta.get("provenance", {})
         for key in PROVENANCE_KEYS:
             value = prov.get(key)
@@ -289,21 +307,16 @@ def provenance_section(data: Prepared, results_dir: Path) -> str:
     for column in [c for c in CONFIG_FIELDS if c in data.runs.columns]:
         counter = Counter(cell_text(v) for v in data.runs[column])
         config.append({"field": column, "value (runs)": listing(counter)})
+    if data.kind == "model":  # the users' own keys, whole
+        config = report_model.config_rows(data, listing)
+    if not config:
+        return ("<h2>Provenance</h2><p class='note'>From each run's <code>config.json</code>; "
+                "values that differ between runs are listed with their run counts.</p>"
+                + html_table(pd.DataFrame(rows)))
     return ("<h2>Provenance</h2><p class='note'>From each run's <code>config.json</code>; "
             "values that differ between runs are listed with their run counts.</p>"
             + html_table(pd.DataFrame(rows)) + "<h3>Config</h3>"
             + html_table(pd.DataFrame(config)))
-
-
-def read_config(results_dir: Path, run_id: str) -> dict:
-    for path in (results_dir / RUNS / run_id / "config.json", results_dir / "config.json"):
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("run_id") == run_id:
-            return meta
-    return {}
 
 
 def listing(counter: Counter) -> str:

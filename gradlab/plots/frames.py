@@ -106,11 +106,15 @@ def steps_text(data: pd.DataFrame, epoch: int | None) -> str:
 
 
 def levels(data: pd.DataFrame, column: str | None) -> list:
-    """The sorted values of ``column``; none where the frame lacks it (e.g. a watched model's
-    runs have no activation or depth)."""
+    """The sorted values of ``column`` (an ordered categorical's in its order); none where the
+    frame lacks it (e.g. a watched model's runs have no activation or depth)."""
     if column is None or column not in data:
         return []
-    return sorted(data[column].dropna().unique().tolist())
+    values = data[column]
+    if isinstance(values.dtype, pd.CategoricalDtype) and values.dtype.ordered:
+        present = set(values.dropna().tolist())  # (e.g. layer names in forward order)
+        return [c for c in values.dtype.categories if c in present]
+    return sorted(values.dropna().unique().tolist())
 
 
 def most_runs(data: pd.DataFrame, by: Sequence[str | None]) -> int:

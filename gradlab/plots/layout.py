@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.gridspec import GridSpec
 from matplotlib.lines import Line2D
-from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator, NullFormatter
 
 from .frames import levels
 from .style import DIVERGED_COLOR, WIDTH_DOUBLE, WIDTH_SINGLE, paper_style
@@ -38,13 +38,13 @@ class Facets:
 
 def facets(data: pd.DataFrame, row: str | None, col: str | None, *, sharex=True, sharey=True,
            row_order: Sequence | None = None, row_names: dict | None = None,
-           panel_height: float = 1.1) -> Facets:
+           panel_height: float = 1.1, width: float | None = None) -> Facets:
     """A Figure with one panel per (row, col) level of ``data``; see ``Facets``. Columns are
     named above the top row, rows at the right margin (``row_names`` overrides the text; an
-    empty dict names none)."""
+    empty dict names none). ``width`` in inches; default: from the number of columns."""
     rows = list(row_order) if row_order is not None else (levels(data, row) or [None])
     cols = levels(data, col) or [None]
-    width = min(WIDTH_DOUBLE, max(WIDTH_SINGLE, 0.7 + 1.05 * len(cols)))
+    width = width or min(WIDTH_DOUBLE, max(WIDTH_SINGLE, 0.7 + 1.05 * len(cols)))
     main = 0.75 + panel_height * len(rows)
     fig = Figure(figsize=(width, main + LEGEND_GUESS), layout="constrained")
     FigureCanvasAgg(fig)  # a renderer, to measure the legend in ``finish``
@@ -79,7 +79,7 @@ def wrap(text: str, chars: int) -> str:
 
 
 def facet_name(column: str, value) -> str:
-    if column in ("activation", "setup", "metric"):
+    if column in ("activation", "setup", "metric", "quantity", "panel", "run_id"):
         return str(value)
     return f"{column} {value}"
 
@@ -208,18 +208,26 @@ def layer_axis(ax: Axes, layers: pd.Series) -> None:
 
 
 def tidy_log_axes(fig: Figure) -> None:
-    """Label only the decades of a log axis that shows one (matplotlib labels the minor ticks
-    of short ranges too, and they crowd a small panel)."""
+    """Readable ticks on every log y axis: only the decades labelled where two or more are in
+    view (matplotlib labels the minor ticks of short ranges too, and they crowd a small panel);
+    1, 2 and 5 times each decade where fewer are; three evenly spaced values where even those
+    leave fewer than two labels (a range of less than a factor of 2.5)."""
     for ax in fig.axes:
         if ax.get_yscale() != "log":
             continue
         lo, hi = ax.get_ylim()
-        if lo > 0 and math.floor(math.log10(hi)) >= math.ceil(math.log10(lo)):
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        elif lo > 0:  # less than a decade: matplotlib labels a value at every tick; keep 3
-            ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
-            ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+        if not 0 < lo < hi < math.inf:
+            continue
+        decades = math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        if decades >= 2:
+            continue
+        fine = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+        shown = [v for v in fine.tick_values(lo, hi) if lo <= v <= hi]
+        ax.yaxis.set_major_locator(fine if len(shown) >= 2 else MaxNLocator(nbins=3))
+        # (a label at every tick: matplotlib's default labels only some below two decades)
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation(
+            labelOnlyBase=False, minor_thresholds=(math.inf, math.inf)))
 
 
 def own_panel(data: pd.DataFrame, draw) -> Axes:

@@ -65,10 +65,12 @@ def steps_figure(data, *, x, y, hue, row, col, bins, log, title, ylabel,
                 ax.set_ylim(*ylim)
             integer_ticks(ax, steps, most=3)
         per = f"mean per {width}-step bin" if width > 1 else "every recorded step"
-        mean = mean_text(log, None, most_runs(binned, [row, col, hue, x]))
+        mean = mean_text(log, None, most_runs(binned, [row, col, hue, x]),
+                         seeded="seed" in data.columns)
         fig = finish(facet, title.replace("{mean}", mean), [*run_notes(data), *notes, *dropped],
                      xlabel=f"training step ({per})", ylabel=ylabel, legend=colors,
-                     legend_title=LAYER_LABEL if hue == "layer" else hue or "", marker=None,
+                     legend_title=LAYER_LABEL if hue in ("layer", "layer_name") else hue or "",
+                     marker=None,
                      extra=[diverged_handle()] if diverged else [])
     return fig
 
@@ -83,6 +85,17 @@ def grad_norm_over_steps(data: pd.DataFrame, *, x: str = "step", y: str = "grad_
     return steps_figure(data, x=x, y=y, hue=hue, row=row, col=col, bins=bins, log=True,
                         title=f"Gradient norm {label} per layer over training ({{mean}})",
                         ylabel=f"gradient norm {label}")
+
+
+def update_ratio_over_steps(data: pd.DataFrame, *, x: str = "step", y: str = "update_ratio",
+                            hue: str = "layer", row: str = "activation", col: str = "depth",
+                            bins: int | None = 100) -> Figure:
+    """The update ratio ‖ΔW‖/‖W‖ (the step the optimizer took, against the weights) of each
+    layer over training (log y), one line per layer, panels ``row`` × ``col``."""
+    label = NORM_LABELS.get(y, y)
+    return steps_figure(data, x=x, y=y, hue=hue, row=row, col=col, bins=bins, log=True,
+                        title=f"Update ratio {label} per layer over training ({{mean}})",
+                        ylabel=f"update ratio {label}")
 
 
 def saturation_over_steps(data: pd.DataFrame, *, x: str = "step", hue: str = "layer",

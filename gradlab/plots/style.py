@@ -65,12 +65,14 @@ def hue_colors(hue: str | None, colors: dict) -> dict:
     return {"hue": hue, "hue_order": list(colors), "palette": colors}
 
 
-def mean_text(log: bool, errorbar, runs: int | None = None) -> str:
+def mean_text(log: bool, errorbar, runs: int | None = None, seeded: bool = True) -> str:
     """How a figure averages over seeds, e.g. "geometric mean over seeds, 95% CI"; with
-    ``runs`` = 1 (one run behind each point) "one seed", as there is nothing to average."""
+    ``runs`` = 1 (one run behind each point) "one seed", as there is nothing to average (or
+    "one run", where the runs have no seeds: a model of the user's own)."""
     ci = isinstance(errorbar, tuple) and errorbar[0] == "ci"
     if runs == 1:
-        return "one seed, no CI" if ci else "one seed"
+        one = "one seed" if seeded else "one run"
+        return f"{one}, no CI" if ci else one
     ci_text = f", {errorbar[1]}% CI" if ci else ""
     # a no-break space keeps "95% CI" on one line when the title is wrapped
     return ("geometric mean" if log else "mean") + f" over seeds{ci_text}".replace(

@@ -240,11 +240,13 @@ class Watch:
             columns="run_id")
 
     def layers(self) -> list[dict]:
-        """The recorded layers in ``layer`` order: layer, layer_name, type and weight shape."""
+        """The recorded layers in ``layer`` order: layer, layer_name, type, weight shape and the
+        activation after it (None where not known)."""
         rec = self.recorder
         return [{"layer": layer, "layer_name": rec.names[i], "type": type(rec.linears[i]).__name__,
                  "shape": [list(w.shape) for w in rec.layers[i].weights]
-                 if len(rec.layers[i].weights) > 1 else list(rec.layers[i].weight.shape)}
+                 if len(rec.layers[i].weights) > 1 else list(rec.layers[i].weight.shape),
+                 "activation": getattr(rec.layers[i].activation, "name", None)}
                 for layer, i in enumerate(rec.layer_order())]
 
     def log(self, split: str = "train", **values) -> None:
