@@ -40,3 +40,18 @@ def test_runs_that_differ_only_in_activation_keep_hue_activation():
     results = make_results([{"activation": "relu"}, {"activation": "sigmoid"}])
     labels = legend_labels(plots.grad_norm_by_layer(results.grads))
     assert "relu" in labels and "sigmoid" in labels and not any("," in t for t in labels)
+
+
+def test_vanishing_ratio_on_a_users_5x4_axes_keeps_its_labels_inside():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4), dpi=100)
+    ax = fig.add_subplot()
+    plots.vanishing_ratio(make_results(SETUPS[:1] + SETUPS[2:]).grads, ax=ax)
+    FigureCanvasAgg(fig).draw()
+    box = fig.bbox
+    for text in (ax.yaxis.label, ax.xaxis.label, ax.title):
+        extent = text.get_window_extent()
+        assert extent.x0 >= -0.5 and extent.x1 <= box.x1 + 0.5, (text.get_text(), extent)
+        assert extent.y0 >= -0.5 and extent.y1 <= box.y1 + 0.5, (text.get_text(), extent)

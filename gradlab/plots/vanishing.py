@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -64,10 +65,15 @@ def vanishing_ratio(data: pd.DataFrame, *, x: str = "depth", y: str = "vanishing
         handles.append(Line2D([], [], ls="--", color="0.3", label=SLOPE_PRODUCT_LABEL))
         ax.legend(handles=handles, title=hue or "", frameon=False, fontsize=6.5, loc="best")
         ax.set_xticks(levels(shown, x))
-        ax.set_xlabel("depth (Linear layers)")
-        ax.set_ylabel("‖∂L/∂W₀‖ / ‖∂L/∂W_last‖\n(median over steps per run)")
+        # the paper style's sizes, fixed on the Axes: a user's own figure draws it outside the
+        # style, and its default sizes push a one-line y label off a 5×4 figure
+        rc = matplotlib.rcParams
+        ax.tick_params(axis="both", labelsize=rc["ytick.labelsize"])
+        ax.set_xlabel("depth (Linear layers)", fontsize=rc["axes.labelsize"])
+        ax.set_ylabel("‖∂L/∂W₀‖ / ‖∂L/∂W_last‖", fontsize=rc["axes.labelsize"])
         runs = most_runs(shown, [hue, x])
-        set_title(ax, f"Vanishing ratio ({mean_text(True, errorbar, runs)})",
+        set_title(ax, f"Vanishing ratio, per run the median over steps "
+                      f"({mean_text(True, errorbar, runs)})",
                   [*run_notes(ratios), *notes], width=ax.get_figure(root=True).get_figwidth())
     return ax
 
