@@ -121,8 +121,10 @@ def test_recorder_exported_and_watch_saves_a_run(tmp_path):
     assert meta["config"] == {"lr": 0.1, "note": None}  # the user's, whole
     assert meta["watched"]["optimizers"][0]["type"] == "SGD"
     assert meta["watched"]["layers"] == [
-        {"layer": 0, "layer_name": "fc0", "type": "Linear", "shape": [8, 12]},
-        {"layer": 1, "layer_name": "fc1", "type": "Linear", "shape": [OUT, 8]}]
+        {"layer": 0, "layer_name": "fc0", "type": "Linear", "shape": [8, 12],
+         "activation": "relu"},  # (the activation known after it; none after the output)
+        {"layer": 1, "layer_name": "fc1", "type": "Linear", "shape": [OUT, 8],
+         "activation": None}]
     assert strict((path / "status.json").read_text())["status"] == "complete"
     for bad in ({"lr": [1]}, {1: 2}):
         with pytest.raises(ValueError, match="invalid"):
