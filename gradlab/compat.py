@@ -10,12 +10,19 @@ from __future__ import annotations
 import torch
 
 
-def foreach_norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The 2-norm of each tensor: one fused call (``torch._foreach_norm``) where it exists."""
+def foreach_norm(tensors: list[torch.Tensor],
+                 dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The 2-norm of each tensor, accumulated in ``dtype`` (None: the tensor's own): one fused
+    call (``torch._foreach_norm``) where it exists (with ``dtype``: torch 2.4 and later)."""
     fused = getattr(torch, "_foreach_norm", None)
     if fused is not None:
-        return list(fused(tensors))
-    return [torch.linalg.vector_norm(t) for t in tensors]
+        if dtype is None:
+            return list(fused(tensors))
+        try:
+            return list(fused(tensors, 2, dtype=dtype))
+        except TypeError:  # (no dtype argument in this torch)
+            pass
+    return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
 
 def foreach_copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

@@ -19,5 +19,8 @@ package, ``gradlab.train.__all__``...). Modules:
   --ensemble``'s tasks, which ``gradlab.tasks.run_task`` and ``gradlab.sweep`` import only then;
 * ``positives``: for ``GradientRecorder`` on any model, each unit's count of z > 0 in one pass
   (its relu-family f'), loaded on first use (``record.optional_kernel``); without numba the
-  recorder runs PyTorch's ops, with the same records.
+  recorder runs PyTorch's ops, with the same records;
+* ``squares``: for ``GradientRecorder``, the sums of squares of a row's float32 tensors in one
+  call (its norms), loaded the same way; without numba the recorder accumulates in float64
+  (the same norms to within 1e-6, not the same bits).
 """

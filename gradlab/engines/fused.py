@@ -48,8 +48,12 @@ from .simd import (
 
 # reassoc: sums may be vectorised (split into partial sums); contract: a * b + c is one fma,
 # as in ATen's vectorised add with alpha. No nnan/ninf: an inf or nan gradient must show.
-_FLAGS = {"reassoc", "contract"}
-TILE = 2048  # floats summed in float32 before they are added to a float64 total
+FLAGS = {"reassoc", "contract"}
+# Floats summed in float32 before they are added to a float64 total. A tile's float32 sum is
+# then a few roundings off: the norm of 200,704 equal entries is within 3e-7 of float64 here
+# (2048 floats a tile: 9e-7 in sgd_step_norms, whose loop vectorises into fewer partial sums),
+# and random entries' within 1e-7, at any size (tests/test_norms.py).
+TILE = 512
 # A tile's float32 sum of squares at least this large (2**-64) holds every square to float32
 # rounding: the squares that underflowed (below 2**-126 each, at most TILE of them) add less
 # than 2**-52 of it. Below it, or not finite, the tile is summed again in float64.
@@ -87,7 +91,7 @@ def step_spec(members: int, batch: int, *, width: int = 0, classes: int = 0,
                       slope, threshold, neg_lr)], dtype=STEP)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _sum_squares(x):
     total = np.float32(0.0)
     for i in range(x.shape[0]):  # range from 0: numba then knows i >= 0 and vectorises
@@ -95,7 +99,7 @@ def _sum_squares(x):
     return total
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _sum_squares64(x):
     total = 0.0
     for i in range(x.shape[0]):
@@ -104,7 +108,7 @@ def _sum_squares64(x):
     return total
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _tile_squares(tile, partial):
     """The sum of squares of ``tile`` given its float32 sum ``partial``: that sum where it holds
     every square, else the tile summed again in float64 (see ``SMALL_SUM``)."""
@@ -113,8 +117,8 @@ def _tile_squares(tile, partial):
     return _sum_squares64(tile)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _squares(x):
+@njit(fastmath=FLAGS, nogil=True, cache=True)
+def squares(x):
     """The sum of squares of the 1-d float32 array ``x``, exact down to the smallest positive
     float32 (float64, tile by tile)."""
     total = 0.0
@@ -124,15 +128,15 @@ def _squares(x):
     return total
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def block_squares(buffer, ranges, out):
     """``out[k]`` = the sum of squares of ``buffer[ranges[k, 0]:ranges[k, 1]]`` (float64)
     for each row of ``ranges`` ((k, 2) int64)."""
     for k in range(ranges.shape[0]):
-        out[k] = _squares(buffer[ranges[k, 0]:ranges[k, 1]])
+        out[k] = squares(buffer[ranges[k, 0]:ranges[k, 1]])
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def sgd_step(params, grads, neg_lr):
     """``params += neg_lr * grads``: an unrecorded step's update, the same rounding as
     ``Tensor.add_(grads, alpha=-lr)`` and as ``sgd_step_norms``."""
@@ -140,7 +144,7 @@ def sgd_step(params, grads, neg_lr):
         params[i] = params[i] + neg_lr * grads[i]
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, out):
     """``params += neg_lr * grads`` over each block, taking squared norms on the way.
 
@@ -185,10 +189,10 @@ def sgd_step_norms(params, grads, neg_lr, blocks, deltas, delta_blocks, out):
         if blocks[k, 3] >= 0:
             out[blocks[k, 3]] = sg
     for k in range(delta_blocks.shape[0]):
-        out[delta_blocks[k, 2]] = _squares(deltas[delta_blocks[k, 0]:delta_blocks[k, 1]])
+        out[delta_blocks[k, 2]] = squares(deltas[delta_blocks[k, 0]:delta_blocks[k, 1]])
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def activation_stats(chunk, row_stride, rows, bounds, step, out, first_row):
     """Per recorded step, member and hidden layer: the sum of f', the saturated count (f' below
     ``threshold``) and the dead count (units with no positive output in the batch).
@@ -246,7 +250,7 @@ def activation_stats(chunk, row_stride, rows, bounds, step, out, first_row):
                 out[first_row + r, m, layer, 2] = dead if code >= RELU else np.float32(0.0)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def record_step(params, grads, deltas, blocks, delta_blocks, norms, act, row, hidden, bounds,
                 step):
     """A recorded step's SGD update with every norm (``sgd_step_norms`` with ``step``'s
@@ -258,7 +262,7 @@ def record_step(params, grads, deltas, blocks, delta_blocks, norms, act, row, hi
         activation_stats(hidden, 0, 1, bounds, step, act, row)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def cross_entropy(logits, labels, losses, deltas, delta_at, step):
     """Softmax cross-entropy of each member's batch (``step``: members, batch, classes): its
     mean loss into ``losses[m]`` and dL/dlogits = (softmax - onehot) / batch into ``deltas`` at
@@ -290,7 +294,7 @@ def cross_entropy(logits, labels, losses, deltas, delta_at, step):
         losses[m] = total / batch
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _backward_from_output(g, a, code, slope):
     """dL/dz from dL/da = g and the activation's output a, as PyTorch's backward kernels
     compute it (sigmoid_backward, tanh_backward, threshold_backward, ...)."""
@@ -305,7 +309,7 @@ def _backward_from_output(g, a, code, slope):
     return g if a > 0 else g * (a + np.float32(1.0))  # ELU, alpha 1, from its output
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _dots4(h, h_at, w, w_at, stride, n, out, out_at):
     """``out[out_at + i] = h[h_at:h_at + n] . w[w_at + i * stride:][:n]`` for i < 4: four dot
     products sharing h's loads, four accumulators in flight."""
@@ -334,7 +338,7 @@ def _dots4(h, h_at, w, w_at, stride, n, out, out_at):
     out[out_at + 3] = total(a3)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _combine(coef, c_at, c_step, count, src, s_at, s_stride, n, dst, d_at):
     """``dst[d_at:d_at + n] = sum over i < count of coef[c_at + i * c_step] *
     src[s_at + i * s_stride:][:n]``, 64 floats at a time in registers."""
@@ -377,7 +381,7 @@ def _combine(coef, c_at, c_step, count, src, s_at, s_stride, n, dst, d_at):
         j += 4 * LANES
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def _backward_row(g, g_at, a, a_at, n, code, slope, out, out_at):
     """``out[out_at + j] = _backward_from_output(g[g_at + j], a[a_at + j])`` for j < n, in
     vectors of 16 (the same operations in the same order)."""
@@ -403,7 +407,7 @@ def _backward_row(g, g_at, a, a_at, n, code, slope, out, out_at):
         j += LANES
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def bias_grad(deltas, at, batch, width, grads, grad_at):
     """``grads[grad_at:][:width]`` = the sum of the ``batch`` rows of dL/dz at ``deltas[at:]``
     (rows of ``width``), added in example order."""
@@ -415,7 +419,7 @@ def bias_grad(deltas, at, batch, width, grads, grad_at):
             gb[j] += d[j]
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def backward(g, a, a_at, out, out_at, n, step):
     """A hidden layer's dL/dz from dL/da and its output a, for each member m and example b:
     dL/da (members, batch, n) contiguous in ``g``, a's row at ``a[a_at[m] + b * row_stride:]``,
@@ -430,7 +434,7 @@ def backward(g, a, a_at, out, out_at, n, step):
                           out, out_at[m] + b * n)
 
 
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
+@njit(fastmath=FLAGS, nogil=True, cache=True)
 def head(hidden, h_at, params, grads, deltas, dh, labels, logits, losses, correct, at, step):
     """The last (classifier) layer's whole step for each member m, in one pass, with ``step``
     (members, batch, width, classes, row_stride, code, slope) and ``at`` (``HEAD_AT`` per

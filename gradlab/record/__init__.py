@@ -61,18 +61,20 @@ How each column is obtained (README, "Recorded columns"):
 * ``applied_update_ratio`` (``applied_updates=True``; costs a weight copy per recorded step):
   ‖W_after − W_before‖ / ‖W_before‖ as actually stored in the weights' dtype.
 
-Norms (``norms``) are exact down to the smallest positive float32 (a float32 square underflows
-below ~1e-19). On the CPU a tensor of up to 784x256 entries is taken by one fused float32 norm
-(taken again in float64 where too small or not finite to be trusted); a larger one, and any half
-precision one, from float32 norms of 256-entry pieces summed in float64, within 1e-6 of float64
-at any size (38.6M entries: 3e-11). Other devices accumulate every norm in float64 (MPS, without
-float64: scaled by the largest entry first, as LAPACK's nrm2 does). The buffers hold float64.
+Norms (``norms``) are within 1e-6 (relative) of the norm accumulated in float64, at any size
+(tested up to 38.6M entries) and in any dtype, and exact down to the smallest positive float32
+(a float32 square underflows below ~1e-19). On the CPU the contiguous float32 tensors of a row
+are taken by one numba call (``engines/squares.py``: float32 squares summed in tiles of 512,
+the tiles in float64); any other tensor, and every one without numba, accumulates in float64
+(a tensor above 1M entries: float32 norms of 64-entry pieces summed in float64). Other devices
+accumulate every norm in float64 (MPS, without float64: scaled by the largest entry first, as
+LAPACK's nrm2 does). The buffers hold float64.
 
 Under ``torch.amp.GradScaler`` the recorder given the scaler (``scaler=``) divides dL/dz and the
 gradients by its scale, so the records are those of the real loss; without it they are those of
 the *scaled* loss. A step the scaler skips is not an optimizer step.
 
-Cost. Per recorded step the device work is one fused norm over dL/dz, the gradients and the
+Cost. Per recorded step the device work is one norm call over dL/dz, the gradients and the
 weights (taken as the backward pass ends, or in ``after_backward``) written into the row
 buffer (on the CPU through its numpy view), and the f' passes above; the layers' hooks are
 registered only while steps are recorded, so unrecorded steps run without them.

@@ -1,19 +1,30 @@
 """2-norms of many tensors at once, written into a row buffer without a host sync.
 
-Norms are exact down to the smallest positive float32 (a float32 square underflows below
-~1e-19). On the CPU:
+Every norm is within float64 rounding of the exact norm of its entries: relative error under
+1e-6 against the norm accumulated in float64 (measured at most 3e-7), at any size (tested from
+1 entry to 38.6M: a GPT-2 sized output layer) and in any dtype (float32, float64, float16,
+bfloat16), and exact down to the smallest positive float32 (whose square underflows in float32)
+and up to the largest. On the CPU:
 
-* a float32 or float64 tensor of at most ``FUSED_MAX`` entries: one fused norm in its own dtype
-  (``compat.foreach_norm``) - the path every record of gradlab's own experiments was taken by,
-  kept bit for bit (so its float32 sum's drift, below, stays too);
-* a larger one, or any half-precision one: norms of ``CHUNK``-entry pieces in float32 (float64
-  for float64) whose squares are summed in float64 (``chunked_norm``): within 1e-6 of the
-  float64 norm at any size (2e-7 at 38.6M entries);
+* a contiguous float32 tensor - dL/dz, ``.grad`` and the weights of a float32 model, so nearly
+  every norm - by one numba call for all of them (``engines.squares``): float32 squares summed
+  in tiles of 512 floats, the tiles in float64, one pass over the memory;
+* any other (float64, half precision, not contiguous, or every tensor where numba is missing or
+  ``record.USE_KERNELS`` is off): accumulated in float64, one fused call for all those of at
+  most ``FLOAT64_MAX`` entries; a larger one from the float32 (float64 for float64) norms of its
+  ``CHUNK``-entry pieces, their squares summed in float64 (``chunked_norm``).
 
-either taken again accumulating in float64 where too small (or not finite) to be trusted -
-reading a CPU tensor is no device synchronisation. On other devices every norm accumulates in
-float64 (MPS, without float64: scaled by the largest entry first, as LAPACK's nrm2 does, and
-accumulated in float32, half precision too).
+Why not PyTorch's float32 norm, as before: it sums float32 squares in a few vector lanes, so
+its error grows with the size - against float64, for lognormal, Student-t, normal and constant
+entries, up to 5e-6 at 7,840 entries, 1e-4 at 200,704, 7e-4 at 1M and 3e-2 at 38.6M. Accumulating
+in float64 throughout is exact but costs 3x that (a float32 tensor is converted on the way);
+the numba kernel costs less than either: the tutorial net's norms (12 tensors, 300k entries)
+take 26 µs a recorded step against 62 µs fused in float32 and 175 µs in float64 (AMD EPYC, 1
+thread; ``benchmarks/RESULTS.md``). The two ways of a float32 norm agree to the bound above, not
+bit for bit: a record taken with numba and one taken without differ in the last few digits.
+
+On other devices every norm accumulates in float64 (MPS, without float64: scaled by the largest
+entry first, as LAPACK's nrm2 does, and accumulated in float32, half precision too).
 """
 
 from __future__ import annotations
@@ -24,30 +35,27 @@ import numpy as np
 import torch
 
 from .. import compat
+from .fprime import optional_kernel
 
-# A float32 norm at least this large lost nothing to underflow: the squares that underflow
-# (below ~1e-45 each) add less than 1e-44 per entry to a sum of at least 1e-30. Beyond FUSED_MAX
-# entries the bound grows with sqrt(numel), which keeps that loss below ~3e-10 at any size.
-TRUSTED_NORM = 1e-15
+# A norm by float32 pieces of at least TRUSTED_NORM * sqrt(numel) lost nothing to underflow:
+# each entry's square loses less than 1e-45 where float32 underflows, at most 1e-45 * numel in
+# all, under 1e-8 of a sum of squares of at least 1e-36 * numel. (Below, or not finite: the
+# norm is taken again in float64.)
+TRUSTED_NORM = 1e-18
 
-FUSED_DTYPES = (torch.float32, torch.float64)
+# Up to this many entries a tensor the kernel does not take is accumulated in float64, in one
+# fused call with the others; a larger one costs less by pieces (``chunked_norm``: at 1M
+# entries the two are even, at 38.6M pieces take 20 ms against 240 ms in float64).
+FLOAT64_MAX = 1 << 20
 
-# The fused float32 sum drifts as a tensor grows: relative error against float64, worst of
-# normal, shifted normal, uniform, lognormal and Student-t entries / of constant ones, 2.6e-7 /
-# 2.5e-6 at 4,096 entries, 2.3e-6 / 1e-5 at 16,384, 2.5e-5 / 1.6e-4 at 200,704 (normal alone:
-# 1.6e-6) and 2.7e-3 / 2.8e-2 at 38.6M. It is kept up to the largest tensor of gradlab's own
-# experiments (784x256) only so that their records keep every bit.
-FUSED_MAX = 784 * 256
+# Entries per float32 piece of ``chunked_norm``: even summed one by one (a strided row is) a
+# piece's norm is then within ~2e-7 (a few float32 roundings), so is their total. (256: 1.3e-6
+# for constant entries summed one by one.)
+CHUNK = 64
 
-# Entries per float32 piece: each piece's norm is then within ~1e-7 (a few float32 roundings),
-# so is their total (38.6M entries: 2e-7 for constant entries, 1e-10 for random ones), and the
-# pieces' norms (one vector_norm over a 2-d view) cost about what one fused norm does; float64
-# accumulation costs 20x that.
-CHUNK = 256
-
-# Pieces per vector_norm call: half precision is converted to float32 1 MiB at a time (at 38.6M
-# entries 13 ms, against 150 ms converting the whole tensor at once).
-BLOCK_ROWS = 1024
+# Pieces per vector_norm call: half precision is converted to float32 a block (1 MiB) at a time
+# (at 38.6M entries 25 to 30 ms, against 140 ms converting the whole tensor at once).
+BLOCK_ROWS = 4096
 
 
 def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None],
@@ -62,30 +70,48 @@ def norms_into(out: torch.Tensor | np.ndarray, tensors: list[torch.Tensor | None
             _device_norms_into(out, tensors, extra)
             return
         out = out.numpy()
-    # (the step loop's case first: every tensor there and small enough for the fused norm, its
-    # checks in C (min, sum); the general path's per-tensor Python cost 8 µs a recorded step)
-    if all(map(_fusable, tensors)):
-        values = [norm.item() for norm in compat.foreach_norm(tensors)] if tensors else []
-        fused = [True] * len(values)
-        trusted = not values or (TRUSTED_NORM <= min(values) and sum(values) < math.inf)
+    n = len(tensors)
+    squares = _squares_kernel()
+    if squares is not None and squares(out[:n], tensors):  # (the step loop's case: all)
+        np.sqrt(out[:n], out=out[:n])
     else:
-        fused = list(map(_fusable, tensors))
-        found = compat.foreach_norm([t for t, f in zip(tensors, fused) if f]) if any(fused) else ()
-        found = iter([norm.item() for norm in found])
-        values = [next(found) if f else math.nan if t is None else chunked_norm(t)
-                  for t, f in zip(tensors, fused)]
-        trusted = False
-    if not trusted:
-        for i, value in enumerate(values):
-            if fused[i] and not TRUSTED_NORM <= value < math.inf:  # (NaN fails too)
-                values[i] = _float64_norm(tensors[i]).item()
-    values.extend(value.item() for value in extra)
-    out[:] = values
+        out[:n] = _norms(tensors, squares)
+    if extra:
+        out[n:n + len(extra)] = [value.item() for value in extra]
 
 
-def _fusable(t: torch.Tensor | None) -> bool:
-    """Whether ``t``'s norm is taken by the fused float32 path (there, small, float32/64)."""
-    return t is not None and t.numel() <= FUSED_MAX and t.dtype in FUSED_DTYPES
+def _norms(tensors: list[torch.Tensor | None], squares) -> list[float]:
+    """``norms_into``'s values where not every tensor is the kernel's."""
+    values = [math.nan] * len(tensors)
+    kernel = [i for i, t in enumerate(tensors) if squares is not None and _kernel_takes(t)]
+    if kernel:
+        found = np.empty(len(kernel))
+        squares(found, [tensors[i] for i in kernel])  # (each one it takes)
+        for i, value in zip(kernel, np.sqrt(found).tolist(), strict=True):
+            values[i] = value
+    taken = set(kernel)
+    small = [i for i, t in enumerate(tensors) if t is not None and i not in taken
+             and t.numel() <= FLOAT64_MAX]
+    if small:
+        found = compat.foreach_norm([tensors[i] for i in small], torch.float64)
+        for i, value in zip(small, found, strict=True):
+            values[i] = value.item()
+    for i, t in enumerate(tensors):
+        if t is not None and i not in taken and t.numel() > FLOAT64_MAX:
+            values[i] = chunked_norm(t)
+    return values
+
+
+def _squares_kernel():
+    """``engines.squares.squares_into`` (None without numba, or with ``USE_KERNELS`` off): the
+    sums of squares of a list of contiguous float32 CPU tensors, else False."""
+    return optional_kernel("squares", "squares_into")
+
+
+def _kernel_takes(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is the kernel's: a contiguous float32 CPU tensor (as ``squares_into``
+    checks)."""
+    return t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 @torch.no_grad()
@@ -94,14 +120,14 @@ def chunked_norm(t: torch.Tensor) -> float:
     shorter), each accumulated in float32 (half precision too; float64 for float64), their
     squares summed in float64; taken again in float64 where too small (or not finite) to be
     trusted."""
-    flat = t.reshape(-1)
+    flat = t.reshape(-1).contiguous()  # (a strided view's rows are summed one by one)
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     whole = flat.numel() - flat.numel() % CHUNK
     pieces = [torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
               for rows in flat[:whole].view(-1, CHUNK).split(BLOCK_ROWS)]
     pieces.append(torch.linalg.vector_norm(flat[whole:], dtype=dtype).reshape(1))
     norm = torch.linalg.vector_norm(torch.cat(pieces), dtype=torch.float64).item()
-    if TRUSTED_NORM * math.sqrt(max(flat.numel() / FUSED_MAX, 1.0)) <= norm < math.inf:
+    if TRUSTED_NORM * math.sqrt(flat.numel()) <= norm < math.inf:
         return norm
     return _float64_norm(t).item()
 

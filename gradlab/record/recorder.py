@@ -154,7 +154,8 @@ class GradientRecorder:
             self._steps.append(step)
             self._updates.open_row()
             self._stats.begin(self._row)
-            self._passes.begin()
+            if self.by_pass:
+                self._passes.begin()
             self._forget()
         return recorded
 
