@@ -147,29 +147,115 @@ MEASURES: dict[str, Callable] = {
 }
 
 
+# What a claim's own keys may hold. A wrongly typed one is an error of load_spec, before any
+# run trains, not a traceback after the sweep.
+GRAD_COLUMNS = ("grad_output_norm", "grad_weight_norm", "grad_bias_norm", "weight_norm",
+                "update_ratio", "applied_update_ratio", "act_grad_mean", "saturated_frac",
+                "dead_frac", "loss")  # the numbers of grads.parquet
+QUANTITIES = ("activation", "grad_output", "grad_weight")  # dists.parquet's
+STATS = {"final_test": ("accuracy", "error"), "dist_stat": ("quantile", "mean", "std")}
+STEPS = ("median", "last")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_claim(claim: Any, columns: tuple[str, ...]) -> dict:
-    """Validate one [[claim]] table; raises ClaimError naming the first bad key."""
+    """Validate one [[claim]] table; raises ClaimError naming the claim and its first bad
+    key."""
     if not isinstance(claim, dict):
         raise ClaimError("a [[claim]] must be a table")
+    try:
+        return check_keys(claim, columns)
+    except ClaimError as e:
+        name = claim.get("claim")
+        if isinstance(name, str) and name.strip():
+            short = " ".join(name.split())
+            short = short if len(short) <= 50 else short[:49] + "…"
+            raise ClaimError(f"{short!r}: {e}") from None
+        raise
+
+
+def check_keys(claim: dict, columns: tuple[str, ...]) -> dict:
     bad = sorted(set(claim) - set(CLAIM_KEYS))
     if bad:
         raise ClaimError(f"unknown key {bad[0]!r}: allowed are {', '.join(CLAIM_KEYS)}")
     for key in ("claim", "source", "measure", "expect"):
         if key not in claim:
             raise ClaimError(f"needs {key!r}")
+    for key in ("claim", "source", "differs", "measure", "quantity", "stat"):
+        if key in claim and not isinstance(claim[key], str):
+            raise ClaimError(f"{key}={claim[key]!r} is invalid: a string")
     if claim["measure"] not in MEASURES:
         raise ClaimError(f"measure={claim['measure']!r} is invalid: one of {', '.join(MEASURES)}")
     runs = claim.get("runs", {})
     if not isinstance(runs, dict) or any(k not in columns for k in runs):
         raise ClaimError(f"runs={runs!r} is invalid: a table of config columns "
                          f"({', '.join(columns)})")
+    for key, value in runs.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, (str, int, float, bool)) for v in values):
+            raise ClaimError(f"runs.{key}={value!r} is invalid: a value or a list of values")
+    check_expect(claim)
+    check_options(claim)
+    return claim
+
+
+def check_expect(claim: dict) -> None:
+    """``expect``: one of EXPECTATIONS with a bound of its kind; ``published`` a number or a
+    text (a nonzero number for ``within``, which is relative to it)."""
     expect = claim["expect"]
     if not isinstance(expect, dict) or len(expect) != 1 or next(iter(expect)) not in EXPECTATIONS:
         raise ClaimError(f"expect={expect!r} is invalid: one of {', '.join(EXPECTATIONS)}, "
                          f"e.g. {{ within = 0.5 }} or {{ below = 0.1 }}")
-    if "within" in expect and not isinstance(claim.get("published"), (int, float)):
-        raise ClaimError("expect.within needs a numeric published value")
-    return claim
+    kind, bound = next(iter(expect.items()))
+    published = claim.get("published")
+    if published is not None and not (is_number(published) or isinstance(published, str)):
+        raise ClaimError(f"published={published!r} is invalid: a number or a text")
+    if kind == "between":
+        if not (isinstance(bound, list) and len(bound) == 2 and all(map(is_number, bound))
+                and bound[0] <= bound[1]):
+            raise ClaimError(f"expect.between={bound!r} is invalid: two numbers, low then "
+                             f"high, e.g. {{ between = [0.9, 0.95] }}")
+    elif not is_number(bound) or (kind == "within" and bound < 0):
+        raise ClaimError(f"expect.{kind}={bound!r} is invalid: "
+                         f"{'a number of at least 0' if kind == 'within' else 'a number'}")
+    if kind == "within" and not (is_number(published) and published != 0):
+        raise ClaimError(f"expect.within needs a numeric published value other than 0 "
+                         f"(published={published!r})")
+
+
+def check_options(claim: dict) -> None:
+    """The measure's own keys: layers are integers, steps an integer of at least 0 or one of
+    STEPS, ``column`` a recorded column, ``scale`` and ``q`` numbers."""
+    for key in ("layer", "of_layer"):
+        if key in claim and not is_int(claim[key]):
+            raise ClaimError(f"{key}={claim[key]!r} is invalid: an integer (negative counts "
+                             f"from the output layer, -1 is the last)")
+    step = claim.get("step", 0)
+    if not ((is_int(step) and step >= 0) or step in STEPS):
+        raise ClaimError(f"step={step!r} is invalid: an integer of at least 0, or one of "
+                         f"{', '.join(STEPS)}")
+    if "scale" in claim and not is_number(claim["scale"]):
+        raise ClaimError(f"scale={claim['scale']!r} is invalid: a number")
+    if "q" in claim and not (is_number(claim["q"]) and 0 <= claim["q"] <= 1):
+        raise ClaimError(f"q={claim['q']!r} is invalid: a number from 0 to 1")
+    if "column" in claim and claim["column"] not in GRAD_COLUMNS:
+        raise ClaimError(f"column={claim['column']!r} is invalid: one of "
+                         f"{', '.join(GRAD_COLUMNS)}")
+    if "quantity" in claim and claim["quantity"] not in QUANTITIES:
+        raise ClaimError(f"quantity={claim['quantity']!r} is invalid: one of "
+                         f"{', '.join(QUANTITIES)}")
+    stats = STATS.get(claim["measure"])
+    if "stat" in claim and stats is not None and claim["stat"] not in stats:
+        raise ClaimError(f"stat={claim['stat']!r} is invalid for {claim['measure']}: one of "
+                         f"{', '.join(stats)}")
 
 
 def matching_runs(runs: pd.DataFrame, where: dict) -> list[str]:
@@ -230,14 +316,47 @@ def claims_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLAIMS_LIMIT = 16 * 2**20  # bytes of claims.csv read: gradlab writes one short row per claim
+
+
+def read_claims(path: Path) -> pd.DataFrame | None:
+    """The claims table ``gradlab figures`` wrote (``CLAIM_COLUMNS``), or None when there is
+    none; a file that is not one (empty, other columns, not a regular file, not CSV) is a
+    one-line warning and None."""
+    import io
+    import warnings
+
+    from .validate import Damaged, read_bytes, reason
+
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        warnings.warn(f"{path}: unreadable ({reason(e)}); the claims are left out", stacklevel=3)
+        return None
+    try:
+        data = read_bytes(path, CLAIMS_LIMIT)
+        table = pd.read_csv(io.BytesIO(data), keep_default_na=False, dtype=str)
+    except Damaged as e:
+        problem = str(e).removeprefix(path.name + " ")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        problem = f"not a CSV table ({reason(e)})"
+    else:
+        missing = [c for c in CLAIM_COLUMNS if c not in table.columns]
+        if not missing:
+            return table
+        problem = f"no column {', '.join(missing)}"
+    warnings.warn(f"{path}: {problem}: expected the columns {', '.join(CLAIM_COLUMNS)} as "
+                  f"gradlab figures writes them; the claims are left out", stacklevel=3)
+    return None
+
+
 def claims_section(results_dir: Path) -> str:
     """The report's claims section: ``claims.csv`` written by ``gradlab figures`` ("" if the
     folder has none, or none with a claim)."""
-    path = Path(results_dir) / "claims.csv"
-    if not path.exists():
-        return ""
-    table = pd.read_csv(path, keep_default_na=False)
-    if table.empty:  # a spec without claims: no section, rather than an empty table
+    table = read_claims(Path(results_dir) / "claims.csv")
+    if table is None or table.empty:  # a spec without claims: no section, not an empty table
         return ""
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in ("claim", "source", "published",

@@ -4,12 +4,11 @@ run."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 
 from . import store
-from .validate import Damaged, check_run
+from .reader import read_folder
 
 LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "init", "lr", "seed",
               "epochs", "final_test_accuracy", "note")
@@ -17,36 +16,14 @@ LS_COLUMNS = ("run_id", "status", "engine", "depth", "widths", "activation", "in
 
 def list_runs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     """The runs of a results folder (one row each, LS_COLUMNS) and one line per damaged or
-    unfinished run (``gradlab.validate.check_run``). Raises StoreError if ``path`` is not a
-    results folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise store.StoreError(f"{path} is not a gradlab results folder: no such folder")
-    rows, problems = [], []
-    for rd in store.run_dirs(path):
-        name = rd.name if rd.parent.name == store.RUNS else str(rd)
-        if not (rd / "config.json").exists() and not (rd / "status.json").exists():
-            problems.append(f"{name}: no config.json (a run that never started); skipped")
-            continue
-        try:
-            meta = store.read_run_meta(rd)
-        except Damaged as e:
-            problems.append(f"{name}: {e}; skipped")
-            continue
-        if meta["status"] == "unfinished":
-            problems.append(f"{name}: no status.json (unfinished run)")
-        else:
-            _, damage = check_run(rd)
-            if damage:
-                problems.append(f"{name}: {'; '.join(damage)}; skipped (a sweep trains it "
-                                f"again)")
-                continue
-        rows.append(row(meta))
-    table = pd.DataFrame(rows, columns=list(LS_COLUMNS))
+    unfinished run, as every reader sees them (``gradlab.reader``). Raises StoreError if
+    ``path`` is not a results folder."""
+    folder = read_folder(path)
+    table = pd.DataFrame([row(run.row()) for run in folder.listed()], columns=list(LS_COLUMNS))
     if not table.empty:
         table = table.sort_values(["depth", "widths", "activation", "init", "lr", "seed",
                                    "run_id"], kind="stable", ignore_index=True)
-    return table, problems
+    return table, folder.problems()
 
 
 def row(meta: dict) -> dict:

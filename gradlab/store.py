@@ -22,17 +22,24 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import CONFIG_FIELDS, RunConfig
 from .errors import GradlabError
-from .validate import Damaged, digests, is_gradlab_run, read_config, read_records, strict
+from .validate import (
+    NUMERIC_COLUMNS,
+    TEXT_COLUMNS,
+    digests,
+    is_gradlab_run,
+    read_config,
+    strict,
+)
 from .validate import read_status as read_valid_status
 
 RUNS = "runs"
@@ -227,11 +234,20 @@ def close_run(path: Path, run_id: str, records: dict[str, pd.DataFrame], status:
     write_json(path / "config.json", meta)
     status = {"status": status.get("status", "complete"), "run_id": run_id,
               **{k: v for k, v in status.items() if k not in ("status", "run_id")},
+              "error": cut(status.get("error")),
               "finished": meta["provenance"]["finished"],
               # what the files were when the run finished: a change to any byte later is damage
               "sha256": digests(path)}
     write_json(path / "status.json", status)
     return status
+
+
+ERROR_CHARS = 2000  # an error note in status.json; error.txt keeps the whole traceback
+
+
+def cut(text: str | None, limit: int = ERROR_CHARS) -> str | None:
+    """A note cut to ``limit`` characters, so that status.json stays small."""
+    return text if text is None or len(text) <= limit else text[:limit - 1] + "…"
 
 
 def begin_run(out: Path, config: RunConfig, device: str, ensemble: int | None = None) -> Path:
@@ -262,20 +278,49 @@ def finish_run(path: Path, result) -> dict:
 # -- reading ---------------------------------------------------------------------------------
 
 
-@dataclass
+FRAMES = ("grads", "epochs", "dists", "time", "metrics")  # record frames, by file stem
+
+
 class Results:
     """Tidy frames of a results folder: ``grads``, ``epochs``, ``dists`` (empty when no run has
     dists.parquet), ``time`` (recurrent layers' gradient through time: ``TIME_COLUMNS``, no rows
-    when no run has time.parquet) and ``runs`` (one row per run), each with the config columns
-    joined in; ``problems`` names what could not be read."""
+    when no run has time.parquet), ``metrics`` (``rec.log``'s rows) and ``runs`` (one row per
+    run), each with the config columns joined in; ``problems`` names what could not be read.
 
-    grads: pd.DataFrame
-    epochs: pd.DataFrame
-    runs: pd.DataFrame
-    problems: list[str] = field(default_factory=list)
-    dists: pd.DataFrame = field(default_factory=pd.DataFrame)
-    time: pd.DataFrame = field(default_factory=empty_time)
-    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)  # rec.log's rows
+    A frame of ``gradlab.load`` is read when it is first used (``load(out).runs`` parses no
+    record file); a frame given to the constructor is kept as it is."""
+
+    def __init__(self, grads: pd.DataFrame | None = None, epochs: pd.DataFrame | None = None,
+                 runs: pd.DataFrame | None = None, problems: list[str] | None = None,
+                 dists: pd.DataFrame | None = None, time: pd.DataFrame | None = None,
+                 metrics: pd.DataFrame | None = None, *, source=None):
+        self.runs = runs if runs is not None else pd.DataFrame()
+        self.problems = problems if problems is not None else []
+        self._frames = {"grads": grads, "epochs": epochs, "dists": dists, "time": time,
+                        "metrics": metrics}
+        self._source = source  # stem -> frame, for frames read when first used
+
+    def frame(self, stem: str) -> pd.DataFrame:
+        """The frame of a record file stem (``FRAMES``), read on first use."""
+        if self._frames[stem] is None:
+            frame = self._source(stem) if self._source is not None else None
+            if frame is None:
+                frame = empty_time() if stem == "time" else pd.DataFrame()
+            self._frames[stem] = frame
+        return self._frames[stem]
+
+    def set_frame(self, stem: str, frame: pd.DataFrame) -> None:
+        self._frames[stem] = frame
+
+    grads = property(lambda self: self.frame("grads"),
+                     lambda self, v: self.set_frame("grads", v))
+    epochs = property(lambda self: self.frame("epochs"),
+                      lambda self, v: self.set_frame("epochs", v))
+    dists = property(lambda self: self.frame("dists"),
+                     lambda self, v: self.set_frame("dists", v))
+    time = property(lambda self: self.frame("time"), lambda self, v: self.set_frame("time", v))
+    metrics = property(lambda self: self.frame("metrics"),
+                       lambda self, v: self.set_frame("metrics", v))
 
     def __repr__(self) -> str:
         """One line: runs by status and the rows of each frame (not the frames themselves)."""
@@ -325,17 +370,62 @@ RUN_KEYS = ("run_id", "source", "status", "final_test_accuracy", "diverged_step"
             "device", "git_sha", "torch", "gradlab")
 
 
+# gradlab's own columns of a run: what read_run_meta adds and a trained run's config columns
+# (and the record files' columns, which the config columns are joined beside)
+OWN_COLUMNS = frozenset((*RUN_KEYS, *CONFIG_FIELDS, "width", "widths", *TEXT_COLUMNS,
+                         *NUMERIC_COLUMNS))
+
+
+# A watched model's own layers are what gradlab counts: a user's depth or widths never stand
+# in for them (the figures find the last layer by depth).
+STRUCTURAL = ("depth", "widths", "width")
+
+
+def field_kinds() -> dict[str, tuple[type, ...]]:
+    """The Python kinds of each RunConfig field's values (numbers for an optional number)."""
+    kinds = {}
+    for key, value in RunConfig().to_dict().items():
+        kinds[key] = ((bool,) if isinstance(value, bool) else (str,) if isinstance(value, str)
+                      else (int,) if isinstance(value, int) else (int, float))
+    return kinds
+
+
+def own_keys(config: dict) -> dict[str, Any]:
+    """A watched run's config (the user's own keys) as columns, scalars only. A key named as
+    one of gradlab's run columns (run_id, status, ...), record columns (step, layer, ...) or
+    structural settings (depth, widths), or as a setting (lr, activation, ...) but holding a
+    value of another kind, is kept as ``config_<key>``: a user's ``depth`` (3 or "deep") never
+    stands in for gradlab's, and a column never mixes kinds; ``lr = 0.1`` stays ``lr``."""
+    kinds = field_kinds()
+    columns: dict[str, Any] = {}
+    for key, value in config.items():
+        if value is not None and not isinstance(value, (str, int, float)):
+            continue
+        fits = key in kinds and key not in STRUCTURAL and (
+            value is None or (isinstance(value, kinds[key])
+                              and (bool in kinds[key] or not isinstance(value, bool))))
+        name = key
+        while (name in OWN_COLUMNS and not (name == key and fits)) or name in columns \
+                or (name != key and name in config):
+            name = f"config_{name}"
+        columns[name] = value
+    return columns
+
+
 def read_run_meta(path: Path) -> dict:
     """One run's config and status as a flat dict; raises ``Damaged`` (one line) when its
     config.json or status.json does not read back."""
     meta = read_config(path)
-    status = read_status(path) or {"status": "unfinished"}
+    return meta_row(meta, read_status(path))
+
+
+def meta_row(meta: dict, status: dict | None) -> dict:
+    """A run's validated config.json and status.json (None: unfinished) as one flat row."""
+    status = status or {"status": "unfinished"}
     provenance = meta.get("provenance", {})
     config = meta["config"]
-    columns = config_columns(config) if is_gradlab_run(meta) else {
-        k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}
-    columns = {f"config_{k}" if k in RUN_KEYS else k: v for k, v in columns.items()}
-    return {  # (a user's key named as one of gradlab's is kept as config_<key>)
+    columns = config_columns(config) if is_gradlab_run(meta) else own_keys(config)
+    return {
         "run_id": meta["run_id"],
         "source": meta.get("source", "gradlab"),
         **columns,
@@ -351,56 +441,80 @@ def read_run_meta(path: Path) -> dict:
 
 
 def load(path: str | os.PathLike, *, include_unfinished: bool = False,
-         run_ids: Iterable[str] | None = None) -> Results:
+         run_ids: Iterable[str] | None = None, columns: Iterable[str] | None = None,
+         filters=None) -> Results:
     """Load a results folder (or one run folder) into tidy pandas frames.
 
-    Runs without ``status.json`` are unfinished and left out unless ``include_unfinished``
-    (they still appear in ``runs``). A damaged file (``gradlab.validate``) is named in
-    ``problems`` and in a warning, and the rest is loaded: a run whose config.json or
-    status.json does not read back is left out, a record file that does not is left out alone.
-    Given ``run_ids``, only those runs are kept (``Results.only``).
+    Every run is verified once (``gradlab.reader``): a damaged run (a file that does not read
+    back, or changed since its run finished) is named in ``problems`` and in one warning, and
+    left out of every frame; the rest is loaded. Runs without ``status.json`` are unfinished:
+    they are in ``runs``, and their records only with ``include_unfinished``. Record frames
+    are read when first used (``load(out).runs`` parses no record file).
+
+    Args:
+        path: a results folder made by gradlab, or one run folder.
+        include_unfinished: also read the records an unfinished run has so far.
+        run_ids: only these runs (e.g. one sweep's, in a folder that holds more).
+        columns: only these record columns (and ``run_id``; a column a file lacks is left
+            out), read from the files as asked; the config columns are joined in as always.
+        filters: only the record rows these keep, read as pyarrow's Parquet reader reads
+            them (e.g. ``[("step", "==", 0)]``, or a ``pyarrow.compute`` expression); the
+            columns it names must be in every record frame that is used.
     """
-    path = Path(path)
-    try:
-        there = path.exists()
-    except OSError as e:  # e.g. a name too long
-        raise StoreError(f"cannot read {shorten(path)}: {e.strerror or type(e).__name__}") from None
-    if not there:
-        raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
-    metas, grads, epochs, dists, times, metrics, problems = [], [], [], [], [], [], []
-    for rd in run_dirs(path):
-        try:
-            meta = read_run_meta(rd)
-        except Damaged as e:
-            problems.append(f"{rd}: {e}; skipped")
-            continue
-        if meta["status"] == "unfinished":
-            problems.append(f"{rd}: no status.json (unfinished run)")
-        metas.append(meta)
-        if meta["status"] == "unfinished" and not include_unfinished:
-            continue
-        for name, sink in (("grads.parquet", grads), ("epochs.parquet", epochs),
-                           ("dists.parquet", dists), ("time.parquet", times),
-                           ("metrics.parquet", metrics)):
-            if name not in ("grads.parquet", "epochs.parquet") and not (rd / name).exists():
-                continue  # optional
-            try:
-                sink.append(read_records(rd, name))
-            except Damaged as e:
-                problems.append(f"{rd / name}: {str(e).removeprefix(name + ' ')}; skipped")
+    from .reader import read_folder
+
+    folder = read_folder(path, run_ids)
+    problems = folder.problems()
     for problem in problems:
         warnings.warn(problem, stacklevel=2)
-    runs = pd.DataFrame(metas)
-    config_cols = [c for c in runs.columns if c not in ("error", "git_sha", "torch", "gradlab")]
+    listed = folder.listed()
+    runs = pd.DataFrame([run.row() for run in listed])
+    readable = [r for r in listed if r.finished or include_unfinished]
+    results = Results(runs=runs, problems=problems)
+    results._source = RecordSource(results, readable, columns, filters, include_unfinished)
+    return results
 
-    def join(frames: list[pd.DataFrame]) -> pd.DataFrame:
-        frames = [f for f in frames if len(f.columns)]
-        if not frames or runs.empty:
-            return pd.DataFrame()
-        frame = pd.concat(frames, ignore_index=True)
-        return frame.merge(runs[config_cols], on="run_id", how="left")
 
-    results = Results(grads=join(grads), epochs=join(epochs), runs=runs, problems=problems,
-                      dists=join(dists), time=join(times) if times else empty_time(),
-                      metrics=join(metrics))
-    return results if run_ids is None else results.only(run_ids)
+class RecordSource:
+    """Reads the record frames of ``load``'s runs when first used, with the config columns
+    joined in. A record file that does not parse (whose digest was forged: ``reader``) is
+    named once and its rows left out."""
+
+    def __init__(self, results: Results, runs: list, columns, filters, unfinished: bool):
+        self.results, self.runs, self.filters = results, runs, filters
+        self.columns = None if columns is None else list(columns)
+        self.unfinished = unfinished
+
+    def __call__(self, stem: str) -> pd.DataFrame | None:
+        from .reader import read_records
+
+        name = f"{stem}.parquet"
+        runs = self.runs if stem not in ("grads", "epochs") or not self.unfinished else [
+            r for r in self.runs if os.path.lexists(r.path / name)]
+        tables, bad = read_records(runs, name, self.columns, self.filters)
+        for run, problem in bad:
+            line = f"{run.path / name}: {problem.removeprefix(name + ' ')}; skipped"
+            warnings.warn(line, stacklevel=3)
+            self.results.problems.append(line)
+        if not tables:
+            return None if stem == "time" else pd.DataFrame()
+        return join_config(tables, self.results.runs)
+
+
+def join_config(tables: list, runs: pd.DataFrame) -> pd.DataFrame:
+    """Record tables of runs (one per run, in ``(run, table)`` pairs) as one frame with the
+    runs' config columns joined in (every column of ``runs`` but the provenance ones)."""
+    frames = [t for _, t in tables if t.num_columns]
+    try:
+        table = pa.concat_tables(frames, promote_options="permissive")
+        frame = table.to_pandas()
+    except (pa.ArrowException, ValueError):  # kinds no schema unifies: as pandas would
+        frame = pd.concat([t.to_pandas() for t in frames], ignore_index=True)
+    config_cols = [c for c in runs.columns if c not in ("run_id", "error", "git_sha", "torch",
+                                                         "gradlab")]
+    index = {run_id: i for i, run_id in enumerate(runs["run_id"])}
+    rows = np.repeat(np.asarray([index[run.run_id] for run, t in tables if t.num_columns],
+                                dtype=np.int64),
+                     [t.num_rows for _, t in tables if t.num_columns])
+    config = runs[config_cols].take(rows).reset_index(drop=True)
+    return pd.concat([frame, config], axis=1)
