@@ -130,7 +130,10 @@ def read_folder(path: str | os.PathLike, run_ids: Iterable[str] | None = None) -
     except OSError as e:  # e.g. a name too long
         raise StoreError(f"cannot read {shorten(path)}: {e.strerror or type(e).__name__}") from None
     if not there:
-        raise StoreError(f"{path} is not a gradlab results folder: no such folder")
+        if not path.exists():
+            raise StoreError(f"{path} does not exist: give a results folder made by gradlab")
+        raise StoreError(f"{path} is not a gradlab results folder: expected "
+                         f"{path / RUNS}/<run_id>/")
     dirs = run_dirs(path)
     if run_ids is not None:
         keep = set(run_ids)

@@ -396,7 +396,7 @@ def test_export_refuses_in_one_line_and_writes_nothing(mixed_results, tmp_path, 
     (empty / "runs").mkdir(parents=True)
     for argv, needle in (
             ((empty,), "no finished runs in"),
-            ((tmp_path / "absent",), "no such folder"),
+            ((tmp_path / "absent",), "does not exist"),
             ((mixed_results, "--to", "csv"), "'csv' is not 'tensorboard'")):
         args = ["--to", "tensorboard"] if "--to" not in argv else []
         r = invoke("export", *argv, *args, "--out", tmp_path / "new")
