@@ -15,8 +15,11 @@ from .errors import GradlabError
 
 WEIGHT_INITS = (
     "default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-    "lecun_normal", "orthogonal", "normal:STD", "uniform:A",
+    "lecun_normal", "orthogonal", "orthogonal:GAIN", "normal:STD", "uniform:A",
+    "normal_fan_in:SW2",
 )
+# The example in an init's error message, where 0.1 would mislead (SW2 is a variance, GAIN ~1).
+_INIT_EXAMPLES = {"normal_fan_in": "1.5", "orthogonal": "1.2"}
 BIAS_INITS = ("default", "zeros", "normal:STD")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("mnist", "fashion-mnist")
@@ -67,12 +70,13 @@ def parse_init(spec: str, *, bias: bool = False) -> tuple[str, float | None]:
         _fail(label, spec, allowed_text)
     name, sep, arg = spec.partition(":")
     with_arg = {a.split(":")[0] for a in allowed if ":" in a}
+    example = _INIT_EXAMPLES.get(name, "0.1")
     plain = {a for a in allowed if ":" not in a}
     if not sep:
         if name in plain:
             return name, None
         if name in with_arg:
-            _fail(label, spec, f"{name} needs a parameter, e.g. {name}:0.1")
+            _fail(label, spec, f"{name} needs a parameter, e.g. {name}:{example}")
         _fail(label, spec, allowed_text)
     if name not in with_arg:
         _fail(label, spec, allowed_text)
@@ -81,13 +85,16 @@ def parse_init(spec: str, *, bias: bool = False) -> tuple[str, float | None]:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        _fail(label, spec, f"{name}:X needs a positive number X, e.g. {name}:0.1")
+        _fail(label, spec, f"{name}:X needs a positive number X, e.g. {name}:{example}")
     return name, value
 
 
 def _canonical_init(spec: str, *, bias: bool = False) -> str:
     name, value = parse_init(spec, bias=bias)
-    return name if value is None else f"{name}:{value!r}"
+    # orthogonal:1 draws what plain orthogonal draws (the same calls): one name, one run_id
+    if value is None or (name == "orthogonal" and value == 1.0):
+        return name
+    return f"{name}:{value!r}"
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:

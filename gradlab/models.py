@@ -32,9 +32,13 @@ def init_weight_(w: torch.Tensor, spec: str, activation: str) -> None:
         "kaiming_uniform": lambda: nn.init.kaiming_uniform_(w, a=slope, nonlinearity=nl),
         "kaiming_normal": lambda: nn.init.kaiming_normal_(w, a=slope, nonlinearity=nl),
         "lecun_normal": lambda: _lecun_normal_(w),
-        "orthogonal": lambda: nn.init.orthogonal_(w),
+        # plain orthogonal keeps its own call (bit for bit as before GAIN existed)
+        "orthogonal": lambda: nn.init.orthogonal_(w) if arg is None else nn.init.orthogonal_(
+            w, gain=arg),
         "normal": lambda: nn.init.normal_(w, std=arg),
         "uniform": lambda: nn.init.uniform_(w, -arg, arg),
+        # the mean-field σ_w² (gradlab.theory): Var W_ij = SW2 / fan_in
+        "normal_fan_in": lambda: nn.init.normal_(w, std=math.sqrt(arg / w.shape[1])),
     }
     actions[name]()
 

@@ -85,7 +85,8 @@ RUN_OPTIONS: tuple[Opt, ...] = (
     Opt("width", click.IntRange(1, MAX_WIDTH), "width of every hidden layer", shown="128"),
     Opt("activation", click.Choice(ACTIVATIONS), "activation after each hidden Linear"),
     Opt("init", InitSpec(), "weight init ('default' is PyTorch's own): "
-        + ", ".join(WEIGHT_INITS)),
+        + ", ".join(WEIGHT_INITS) + " (normal_fan_in:SW2 is N(0, SW2/fan_in), the "
+        "mean-field σ_w²; orthogonal:GAIN scales an orthogonal matrix by GAIN)"),
     Opt("bias_init", InitSpec(bias=True), "bias init: " + ", ".join(BIAS_INITS)),
     Opt("dataset", click.Choice(DATASETS), "dataset (torchvision; Fashion-MNIST is also found "
         "where Debian's dataset-fashion-mnist installs it)"),

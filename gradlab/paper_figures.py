@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .plots.files import render
+from .plots.theory import THEORY_FIGURES
 from .plots.style import WIDTH_DOUBLE, palette, paper_style
 from .store import atomic_write, make_folder
 from .tables import with_setup
@@ -186,11 +187,14 @@ def backward_variance(grads: pd.DataFrame, runs: pd.DataFrame, *, step: int = 0,
 
 
 PAPER_FIGURES = ("activation_histograms", "grad_output_histograms", "grad_weight_histograms",
-                 "activation_percentiles", "speed_of_learning", "backward_variance")
+                 "activation_percentiles", "speed_of_learning", "backward_variance",
+                 *THEORY_FIGURES)  # (the mean-field theory beside the measurement)
 
 
 def draw_paper_figure(name: str, results) -> Figure:
     """Draw the paper figure ``name`` (``PAPER_FIGURES``) from ``gradlab.load``'s results."""
+    if name in THEORY_FIGURES:
+        return THEORY_FIGURES[name](results)
     dists = results.dists
     if name.endswith(("_histograms", "_percentiles")):
         if dists.empty:

@@ -89,7 +89,8 @@ def test_init_parser_accepts_only_known_specs(text):
         assert "\n" not in str(e)
     else:
         assert name in {"default", "xavier_uniform", "xavier_normal", "kaiming_uniform",
-                        "kaiming_normal", "lecun_normal", "orthogonal", "normal", "uniform"}
+                        "kaiming_normal", "lecun_normal", "orthogonal", "normal", "uniform",
+                        "normal_fan_in"}
         assert arg is None or (math.isfinite(arg) and arg > 0)
 
 

@@ -6,7 +6,8 @@ from gradlab.config import ACTIVATIONS as ACT_NAMES
 from gradlab.models import ACTIVATIONS, build_mlp, linear_layers
 
 INITS = ["default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-         "lecun_normal", "orthogonal", "normal:0.5", "uniform:0.1"]
+         "lecun_normal", "orthogonal", "normal:0.5", "uniform:0.1", "orthogonal:1.5",
+         "normal_fan_in:1.5"]
 
 
 @pytest.mark.parametrize("sizes", [(784, 10), (784, 128, 256, 10), (784,) + (32,) * 9 + (10,)])
