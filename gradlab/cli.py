@@ -23,6 +23,7 @@ from .options import (
     engine_option,
     grid_from_options,
     jobs_options,
+    portable_option,
     sweep_options,
     train_options,
 )
@@ -108,6 +109,28 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"Warning: {text[0] if text else category.__name__}\n"
 
 
+def enter_portable(in_this_process: bool = False, default: bool = False) -> bool:
+    """Set the portable mode's settings (``gradlab.portable``) before the libraries load, and
+    return whether the mode is on. ``in_this_process``: the command trains in its own process,
+    so the settings must be in effect here; ``default``: the mode was not asked for, so a CPU
+    that cannot run it gets a warning and the native mode instead of an error."""
+    from .portable import PortableError, enter, leave, unavailable
+
+    if default and unavailable() is not None:
+        click.echo(f"Warning: {unavailable()}: building in the native mode (its records "
+                   f"match only CPUs like this one)", err=True)
+        return False
+    try:
+        in_effect, previous = enter()
+    except PortableError as e:
+        raise click.UsageError(str(e)) from None
+    click.get_current_context().call_on_close(lambda: leave(previous))
+    if not in_effect and in_this_process:
+        raise click.UsageError("--portable must be set before torch loads, and it has "
+                               "loaded here: run gradlab as a command, or drop --portable")
+    return True
+
+
 def threading_is_main() -> bool:
     """Whether this is the main thread (the only one that may set signal handlers)."""
     import threading
@@ -141,9 +164,10 @@ def cli():
               help="torch threads, as for each run of a sweep: float32 matmuls can round "
                    "differently at other thread counts, and the same config must give the same "
                    "records whichever command trained it")
+@portable_option(default=False)
 @click.option("--force", is_flag=True, help="train again even if this run is complete")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar or per-epoch lines")
-def train(out, data_dir, device, engine, threads, force, quiet, **options):
+def train(out, data_dir, device, engine, threads, portable, force, quiet, **options):
     """Train one configuration and store it under OUT/runs/<run_id>/.
 
     The defaults train the tutorial's sigmoid net shape at depth 3 (width 128); the tutorial's
@@ -151,6 +175,8 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
     Prints one line per epoch and a summary; the records are config.json, grads.parquet,
     epochs.parquet and status.json.
     """
+    if portable:  # first: the libraries read its settings when they load
+        enter_portable(in_this_process=True)
     from .config import make_config
     from .data import ensure_data, resolve_data_dir
     from .locks import LOCKED
@@ -202,10 +228,11 @@ def train(out, data_dir, device, engine, threads, force, quiet, **options):
               help="train the seeds of each configuration together in one process, as one "
                    "vectorised ensemble (the fused engine with stacked members; their records "
                    "equal their runs' alone to float rounding); implies --engine fused")
+@portable_option(default=False)
 @click.option("--report", "make_report", is_flag=True,
               help="write the HTML report of OUT when the sweep ends")
 def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, ensemble,
-          make_report, preset, **options):
+          portable, make_report, preset, **options):
     """Train every combination of the comma-list options into OUT/runs/<run_id>/.
 
     With no option it trains the comparison gradlab is about (--preset story): sigmoid, ReLU
@@ -223,6 +250,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     \b
     Example: gradlab sweep --depths 3,5,10 --seeds 0,1,2 -j 2
     """
+    if portable:  # first: the libraries read its settings when they load
+        enter_portable()
     from .config import expand_grids
     from .presets import sweep_grids, widths_note
     from .progress import SweepProgress, progress_callbacks
@@ -243,7 +272,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     with SweepProgress(configs, out) as progress:
         result = run_sweep(configs, out, jobs=jobs, threads=threads, executor=executor,
                            ray_address=ray_address, data_dir=data_dir, device=device,
-                           ensemble=ensemble, **progress_callbacks(progress))
+                           ensemble=ensemble, portable=portable,
+                           **progress_callbacks(progress))
     click.echo(format_summary(sweep_summary(out, run_ids)))
     for line in result.repaired():  # damaged runs, trained again
         click.echo(line)
@@ -395,15 +425,31 @@ def report(results):
 @click.option("--device", type=Device(), default="cpu",
               help="where missing runs train; the committed results were made on the CPU, "
                    "whose runs are bit-for-bit reproducible")
+@portable_option(default=True)
 @click.option("--report", "make_report", is_flag=True,
               help="also write OUT/report.html (figures, tables, runs, provenance)")
-def figures(spec, out, jobs, threads, data_dir, device, make_report):
+@click.option("--check", "check_only", is_flag=True,
+              help="write no figure or table to OUT: rebuild in a scratch folder (from the "
+                   "records that OUT holds, if any) and compare with OUT's committed manifest, "
+                   "summary and claims; exit 0 when they agree, 1 with a short list when not")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              help="with --check: the drift of a summary mean allowed, in its seed sd")
+def figures(spec, out, jobs, threads, data_dir, device, portable, make_report, check_only,
+            tolerance):
     """Rebuild an experiment's figures from its TOML SPEC (e.g. experiments/vanishing.toml).
 
     Trains the runs that are missing (resumable, as a sweep), then writes figures/, summary.csv,
-    summary.md and manifest.json (run_ids, content hash of the records behind each figure,
-    versions, git SHA) to OUT. The same spec gives the same figure bytes and tables.
+    summary.md and manifest.json (run_ids, content hash of the records behind each figure and
+    of the tables, versions, git SHA, and the machine: CPU, its flags, BLAS and its mode,
+    threads, portable or native) to OUT. On a CPU, in the portable mode (the default), the same
+    spec gives the same records, figure bytes and tables on every x86-64 CPU with AVX2; with
+    --native, on CPUs like this one. --check says whether a rebuild here agrees with the
+    committed results: "identical", or each summary number's drift in seed sd and any claim's
+    changed verdict.
     """
+    if portable:  # first: torch, numpy and numba read its settings when they load
+        source = click.get_current_context().get_parameter_source("portable")
+        portable = enter_portable(default=source == click.core.ParameterSource.DEFAULT)
     from .experiment import build, load_spec, summary_text
     from .progress import SweepProgress, progress_callbacks
 
@@ -411,9 +457,12 @@ def figures(spec, out, jobs, threads, data_dir, device, make_report):
     check_device(device)
     configs = experiment.configs()
     out = out or f"results/{experiment.name}"
+    options = dict(jobs=jobs, threads=threads, data_dir=data_dir, device=device,
+                   portable=portable)
+    if check_only:
+        return check_figures(experiment, out, tolerance, options)
     with SweepProgress(configs, out) as progress:
-        manifest = echo_warnings(lambda: build(experiment, out, jobs=jobs, threads=threads,
-                                               data_dir=data_dir, device=device,
+        manifest = echo_warnings(lambda: build(experiment, out, **options,
                                                **progress_callbacks(progress)))
     click.echo(summary_text(out))
     echo_verdict(out, [c.run_id() for c in configs])
@@ -428,6 +477,25 @@ def figures(spec, out, jobs, threads, data_dir, device, make_report):
         click.echo(f"  {run_id}: {status}")
     # a diverged run is a result (exploding.toml shows them); a failed one is an error
     return 1 if "failed" in bad.values() else 0
+
+
+def check_figures(experiment, out, tolerance: float, options: dict) -> int:
+    """``gradlab figures --check``: one line, then each drift; 0 when the rebuild agrees."""
+    from .check import check, read_built
+    from .progress import SweepProgress, progress_callbacks
+
+    read_built(out)  # nothing to check against: one line before anything trains
+    with SweepProgress(experiment.configs(), out) as progress:
+        outcome = echo_warnings(lambda: check(experiment, out, tolerance=tolerance, **options,
+                                              **progress_callbacks(progress)))
+    click.echo(f"{experiment.name}: {outcome.headline}")
+    for line in outcome.drifts:
+        click.echo(f"  {line}")
+    if outcome.problems:
+        click.echo(f"disagrees with {out} ({len(outcome.problems)}):")
+        for line in outcome.problems:
+            click.echo(f"  {line}")
+    return 0 if outcome.ok else 1
 
 
 # -- export (issue 26) -----------------------------------------------------------------------

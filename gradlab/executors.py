@@ -209,8 +209,10 @@ def start_ray(ray, address: str | None, cpus: int) -> None:
 
 
 def run_ray(tasks: list[Task], jobs: int, address: str | None,
-            on_progress: Progress | None = None) -> Iterator[list[dict]]:
-    """Each run as a Ray task, on the cluster at ``address`` or on a local Ray instance.
+            on_progress: Progress | None = None,
+            env: dict[str, str] | None = None) -> Iterator[list[dict]]:
+    """Each run as a Ray task, on the cluster at ``address`` or on a local Ray instance; ``env``:
+    environment variables its workers start with (the portable mode's settings).
 
     Uses an already initialised Ray as it is (and leaves it running). Workers write to the
     shared results folder themselves, so ``out`` must be on a filesystem they all see.
@@ -227,7 +229,9 @@ def run_ray(tasks: list[Task], jobs: int, address: str | None,
         # that GPUs set the pace); on a cluster, its capacity decides how many run at once
         cpus = tasks[0].threads
         remote = ray.remote(run_task).options(num_gpus=1 if uses_gpu else 0,
-                                             num_cpus=0 if uses_gpu else cpus, max_retries=0)
+                                             num_cpus=0 if uses_gpu else cpus, max_retries=0,
+                                             **({"runtime_env": {"env_vars": env}} if env
+                                                else {}))
         pending = {remote.remote(*task.args()): task for task in tasks}
         try:
             while pending:

@@ -15,8 +15,11 @@ A spec (see ``experiments/*.toml``)::
 
 ``build(spec)`` runs what is missing (resumably, as a sweep), then writes to ``results/NAME/``:
 ``figures/``, ``summary.csv``, ``summary.md`` (opening with the claims table), ``claims.csv``
-and ``manifest.json`` (the run_ids and a content hash of the records behind each figure,
-versions, git SHA).
+and ``manifest.json``: the run_ids, a content hash of the records behind each figure, the
+tables' hashes, versions, git SHA, whether the runs trained in the portable CPU mode
+(``gradlab.portable``), and under ``machine`` what it was built on (CPU, flags, code paths,
+threads). Two builds compare equal on every key but ``machine``, ``git_sha`` and ``versions``
+when they made the same bytes.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ def build(
     threads: int = 1,
     data_dir: str | None = None,
     device: str = "cpu",
+    portable: bool = False,
     on_start=None,
     on_run=None,
     on_progress=None,
@@ -166,9 +170,9 @@ def build(
     Args:
         experiment: from ``load_spec``.
         out: the results folder; default ``results/<name>``.
-        jobs, threads, data_dir, device, on_start, on_run, on_progress: as for
+        jobs, threads, data_dir, device, portable, on_start, on_run, on_progress: as for
             ``gradlab.sweep.run_sweep``. The default device is the CPU, whose runs are bit-for-bit
-            reproducible.
+            reproducible on one machine, and on every x86-64 CPU with AVX2 when ``portable``.
 
     Returns the manifest (also written to ``out/manifest.json``).
     """
@@ -180,8 +184,9 @@ def build(
 
     out = Path(out) if out is not None else Path("results") / experiment.name
     configs = experiment.configs()
-    sweep = run_sweep(configs, out, jobs=jobs, threads=threads, data_dir=data_dir, device=device,
-                      on_start=on_start, on_run=on_run, on_progress=on_progress)
+    sweep = run_sweep(configs, out, jobs=jobs, threads=threads, data_dir=data_dir,
+                      device=device, portable=portable, on_start=on_start, on_run=on_run,
+                      on_progress=on_progress)
     ids = [c.run_id() for c in configs]
     # only this experiment's runs are drawn, even if the folder has more
     results = load(out, run_ids=ids)
@@ -218,6 +223,8 @@ def build(
         "versions": _versions(__version__),
         "git_sha": git_sha(),
         "device": device,
+        "portable": portable,
+        "machine": _machine(portable, threads),
     }
     write_json(out / "manifest.json", manifest)
     return manifest
@@ -289,6 +296,20 @@ def _versions(gradlab_version: str) -> dict[str, str]:
     import seaborn
     import torch
 
-    return {"gradlab": gradlab_version, "torch": torch.__version__,
-            "pandas": pd.__version__, "matplotlib": matplotlib.__version__,
-            "seaborn": seaborn.__version__, "python": platform.python_version()}
+    versions = {"gradlab": gradlab_version, "torch": torch.__version__,
+                "pandas": pd.__version__, "matplotlib": matplotlib.__version__,
+                "seaborn": seaborn.__version__, "python": platform.python_version()}
+    try:
+        import numba
+    except ImportError:  # optional (gradlab[fast])
+        return versions
+    return {**versions, "numba": numba.__version__}
+
+
+def _machine(portable: bool, threads: int) -> dict:
+    """The manifest's ``machine``: what this build ran on (``gradlab.portable.machine``) and
+    whether this process itself computed in the portable mode (its runs may have trained in
+    fresh workers that did)."""
+    from . import portable as mode
+
+    return {**mode.machine(portable, threads), "portable_in_this_process": mode.in_effect()}

@@ -27,6 +27,8 @@ from .config import (
 )
 
 MAX_THREADS = 1024  # torch threads per run: beyond any machine's cores, a typo
+# the portable mode's cost, measured side by side with native (README "Rebuilding the figures")
+PORTABLE_COST = "+40 to +70 % CPU time per run, measured on an AMD EPYC"
 
 
 class InitSpec(click.ParamType):
@@ -361,3 +363,14 @@ def jobs_options(f):
     return click.option("--jobs", "-j", type=click.IntRange(1), default=cores,
                         show_default="this machine's cores",
                         help="runs at once, each in its own process (or Ray task)")(f)
+
+
+def portable_option(default: bool):
+    """``--portable/--native``: the portable CPU mode (``gradlab.portable``), on or off."""
+    return click.option(
+        "--portable/--native", default=default, show_default=True,
+        help="portable: pin MKL (MKL_CBWR=COMPATIBLE), ATen (AVX2), numba (x86-64-v3) and "
+             "numpy to code paths that every x86-64 CPU with AVX2 runs alike, so that the same "
+             "config gives the same records on any such CPU, Intel or AMD (" + PORTABLE_COST
+             + "); native: the fastest paths for this CPU, the same records only on CPUs "
+             "like it")

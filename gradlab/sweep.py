@@ -151,6 +151,7 @@ def run_sweep(
     threads: int = THREADS,
     ensemble: bool = False,
     on_progress: Progress | None = None,
+    portable: bool = False,
 ) -> SweepResult:
     """Run every config of a grid into ``out``; finished runs are skipped.
 
@@ -170,9 +171,31 @@ def run_sweep(
             be ``fused``).
         on_progress: called in this process with (run_id, steps done, steps in all) as runs
             train (Ray and ensembles: once per finished run).
+        portable: train in the portable CPU mode (``gradlab.portable``): pool workers inherit
+            its settings, Ray tasks get them in their ``runtime_env``; where this process
+            loaded torch before the settings were made, even one run trains in a fresh worker.
     """
     if executor not in EXECUTORS:
         raise SweepError(f"executor={executor!r} is invalid: one of {', '.join(EXECUTORS)}")
+    if not portable:
+        return _run_sweep(configs, out, jobs, executor, ray_address, data_dir, device, on_start,
+                          on_run, threads, ensemble, on_progress)
+    from . import portable as mode
+
+    in_effect, previous = mode.enter()
+    try:  # where it is not in effect here, even one run trains in a fresh worker
+        return _run_sweep(configs, out, jobs, executor, ray_address, data_dir, device, on_start,
+                          on_run, threads, ensemble, on_progress,
+                          env=dict(mode.SETTINGS), fresh_workers=not in_effect)
+    finally:
+        mode.leave(previous)
+
+
+def _run_sweep(configs, out, jobs, executor, ray_address, data_dir, device, on_start, on_run,
+               threads, ensemble, on_progress, env: dict | None = None,
+               fresh_workers: bool = False) -> SweepResult:
+    """``run_sweep``; ``env``: the environment of Ray's tasks; ``fresh_workers``: train every
+    run in a pool worker, even with ``jobs`` 1."""
     if executor == "ray":
         import_ray()
         if ray_address:  # before any line is printed: a dead address is one line
@@ -195,8 +218,8 @@ def run_sweep(
     if not tasks:
         stream: Iterator[dict] = iter(())
     elif executor == "ray":
-        stream = run_ray(tasks, jobs, ray_address, on_progress)
-    elif jobs > 1 and len(tasks) > 1:
+        stream = run_ray(tasks, jobs, ray_address, on_progress, env=env)
+    elif fresh_workers or (jobs > 1 and len(tasks) > 1):
         stream = run_pool(tasks, jobs, on_progress)
     else:
         stream = run_inline(tasks, on_progress)
