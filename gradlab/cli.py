@@ -255,7 +255,8 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
     from .config import expand_grids
     from .presets import sweep_grids, widths_note
     from .progress import SweepProgress, progress_callbacks
-    from .sweep import format_summary, run_sweep, sweep_summary
+    from .summary import sweep_results
+    from .sweep import format_summary, run_sweep, summary_table
 
     if ensemble and engine not in (None, "fused"):
         raise click.UsageError("--ensemble trains with the fused engine: drop --engine "
@@ -274,10 +275,12 @@ def sweep(out, jobs, threads, executor, ray_address, data_dir, device, engine, e
                            ray_address=ray_address, data_dir=data_dir, device=device,
                            ensemble=ensemble, portable=portable,
                            **progress_callbacks(progress))
-    click.echo(format_summary(sweep_summary(out, run_ids)))
+    # one read of each run for the summary and the verdict, none again of those the plan read
+    results = sweep_results(out, run_ids, result.folder)
+    click.echo(format_summary(summary_table(results)))
     for line in result.repaired():  # damaged runs, trained again
         click.echo(line)
-    echo_verdict(out, run_ids)
+    echo_verdict(out, run_ids, results)
     echo_problems(result, out)
     echo_figures(out, run_ids)
     if make_report:
@@ -311,11 +314,12 @@ def echo_figures(out, run_ids) -> None:
         click.echo(f"  {path}")
 
 
-def echo_verdict(out, run_ids) -> None:
-    """Print what the runs of ``out`` show, in plain words, one line per setup."""
-    from .summary import sweep_verdict
+def echo_verdict(out, run_ids, results=None) -> None:
+    """Print what the runs of ``out`` show, in plain words, one line per setup (``results``:
+    those runs, already loaded)."""
+    from .summary import results_verdict, sweep_verdict
 
-    lines = sweep_verdict(out, run_ids)
+    lines = sweep_verdict(out, run_ids) if results is None else results_verdict(results)
     if lines:
         click.echo("\nIn plain words (‖g_first‖/‖g_last‖: the first layer's gradient norm over "
                    "the last layer's; 1 = kept):")

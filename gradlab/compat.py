@@ -63,3 +63,44 @@ def at_backward_end(callback) -> bool:
     queue(callback)
     return True
 
+
+
+def is_compiling() -> bool:
+    """Whether this code is being traced by ``torch.compile`` (dynamo), where it becomes a
+    graph: ``torch.compiler.is_compiling`` (torch 2.3 and later; earlier: never)."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+def uncompiled(model):
+    """The module a ``torch.compile``d one wraps (``OptimizedModule._orig_mod``; hooks on it run
+    as the compiled module calls it, its submodules' inside the graph), else ``model``: its
+    layers keep the names they have in the model as written."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == (
+        "OptimizedModule") else model
+
+
+
+def forget_compiled(model) -> None:
+    """Drop the graphs ``torch.compile`` made of ``model``'s forward, if any: dynamo does not
+    guard on module hooks, so a graph traced before a recorder's hooks were registered (or with
+    an earlier recorder's) would keep running without them. By the forward code objects' cache
+    entries (private: ``reset_code``); where that is missing, every graph of the process
+    (``torch.compiler.reset``), once one was made."""
+    frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    entries = getattr(frames, "_debug_get_cache_entry_list", None)
+    reset_code = getattr(frames, "reset_code", None)
+    if entries is None or reset_code is None:
+        counters = torch._dynamo.utils.counters
+        if counters["stats"].get("unique_graphs"):
+            torch.compiler.reset()
+        return
+    from torch._dynamo import external_utils
+
+    codes = {type(m).forward.__code__ for m in model.modules()}
+    codes.add(external_utils.wrap_inline(len).__code__)  # (how an nn.Sequential is compiled)
+    for code in codes:
+        if entries(code):
+            reset_code(code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -214,19 +213,27 @@ class RunConfig:
         return (784, *self.widths, 10)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # every field is a scalar but widths (a tuple of ints): no deep copy (asdict's), which
+        # was 16 a run in a resumed sweep (issue 33)
+        d = {name: getattr(self, name) for name in _FIELD_NAMES}
         d["widths"] = list(self.widths)
         return d
 
     def run_id(self) -> str:
         """A short, stable hash of the resolved config: same config, same id, on any machine."""
+        cached = self.__dict__.get("_run_id")  # computed once a config (it was 13 times)
+        if cached is not None:
+            return cached
         values = {k: v for k, v in self.to_dict().items()
                   if k not in NEW_FIELD_DEFAULTS or v != NEW_FIELD_DEFAULTS[k]}
         payload = json.dumps({"v": RECORD_VERSION, **values}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        run_id = hashlib.sha256(payload.encode()).hexdigest()[:12]
+        object.__setattr__(self, "_run_id", run_id)  # (frozen: the fields never change)
+        return run_id
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(RunConfig))
+_FIELD_NAMES = CONFIG_FIELDS
 # A grid may give ``width`` (one width for every hidden layer) instead of explicit ``widths``.
 GRID_KEYS = CONFIG_FIELDS + ("width",)
 

@@ -16,7 +16,8 @@ asked for only (pushed down to pyarrow's Parquet reader), into one Arrow table.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +139,26 @@ def read_folder(path: str | os.PathLike, run_ids: Iterable[str] | None = None) -
     if run_ids is not None:
         keep = set(run_ids)
         dirs = [d for d in dirs if d.name in keep]
-    return Folder(path, [verify_run(d) for d in dirs])
+    return Folder(path, in_threads(verify_run, dirs))
+
+
+# Threads that read and verify runs: reads, sha256 and pyarrow's Parquet decoding release the GIL.
+# 4 on this 2-core machine: read_folder at 1,000 runs 0.59 s, from 0.95 s in one thread
+THREADS = 4
+
+
+def in_threads(call: Callable, items: Sequence) -> list:
+    """``[call(item) for item in items]``, in THREADS threads (in order)."""
+    items = list(items)
+    if len(items) < 2 * CHUNK:
+        return [call(item) for item in items]
+    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    with ThreadPoolExecutor(THREADS) as pool:  # (a future per chunk, not per run)
+        return [out for done in pool.map(lambda chunk: [call(i) for i in chunk], chunks)
+                for out in done]
+
+
+CHUNK = 32
 
 
 def read_records(runs: Sequence[Run], name: str, columns: Sequence[str] | None = None,
@@ -151,17 +171,23 @@ def read_records(runs: Sequence[Run], name: str, columns: Sequence[str] | None =
     optional = name in OPTIONAL_RECORDS
     if columns is not None:
         columns = list(dict.fromkeys(["run_id", *columns]))
-    tables, bad = [], []
-    for run in runs:
+
+    def read(run: Run) -> tuple[Run, pa.Table | str | None]:
         path = run.path / name
         if optional and not os.path.lexists(path):
-            continue
+            return run, None
         try:
             table = parse_records(name, read_bytes(path), columns, filters)
             check_schema(name, table.schema, columns)
             check_table_run(run.path, name, table)
         except Damaged as e:
-            bad.append((run, str(e)))
-            continue
-        tables.append((run, table))
+            return run, str(e)
+        return run, table
+
+    tables, bad = [], []
+    for run, got in in_threads(read, list(runs)):
+        if isinstance(got, str):
+            bad.append((run, got))
+        elif got is not None:
+            tables.append((run, got))
     return tables, bad

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -232,14 +233,48 @@ def close_run(path: Path, run_id: str, records: dict[str, pd.DataFrame], status:
     meta = json.loads((path / "config.json").read_text())
     meta["provenance"]["finished"] = now()
     write_json(path / "config.json", meta)
+    ratio = run_ratio(records.get("grads"), run_id, meta)
     status = {"status": status.get("status", "complete"), "run_id": run_id,
               **{k: v for k, v in status.items() if k not in ("status", "run_id")},
+              **({} if ratio is None else {"vanishing_ratio": ratio[0]}),
               "error": cut(status.get("error")),
               "finished": meta["provenance"]["finished"],
               # what the files were when the run finished: a change to any byte later is damage
               "sha256": digests(path)}
     write_json(path / "status.json", status)
     return status
+
+
+def run_ratio(grads: pd.DataFrame | None, run_id: str, meta: dict) -> tuple[float | None] | None:
+    """A gradlab run's vanishing ratio, as ``gradlab.tables.vanishing_ratios`` computes it from
+    the run's grads (None, written as null, where no step gives one), in a 1-tuple; None (no
+    ``vanishing_ratio`` in status.json: readers read the records) for a run without grads rows
+    or of a model of the user's own (``gradlab.watch``: its last layer is found in its records).
+    Written at finish so that a listing, a plan or a summary needs no record file (issue 33)."""
+    from .tables import vanishing_ratios
+    from .validate import is_gradlab_run
+
+    columns = ("step", "layer", "grad_weight_norm")
+    if grads is None or grads.empty or not is_gradlab_run(meta) \
+            or not all(c in grads.columns for c in columns):
+        return None
+    depth = int(meta["config"]["depth"])
+    step = grads["step"].to_numpy()
+    layer = grads["layer"].to_numpy()
+    norm = grads["grad_weight_norm"].to_numpy(float)
+    first, last = layer == 0, layer == depth - 1
+    if len(np.unique(step[first])) < first.sum() or len(np.unique(step[last])) < last.sum():
+        # (steps recorded twice: pandas' merge pairs each with each)
+        frame = pd.DataFrame({"run_id": run_id, "step": step, "layer": layer,
+                              "grad_weight_norm": norm, "depth": depth})
+        ratio = float(vanishing_ratios(frame)["vanishing_ratio"].iloc[0])
+    else:  # the same pairs, ratios and median as vanishing_ratios: 0.3 ms, not 200 ms, a run
+        steps, a, b = np.intersect1d(step[first], step[last], return_indices=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = norm[first][a] / norm[last][b]
+        ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+        ratio = float(np.median(ratios)) if len(ratios) else math.nan
+    return (ratio if math.isfinite(ratio) else None,)
 
 
 ERROR_CHARS = 2000  # an error note in status.json; error.txt keeps the whole traceback
@@ -299,6 +334,7 @@ class Results:
         self._frames = {"grads": grads, "epochs": epochs, "dists": dists, "time": time,
                         "metrics": metrics}
         self._source = source  # stem -> frame, for frames read when first used
+        self.verified: list | None = None  # load's runs (reader.Run), in the order of runs
 
     def frame(self, stem: str) -> pd.DataFrame:
         """The frame of a record file stem (``FRAMES``), read on first use."""
@@ -463,15 +499,23 @@ def load(path: str | os.PathLike, *, include_unfinished: bool = False,
     """
     from .reader import read_folder
 
-    folder = read_folder(path, run_ids)
+    return folder_results(read_folder(path, run_ids), include_unfinished=include_unfinished,
+                          columns=columns, filters=filters, stacklevel=3)
+
+
+def folder_results(folder, *, include_unfinished: bool = False, columns=None, filters=None,
+                   stacklevel: int = 2) -> Results:
+    """``load`` of runs already verified (a ``gradlab.reader.Folder``): a sweep verifies its
+    runs once, to plan, and reads its summary from the same verdicts."""
     problems = folder.problems()
     for problem in problems:
-        warnings.warn(problem, stacklevel=2)
+        warnings.warn(problem, stacklevel=stacklevel)
     listed = folder.listed()
     runs = pd.DataFrame([run.row() for run in listed])
     readable = [r for r in listed if r.finished or include_unfinished]
     results = Results(runs=runs, problems=problems)
     results._source = RecordSource(results, readable, columns, filters, include_unfinished)
+    results.verified = listed  # each run's verdict, status.json included (summary.stored)
     return results
 
 

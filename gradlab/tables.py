@@ -126,6 +126,16 @@ def vanishing_ratios(grads: pd.DataFrame, *, y: str = "grad_weight_norm") -> pd.
     return out.sort_values(order).reset_index(drop=True)
 
 
+def stored_ratios(runs: pd.DataFrame, ratios: Sequence[float]) -> pd.DataFrame:
+    """``vanishing_ratios`` of runs whose ratio was written at finish (status.json's
+    ``vanishing_ratio``, one per row of ``runs``, a frame of ``load().runs``): the same rows,
+    columns (but ``steps`` and ``dropped``) and order, without their records."""
+    out = run_info(runs).assign(vanishing_ratio=np.asarray(ratios, dtype=float))
+    out["max_slope_product"] = SIGMOID_MAX_SLOPE ** (out["depth"] - 1)
+    order = [c for c in (*table_keys(out), "seed", "run_id") if c in out.columns]
+    return out.sort_values(order).reset_index(drop=True)
+
+
 def geometric_mean(values: pd.Series) -> float:
     values = values.dropna()
     return float(np.exp(np.log(values).mean())) if len(values) else math.nan
@@ -212,6 +222,15 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
     grads = complete_only(grads, runs)
     if grads.empty:
         return []
+    return verdict_of(vanishing_ratios(grads), final_accuracy(epochs) if not epochs.empty
+                      else None, runs)
+
+
+def verdict_of(ratios: pd.DataFrame, finals: pd.DataFrame | None,
+               runs: pd.DataFrame) -> list[str]:
+    """``verdict`` from the per-run numbers: ``vanishing_ratios`` of the complete runs' grads
+    and ``final_accuracy`` of the epochs (None: no epoch rows), whether computed from the
+    records or read from each run's status.json (``gradlab.summary.stored``)."""
     diverged = pd.Series(dtype=object)  # per setup: the depths where every run diverged
     if "status" in runs:
         labelled, hue = with_setup(runs, runs)
@@ -219,11 +238,11 @@ def verdict(grads: pd.DataFrame, epochs: pd.DataFrame, runs: pd.DataFrame) -> li
             lambda s: "diverged" in set(s) and "complete" not in set(s))
         lost = lost[lost].reset_index().sort_values("depth")
         diverged = lost.groupby(hue)["depth"].apply(list)
-    ratios, hue = with_setup(vanishing_ratios(grads), runs)
+    ratios, hue = with_setup(ratios, runs)
     ratio = ratios.groupby([hue, "depth"])["vanishing_ratio"].apply(geometric_mean)
     accuracy = pd.Series(dtype=float)
-    if not epochs.empty:
-        finals, _ = with_setup(final_accuracy(epochs), runs)
+    if finals is not None:
+        finals, _ = with_setup(finals, runs)
         if "status" in finals:
             finals = finals[finals["status"] == "complete"]
         accuracy = finals.groupby([hue, "depth"])["accuracy"].mean()

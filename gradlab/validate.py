@@ -120,8 +120,16 @@ def read_json(path: Path) -> Any:
 
 def parse_json(name: str, data: bytes) -> Any:
     """The value of the JSON file ``name`` of bytes ``data``, or Damaged."""
+    constants = []  # NaN / Infinity (written by older versions): only then is strict() run
+
+    def constant(text: str) -> float:
+        constants.append(text)
+        return float(text)
+
     try:
-        return strict(json.loads(data.decode("utf-8")))
+        value = json.loads(data.decode("utf-8"), parse_constant=constant)
+        # strict() walks every value: 0.9 of 4.7 ms a run of `gradlab ls` at 1,000 runs
+        return strict(value) if constants else value
     except UnicodeDecodeError as e:
         raise Damaged(f"{name} unreadable ({reason(e)})") from None
     except ValueError as e:
@@ -291,7 +299,13 @@ def parse_records(name: str, data: bytes, columns: list[str] | None = None,
     """A record file's bytes as a table, or Damaged: the ``columns`` of it that it has (all
     when None), the rows that ``filters`` keep (as for ``pyarrow.parquet.read_table``)."""
     try:
-        if columns is not None:  # (a file of an older version may lack a newer column)
+        if filters is None:  # the footer parsed once, not twice (read_table parses it again)
+            file = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+            if columns is not None:  # (a file of an older version may lack a newer column)
+                names = file.schema_arrow.names
+                columns = [c for c in columns if c in names]
+            return file.read(columns=columns, use_threads=False)
+        if columns is not None:
             names = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.names
             columns = [c for c in columns if c in names]
         return pq.read_table(pa.BufferReader(data), columns=columns, filters=filters,

@@ -107,9 +107,9 @@ def prepare(results: Results, where: str | os.PathLike = "this results folder") 
         raise StoreError(f"{where} holds no runs: nothing to draw")
     grads, epochs = results.grads, results.epochs
     if not grads.empty:
-        grads = grads.sort_values(["run_id", "step", "layer"], kind="stable")
+        grads = sort_stable(grads, ["run_id", "step", "layer"])
     if not epochs.empty:
-        epochs = epochs.sort_values(["run_id", "epoch", "split"], kind="stable")
+        epochs = sort_stable(epochs, ["run_id", "epoch", "split"])
     runs = results.runs.sort_values("run_id", kind="stable").reset_index(drop=True)
     own = "source" not in runs or bool((runs["source"].fillna("gradlab") == "gradlab").all())
     if not own:  # any other model: layers by name, each with the activation known after it
@@ -121,7 +121,20 @@ def prepare(results: Results, where: str | os.PathLike = "this results folder") 
     grads, hue = with_setup(grads.reset_index(drop=True), runs)
     epochs, _ = with_setup(epochs.reset_index(drop=True), runs)
     runs, _ = with_setup(runs, runs)
-    return Prepared(grads, epochs, runs, hue, list(results.problems))
+    # each run's config.json as load read it, so that the report's provenance does not read
+    # every run again (2.7 s of the report at 5,000 runs)
+    metas = {run.run_id: run.meta for run in results.verified or () if run.meta}
+    return Prepared(grads, epochs, runs, hue, list(results.problems), metas=metas)
+
+
+def sort_stable(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """``frame.sort_values(keys, kind="stable")``, or ``frame`` itself where it is already in
+    that order (as ``load`` reads gradlab's records: runs by id, rows by step and layer), so
+    that the largest frame is not copied (one copy of the grads frame less at peak)."""
+    if all(k in frame for k in keys) and not frame[keys].isna().any().any():
+        if pd.MultiIndex.from_frame(frame[keys]).is_monotonic_increasing:
+            return frame
+    return frame.sort_values(keys, kind="stable")
 
 
 def sorted_frame(frame: pd.DataFrame) -> pd.DataFrame:

@@ -17,6 +17,7 @@ Its parts, one idea a module:
 ``dists``          ``DistributionRecorder``: quantiles and histograms, on the same hooks
 ``through_time``   ``TimeRecorder``: recurrent layers' ‖∂L/∂x_t‖, ‖∂L/∂y_t‖ per time step
 ``watcher``        ``gradlab.watch``: this recorder driven by PyTorch's own hooks
+``traced``         the layers' hooks inside ``torch.compile``: no graph break, no recompile
 =================  ===========================================================================
 
 The statistics live in device buffers indexed by a host-side counter, so the step loop never waits
@@ -73,6 +74,14 @@ LAPACK's nrm2 does). The buffers hold float64.
 Under ``torch.amp.GradScaler`` the recorder given the scaler (``scaler=``) divides dL/dz and the
 gradients by its scale, so the records are those of the real loss; without it they are those of
 the *scaled* loss. A step the scaler skips is not an optimizer step.
+
+Under ``torch.compile`` (a compiled model given, or its layers' hooks traced by dynamo) the
+forward hook does only what a graph holds (``traced``): z kept as a graph output, its f'
+statistics taken eagerly as the backward pass ends, and dL/dz passed through an identity whose
+backward gives a per-layer 0-d leaf the sum of squares of dL/dz. The layers' hooks then stay
+registered between recorded steps (dynamo does not guard on hooks; it guards on the recorder's
+state instead): one graph for recorded steps, one for the others, no graph break
+(``tests/test_compiled.py``).
 
 Cost. Per recorded step the device work is one norm call over dL/dz, the gradients and the
 weights (taken as the backward pass ends, or in ``after_backward``) written into the row

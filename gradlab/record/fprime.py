@@ -81,6 +81,9 @@ def activation_stats(a: torch.Tensor, derivative, activation: Activation,
 
 def call_stats(z: torch.Tensor, act: Activation) -> torch.Tensor:
     """(2,) float32: the sum of f'(z) and the count of saturated entries of one call's z."""
+    stats = _kernel_call_stats(z, act)
+    if stats is not None:
+        return stats
     fp = act.derivative(z)
     saturated = ((fp < SATURATION * act.max_derivative).sum(dtype=torch.float32)
                  if act.saturating else fp.new_zeros((), dtype=torch.float32))
@@ -121,3 +124,36 @@ def hidden_segments(widths, device=None, dtype=None) -> torch.Tensor:
         segments[start:start + width, layer] = 1
         start += width
     return segments
+
+
+# sigmoid and tanh by the stacked engine's kernel, from the output a = f(z) (f' = a - a**2,
+# 1 - a**2): one torch op and one pass, 3x faster than the torch ops below (40 against 118 µs
+# for a 64 x 128 z, 53 against 141 µs for 64 x 256; AMD EPYC under load, 1 thread)
+_FORWARD = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _kernel_call_stats(z: torch.Tensor, act: Activation) -> torch.Tensor | None:
+    """``call_stats`` by ``engines.fused.activation_stats`` where it takes z (a contiguous
+    float32 CPU tensor, sigmoid or tanh, numba present), else None. Its sums are over every
+    entry, so any layout of the units will do: z is read as rows of its last axis."""
+    forward = _FORWARD.get(act.name)
+    if (forward is None or z.dtype != torch.float32 or not z.is_cpu or not z.is_contiguous()
+            or z.numel() == 0):
+        return None
+    kernel = optional_kernel("fused", "activation_stats")
+    if kernel is None:
+        return None
+    width = z.shape[-1] if z.dim() else 1
+    spec, bounds = _kernel_spec(act.name, z.numel() // width, width)
+    out = np.empty((1, 1, 1, 3), np.float32)
+    kernel(forward(z).view(-1).numpy(), 0, 1, bounds, spec, out, 0)
+    return torch.from_numpy(out[0, 0, 0, :2])
+
+
+@functools.cache
+def _kernel_spec(name: str, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    fused = _kernel_module("fused")
+    act = get(name)
+    return (fused.step_spec(1, rows, code=fused.CODES[name],
+                            threshold=SATURATION * act.max_derivative),
+            np.array([0, width], np.int64))

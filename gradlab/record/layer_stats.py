@@ -172,9 +172,12 @@ class CallStats:
         self.numel[i] += call.numel
 
     def end_step(self, row: int) -> list[int]:
+        act = self.buffers.act
+        if act.is_cpu:  # through a numpy view: 1 µs a layer against 9 µs for torch's setitem
+            act = act.numpy()
         for i, sums in enumerate(self.sums):
             if sums is not None:  # (relu-family layers: their counts are in place)
-                self.buffers.act[row, i, :2] = sums
+                act[row, i, :2] = sums.numpy() if act is not self.buffers.act else sums
         return self.numel
 
     def flush(self) -> None:

@@ -92,7 +92,7 @@ class Passes:
             self._ended()
 
     def _ended(self) -> None:
-        items, self.items = self.items, []
+        items, self.items = self.items + self.recorder.traced_items(), []
         before, self.before = self.before, {}
         accumulated, self.accumulated = self.accumulated, False
         self.queued = False

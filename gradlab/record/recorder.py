@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .. import compat
 from .buffers import RowBuffers
 from .frames import grads_frame
 from .hooks import Hooks
@@ -19,6 +20,7 @@ from .layers import Spec, is_plain_mlp, joint, output_tensor, recorded_layers
 from .norms import norms_into
 from .passes import Passes
 from .schedule import Schedule
+from .traced import Traced
 from .updates import UpdateMeter
 
 # where a step is: not recorded (or its gradients read by after_backward), recording, or
@@ -42,7 +44,8 @@ class GradientRecorder:
     without a ``torch.optim`` optimizer.
 
     Args:
-        model: any module.
+        model: any module; a ``torch.compile``d one too (its layers by their own names, no
+            graph break: ``traced``).
         activation: what follows each recorded layer, for f', saturation and dead units: None
             (found from the model where it says so; elsewhere those columns stay empty), a
             mapping from layer names to activation names (None: no activation), or one name
@@ -64,6 +67,8 @@ class GradientRecorder:
                  optimizer: torch.optim.Optimizer | None = None, modules=None,
                  applied_updates: bool = False, read_at_backward_end: bool = False,
                  scaler=None):
+        given, model = model, compat.uncompiled(model)  # (a compiled model's layers by name)
+        self._model = model
         self.layers = recorded_layers(model, modules, activation)
         self.names = [layer.name for layer in self.layers]
         self.linears = [layer.module for layer in self.layers]  # every recorded module
@@ -88,41 +93,53 @@ class GradientRecorder:
         self._scales: list = []  # per read row: the loss scale (GradScaler) the norms carry
         self._grad_out: list[list[torch.Tensor]] = [[] for _ in self.layers]  # dL/dz per call
         self._passes = Passes(self)
+        self._traced = Traced(self.layers, any(getattr(m, "inplace", False)
+                                               for m in model.modules()),
+                              isinstance(self._stats, ChunkedStats))
         self._forward = Hooks(
             [lambda m=m, h=h: m.register_forward_hook(h)
-             for m, h in zip(self.linears, map(self._forward_hook, range(len(self.layers))))]
-            + (self._passes.registrations() if self.by_pass else []))
-        self._hooks: Hooks | None = None  # the forward hooks, inside the ``with`` block
+             for m, h in zip(self.linears, map(self._forward_hook, range(len(self.layers))))])
+        self._weights = Hooks(self._passes.registrations() if self.by_pass else [])
+        self._entered = False  # inside the ``with`` block
+        # the layers' hooks run in a compiled graph: they stay registered between recorded
+        # steps, since dynamo does not see hooks come and go (it guards on the recorder's state
+        # instead: one graph for recorded steps, one for the others)
+        self.compiled = given is not model
 
     # -- hooks ---------------------------------------------------------------------------------
     def __enter__(self) -> GradientRecorder:
-        self._hooks = self._forward
-        self._hooks.on()
+        if self.compiled:  # (a graph traced before the hooks would run without them)
+            compat.forget_compiled(self._model)
+        self._entered = True
+        self.hooks(True)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._entered = False
         self._forward.off()
-        self._hooks = None
+        self._weights.off()
         self._state = IDLE
 
     def hooks(self, on: bool) -> None:
         """Register (or remove) the layers' forward hooks now, inside the ``with`` block
-        (``begin_step`` does as needed; ``watch`` does it between steps)."""
-        if self._hooks is not None:
-            self._hooks.set(on)
+        (``begin_step`` does as needed; ``watch`` does it between steps). A compiled model's
+        stay registered until the block ends (``traced``)."""
+        if self._entered:
+            self._forward.set(on or self.compiled)
+            self._weights.set(on)
 
     def _forward_hook(self, index: int):
-        stats, grad_out, order, called = self._stats, self._grad_out, self._order, self._called
-        passes = self._passes
+        stats, grad_out, passes, traced = self._stats, self._grad_out, self._passes, self._traced
 
-        def hook(module, inputs, z: torch.Tensor) -> None:
+        def hook(module, inputs, z: torch.Tensor):
             if self._state == IDLE or not torch.is_grad_enabled():
-                return
+                return None
+            if compat.is_compiling():  # inside torch.compile: what a graph holds (traced.py)
+                self.compiled = True
+                return traced.forward(index, inputs, z)
             if not isinstance(z, torch.Tensor):  # a recurrent module's (output, h)
                 z = output_tensor(z)
-            if index not in called:
-                called.add(index)
-                order.append(index)
+            self._called_now(index)
             call = stats.forward(index, inputs, z)
             if not self.by_pass:  # every call counts (the caller says what a step is)
                 stats.commit(call)
@@ -130,8 +147,22 @@ class GradientRecorder:
                     z.register_hook(grad_out[index].append)
             elif z.requires_grad:  # counts once a backward pass that makes .grad uses it
                 z.register_hook(partial(passes.received, index, call))
+            return None
 
         return hook
+
+    def _called_now(self, index: int) -> None:
+        """Layer ``index`` was called in a forward pass (``layer_order``)."""
+        if index not in self._called:
+            self._called.add(index)
+            self._order.append(index)
+
+    def traced_items(self, used_only: bool = True) -> list[tuple]:
+        """The compiled hooks' calls since the last take, as ``take``'s items (``traced``)."""
+        items = self._traced.take(self._stats, used_only) if self._traced.calls else []
+        for index, _, _ in items:
+            self._called_now(index)
+        return items
 
     # -- the step protocol ---------------------------------------------------------------------
     def is_recorded(self, step: int) -> bool:
@@ -156,6 +187,7 @@ class GradientRecorder:
             self._stats.begin(self._row)
             if self.by_pass:
                 self._passes.begin()
+            self._traced.reset()
             self._forget()
         return recorded
 
@@ -177,7 +209,8 @@ class GradientRecorder:
     def take(self, items: list[tuple]) -> None:
         """Add a backward pass's dL/dz and the forward calls it used to the step."""
         for index, grad, call in items:
-            self._grad_out[index].append(grad)
+            if grad is not None:  # (None: a compiled call whose dL/dz its layer's first holds)
+                self._grad_out[index].append(grad)
             self._stats.commit(call)
 
     def read_gradients(self) -> None:
@@ -217,6 +250,8 @@ class GradientRecorder:
             return
         if self.by_pass:
             self._passes.end()
+        else:  # (every call counts)
+            self.take(self.traced_items(used_only=False))
         n, row = len(self.layers), self._buffers.host[0][self._row]
         if self._state == READ:  # the norms are in already
             if loss is not None:

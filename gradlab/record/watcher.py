@@ -36,6 +36,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from .. import compat
 from ..store import empty_time, now
 from .frames import empty_frame
 from .hooks import Hooks
@@ -56,7 +57,9 @@ def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
         rec.save("results/mine", name="run-a", config={"lr": 0.1})
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module``; under ``torch.compile``, the compiled one (``model =
+            torch.compile(model)``, as nanoGPT does): no graph break, and one more graph for
+            the recorded steps, compiled at the first (``record.traced``).
         optimizer: the ``torch.optim`` optimizer that updates it, or a list of them; None
             (default): every optimizer that steps the model's parameters, found as they step
             (one created later, or by a trainer, too).
@@ -89,7 +92,7 @@ def watch(model: nn.Module, optimizer=None, log_every: int = 10, *, scaler=None,
     recorder = GradientRecorder(model, activations, log_every, modules=modules,
                                 applied_updates=applied_updates, read_at_backward_end=True,
                                 scaler=scaler)
-    times = TimeRecorder(model, log_every, modules=modules)
+    times = TimeRecorder(compat.uncompiled(model), log_every, modules=modules)
     return Watch(model, optimizers, recorder, times if times else None)
 
 
@@ -104,6 +107,9 @@ class Watch:
 
     def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                  recorder: GradientRecorder, times: TimeRecorder | None = None):
+        # (torch.compile(model): the step opener stays on the compiled module, which runs it
+        # before its graph; the layers are the model's, by their own names)
+        outer, model = model, compat.uncompiled(model)
         self.model, self.optimizers, self.recorder = model, optimizers, recorder
         self.times = times  # recurrent layers' gradient through time, where there are any
         self._time_frames: list[pd.DataFrame] = []
@@ -123,7 +129,7 @@ class Watch:
             pre = [lambda: register_optimizer_step_pre_hook(self._before_step)]
         self._counter = Hooks(post)
         self._armed = Hooks(pre)  # the hooks of a recorded step (with the layers', and:)
-        self._opener = Hooks([lambda: model.register_forward_pre_hook(self._on_forward)])
+        self._opener = Hooks([lambda: outer.register_forward_pre_hook(self._on_forward)])
         self._logging = False  # log was called: the opener stays, to date what is logged
         self._frames: list[pd.DataFrame] = []
         self._metrics = Metrics()
