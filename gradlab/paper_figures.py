@@ -20,8 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .plots.files import render
-from .plots.theory import THEORY_FIGURES
 from .plots.style import WIDTH_DOUBLE, palette, paper_style
+from .plots.theory import THEORY_FIGURES
 from .store import atomic_write, make_folder
 from .tables import with_setup
 
