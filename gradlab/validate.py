@@ -283,7 +283,10 @@ def read_records(run: Path, name: str) -> pd.DataFrame:
     table = parse_records(name, read_bytes(run / name))
     check_schema(name, table.schema)
     check_table_run(run, name, table)
-    return table.to_pandas()
+    try:  # (a damaged footer's pandas metadata fails only here, e.g. as invalid UTF-8)
+        return table.to_pandas()
+    except (ValueError, pa.ArrowException) as e:
+        raise Damaged(f"{name} unreadable ({reason(e)})") from None
 
 
 def check_table_run(run: Path, name: str, table: pa.Table) -> None:

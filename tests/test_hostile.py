@@ -279,3 +279,15 @@ def test_a_users_config_key_named_as_gradlabs_crashes_nothing(one_run, tmp_path,
     assert grads["step"].tolist() == sorted(grads["step"])  # the records' own step
     gradlab_run = results.runs[results.runs["source"] == "gradlab"].iloc[0]
     assert gradlab_run["depth"] == 2
+
+
+def test_a_record_file_whose_pandas_metadata_is_not_utf8_damages_its_run(two_runs):
+    """Bytes changed inside a Parquet footer's pandas metadata fail only when the table is
+    converted to pandas (UnicodeDecodeError): the run is damaged, named once, no traceback."""
+    victim = run_dirs(two_runs)[0]
+    path = victim / "grads.parquet"
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"index_columns"') + 30
+    data[at:at + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+    assert_named_alone(two_runs, victim, "grads.parquet unreadable")

@@ -116,7 +116,8 @@ def test_a_lightning_fit_is_one_run_with_its_gradients_and_metrics(tmp_path):
 
     results = gradlab.load(tmp_path)
     run = results.runs.iloc[0]
-    assert (run["status"], run["model"], run["widths"], run["lr"], run["note"]) == (
+    # (a user's key named as a setting of gradlab's MLPs, widths, is kept as config_widths)
+    assert (run["status"], run["model"], run["config_widths"], run["lr"], run["note"]) == (
         "complete", "Classifier", "6,16,3", 0.1, "mine")
     assert sorted(results.grads["step"].unique()) == list(range(8))  # 2 epochs of 4 batches
     assert sorted(results.grads["epoch"].unique()) == [1, 2]  # flushed at each epoch end
