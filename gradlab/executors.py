@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -50,6 +51,15 @@ def _on_sigterm(signum, frame) -> None:
     os._exit(128 + signum)
 
 
+def _quiet_interrupt(unraisable) -> None:
+    """A SIGTERM that lands in a C callback (numba compiling a kernel) cannot unwind: Python
+    would print it as an ignored exception with a traceback and go on. Stop the worker there,
+    quietly; its run stays unfinished, as after any stop (its files are written atomically)."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        os._exit(128 + signal.SIGTERM)
+    sys.__unraisablehook__(unraisable)
+
+
 def _worker_init(progress_queue) -> None:
     """Pool workers leave Ctrl-C to the parent and stop on SIGTERM (sent by the parent when it
     stops, or by the kernel when it dies)."""
@@ -57,6 +67,7 @@ def _worker_init(progress_queue) -> None:
     _progress_queue = progress_queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.unraisablehook = _quiet_interrupt
     with contextlib.suppress(Exception):  # Linux only: die with the parent, even on SIGKILL
         import ctypes
 

@@ -139,5 +139,5 @@ def test_report_warns_about_damaged_runs_and_lists_them(trained, tmp_path):
     warnings = [line for line in r.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 2, r.stderr
     page = (copy / "report.html").read_text(encoding="utf-8")
-    assert "<h2>Problems</h2>" in page and "epochs.parquet: unreadable" in page
+    assert "<h2>Problems</h2>" in page and "epochs.parquet unreadable" in page
     assert "config.json unreadable" in page
